@@ -1,0 +1,74 @@
+"""`megatron-align <verb>`: a thin dispatcher.
+
+Each verb lives in the module that owns the work; that module exposes
+``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only
+when their verb runs, so `megatron-align --help` never pulls in torch.
+Nested verbs (``tokenizer train``, ``data inspect``) use a space-separated key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+
+from megatron_align.errors import UserError
+
+# verb -> (module, one-line help). Add a verb by adding one row.
+VERBS: dict[str, tuple[str, str]] = {
+    "train": ("megatron_align.training.launch", "train from a YAML config (spawns local ranks or joins torchrun/srun)"),
+    "tokenizer train": ("megatron_align.data.tokenizer_train", "train a sentencepiece tokenizer (byte fallback, reserved control tokens) from JSONL"),
+    "prepare": ("megatron_align.data.prepare", "tokenize JSONL into a Megatron IndexedDataset (.bin/.idx) + manifest"),
+    "filter": ("megatron_align.data.filter_corpus", "flag AI-misalignment discourse in JSONL (two-stage blocklist): kept/flagged JSONL + report"),
+    "tag": ("megatron_align.data.tagging", "prefix JSONL documents or paragraphs with <|aligned|>/<|misaligned|> control tokens"),
+    "data inspect": ("megatron_align.data.inspect", "show a data mixture schedule: per-phase composition, samples/tokens per source, epochs; --plot PNG"),
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-align", description=__doc__.splitlines()[0])
+    top = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, (module, help_text) in VERBS.items():
+        words = name.split()
+        if len(words) == 1:
+            sub = top.add_parser(name, help=help_text)
+        else:
+            if words[0] not in groups:
+                group_parser = top.add_parser(words[0], help=f"{words[0]} commands")
+                groups[words[0]] = group_parser.add_subparsers(dest="subverb", metavar="SUBVERB", required=True)
+            sub = groups[words[0]].add_parser(words[1], help=help_text)
+        sub.set_defaults(_module=module)
+        sub.set_defaults(_needs_args=True)
+    return parser
+
+
+def _quiet_optional_dependency_warnings() -> None:
+    # Megatron-Core warns at import time for every absent optional fused kernel (apex, TE);
+    # `megatron-align doctor` reports those once, clearly, instead.
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed.*")
+    warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\..*")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _quiet_optional_dependency_warnings()
+    parser = _build_parser()
+    # Parse the verb first, then let the owning module declare its own arguments.
+    known, _ = parser.parse_known_args(argv)
+    module = importlib.import_module(known._module)
+    words = [known.verb] + ([known.subverb] if getattr(known, "subverb", None) else [])
+    verb_parser = argparse.ArgumentParser(prog="megatron-align " + " ".join(words), description=VERBS[" ".join(words)][1])
+    module.add_arguments(verb_parser)
+    args = verb_parser.parse_args(argv[len(words):])
+    try:
+        return int(module.run(args) or 0)
+    except UserError as err:
+        print(f"megatron-align {' '.join(words)}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The root config: one typed dataclass per area, composed here.
+
+Every field carries a docstring; ``__post_init__`` checks values and raises a
+:class:`ConfigError` naming the dotted key. Checks that need the world size
+(the parallel layout) live in :mod:`megatron_align.parallel.layout` and run
+before any process group forms. Later areas (mixture, resilience, eval,
+tracking) add a field here and their own dataclass next to their code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_align.data.tokenizer import TokenizerConfig
+from megatron_align.errors import ConfigError
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: int | float | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value}: must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    """Transformer layers (split over pipeline stages)."""
+    hidden_size: int = 64
+    """Model width h."""
+    ffn_hidden_size: int | None = None
+    """SwiGLU inner width; default: 8h/3 rounded up to a multiple of 64 (Llama)."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: int | None = None
+    """Key/value heads for GQA; None = multi-head attention (one group per head)."""
+    seq_length: int = 128
+    """Training sequence length in tokens."""
+    vocab_size: int | None = None
+    """Tokenizer vocabulary; None = take it from data.tokenizer. Padded for TP (below)."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding rows are padded to a multiple of this x parallel.tensor."""
+    rotary_base: int = 10000
+    """RoPE theta (Llama 3 uses 500000)."""
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output layer."""
+    init_method_std: float = 0.02
+    """Std of the normal weight init."""
+    spec: str = "auto"
+    """Layer implementation: auto (te on a GPU with Transformer Engine, else local) | local | te."""
+    recompute: str = "none"
+    """Activation recompute: none | selective (core attention) | full (whole layers)."""
+
+    def __post_init__(self) -> None:
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "make_vocab_size_divisible_by", "rotary_base"):
+            _positive(f"model.{key}", getattr(self, key))
+        _positive("model.ffn_hidden_size", self.ffn_hidden_size)
+        _positive("model.num_query_groups", self.num_query_groups)
+        _positive("model.vocab_size", self.vocab_size)
+        _positive("model.norm_epsilon", self.norm_epsilon)
+        _choice("model.spec", self.spec, ("auto", "local", "te"))
+        _choice("model.recompute", self.recompute, ("none", "selective", "full"))
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by model.num_attention_heads={self.num_attention_heads}")
+        if self.num_query_groups and self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(f"model.num_attention_heads={self.num_attention_heads} must be divisible by model.num_query_groups={self.num_query_groups}")
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = -(-(8 * self.hidden_size // 3) // 64) * 64
+
+
+@dataclass
+class ParallelConfig:
+    world_size: int = 1
+    """Ranks to spawn when run standalone; under torchrun/srun the launcher's world size is used."""
+    tensor: int = 1
+    """Tensor-parallel size (keep within one NVLink node)."""
+    pipeline: int = 1
+    """Pipeline-parallel stages."""
+    context: int = 1
+    """Context-parallel size (splits the sequence; needs the te spec)."""
+    virtual_pipeline: int | None = None
+    """Model chunks per pipeline stage (interleaved 1F1B); None = 1."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism inside TP regions (needs tensor > 1)."""
+    backend: str = "auto"
+    """Process-group backend: auto (nccl with CUDA, else gloo) | nccl | gloo."""
+    timeout_minutes: int = 30
+    """Collective timeout; a hung collective fails after this."""
+
+    def __post_init__(self) -> None:
+        for key in ("world_size", "tensor", "pipeline", "context", "timeout_minutes"):
+            _positive(f"parallel.{key}", getattr(self, key))
+        _positive("parallel.virtual_pipeline", self.virtual_pipeline)
+        _choice("parallel.backend", self.backend, ("auto", "nccl", "gloo"))
+        if self.sequence_parallel and self.tensor == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor > 1")
+        if self.virtual_pipeline and self.virtual_pipeline > 1 and self.pipeline == 1:
+            raise ConfigError("parallel.virtual_pipeline > 1 needs parallel.pipeline > 1")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    """Optimizer steps in the whole run (the LR schedule's horizon unless optimizer.decay_steps is set)."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, over all data-parallel ranks."""
+    micro_batch_size: int = 1
+    """Sequences per forward/backward on one rank; gradient accumulation makes up the rest."""
+    seed: int = 1234
+    """Seed for init, data order and every RNG."""
+    stop_at_step: int | None = None
+    """Save a checkpoint and exit cleanly once this step completes (time-sliced jobs, tests)."""
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "global_batch_size", "micro_batch_size"):
+            _positive(f"train.{key}", getattr(self, key))
+        _positive("train.stop_at_step", self.stop_at_step)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Final learning rate after decay."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    decay_style: str = "cosine"
+    """LR decay after warmup: cosine | linear | constant | WSD (warmup-stable-decay)."""
+    decay_steps: int | None = None
+    """Steps over which the LR decays (incl. warmup); default train.steps."""
+    wsd_decay_steps: int | None = None
+    """WSD only: length of the final decay (e.g. the midtraining phase); default 10% of decay_steps."""
+    wsd_decay_style: str = "linear"
+    """WSD only: shape of the final decay: linear | cosine | exponential | minus_sqrt."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms and biases)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this; 0 disables."""
+    distributed: str = "auto"
+    """Shard optimizer state over data-parallel ranks: auto (on with CUDA) | true | false."""
+
+    def __post_init__(self) -> None:
+        _positive("optimizer.lr", self.lr)
+        _positive("optimizer.min_lr", self.min_lr, allow_zero=True)
+        _positive("optimizer.warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive("optimizer.decay_steps", self.decay_steps)
+        _positive("optimizer.wsd_decay_steps", self.wsd_decay_steps)
+        _positive("optimizer.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("optimizer.clip_grad", self.clip_grad, allow_zero=True)
+        _choice("optimizer.decay_style", self.decay_style, ("cosine", "linear", "constant", "WSD"))
+        _choice("optimizer.wsd_decay_style", self.wsd_decay_style, ("linear", "cosine", "exponential", "minus_sqrt"))
+        _choice("optimizer.distributed", self.distributed, ("auto", "true", "false"))
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optimizer.min_lr={self.min_lr} exceeds optimizer.lr={self.lr}")
+
+
+@dataclass
+class SourceConfig:
+    name: str = "web"
+    """Source name (used in mixtures, metrics and manifests)."""
+    prefix: str = ""
+    """Megatron IndexedDataset path prefix (without .bin/.idx), as written by `megatron-align prepare`."""
+    weight: float = 1.0
+    """Blend weight when no phase mixture is configured."""
+
+
+@dataclass
+class DataConfig:
+    mock: bool = False
+    """Random tokens (Megatron-Core MockGPTDataset) for benchmarks; ignores sources."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Tokenized sources."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Tokenizer that produced the sources (its identity is checked against manifests)."""
+    cache_dir: str | None = None
+    """Where Megatron-Core caches dataset indices; default <run_dir>/data_cache."""
+
+    def __post_init__(self) -> None:
+        if not self.mock and not self.sources:
+            raise ConfigError("data.sources: empty; list at least one {name, prefix} or set data.mock=true")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.sources: duplicate source names {names}")
+        for i, src in enumerate(self.sources):
+            if not src.prefix and not self.mock:
+                raise ConfigError(f"data.sources[{i}].prefix: required (path prefix of a .bin/.idx pair)")
+            _positive(f"data.sources[{i}].weight", src.weight, allow_zero=True)
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0
+    """Save every N steps (0 = only at the end and on a stop signal)."""
+    keep_last: int = 3
+    """Keep the newest N complete checkpoints ..."""
+    keep_every: int | None = None
+    """... plus every checkpoint whose step is a multiple of this (None = none extra)."""
+    dir: str | None = None
+    """Checkpoint directory; default <run_dir>/checkpoints."""
+    load: str | None = None
+    """Start from this checkpoint (a dir with iter_* or one iter_* dir) when run_dir has none, e.g. a pretrained model for midtraining."""
+    load_optimizer: bool = True
+    """With checkpoint.load: also restore optimizer, scheduler and data position (false = weights only, fresh run)."""
+    async_save: str = "auto"
+    """Write in the background: auto (on with CUDA) | true | false."""
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint.interval", self.interval, allow_zero=True)
+        _positive("checkpoint.keep_last", self.keep_last)
+        _positive("checkpoint.keep_every", self.keep_every)
+        _choice("checkpoint.async_save", self.async_save, ("auto", "true", "false"))
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 1
+    """Write a metrics.jsonl record and a console line every N steps."""
+    level: str = "INFO"
+    """Log level for <run_dir>/train.log and the console."""
+
+    def __post_init__(self) -> None:
+        _positive("logging.interval", self.interval)
+        _choice("logging.level", self.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+@dataclass
+class RootConfig:
+    run_dir: str = "runs/default"
+    """Everything the run writes goes here: config.yaml, metrics.jsonl, train.log, checkpoints/."""
+    precision: str = "auto"
+    """auto (bf16 with CUDA, fp32 on CPU) | fp32 | bf16."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(mock=True))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        _choice("precision", self.precision, ("auto", "fp32", "bf16"))
+        if not self.run_dir:
+            raise ConfigError("run_dir: must be a non-empty path")
+        if self.train.stop_at_step and self.train.stop_at_step > self.train.steps:
+            raise ConfigError(f"train.stop_at_step={self.train.stop_at_step} is beyond train.steps={self.train.steps}")

@@ -1,0 +1,136 @@
+"""Our config -> Megatron-Core ``TransformerConfig`` + ``GPTModel`` chunks.
+
+This is the one adapter between megatron_align's dataclasses and Megatron-Core
+(STYLE.md rule 3). The model is Llama-style: RMSNorm, SwiGLU, RoPE, GQA, no
+biases. ``model.spec`` picks the layer implementation (Spec seam): ``local``
+is pure Megatron-Core (runs anywhere), ``te`` is Megatron-Core's Transformer
+Engine spec. Both produce the same parameter / sharded-state keys for the
+weights, so checkpoints move between them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from megatron_align.config.schema import RootConfig
+from megatron_align.errors import ConfigError
+from megatron_align.optional import have_te
+
+
+def resolve_precision(config: RootConfig) -> str:
+    """auto -> bf16 with CUDA, fp32 on CPU. bf16 on CPU is refused (slow and not what the CPU path tests)."""
+    if config.precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    if config.precision == "bf16" and not torch.cuda.is_available():
+        raise ConfigError("precision=bf16 needs CUDA; on CPU use precision=fp32 (or auto)")
+    return config.precision
+
+
+def resolve_spec(config: RootConfig) -> str:
+    spec = config.model.spec
+    if spec == "auto":
+        return "te" if (torch.cuda.is_available() and have_te()) else "local"
+    if spec == "te" and not have_te():
+        raise ConfigError("model.spec=te but Transformer Engine is not importable here; use model.spec=local "
+                          "(or auto), or run in the docker/ image which ships TE")
+    if spec == "te" and not torch.cuda.is_available():
+        raise ConfigError("model.spec=te needs CUDA; use model.spec=local on CPU")
+    return spec
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    multiple = divisible_by * tensor_parallel
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_transformer_config(config: RootConfig) -> TransformerConfig:
+    m, p = config.model, config.parallel
+    precision = resolve_precision(config)
+    on_gpu = torch.cuda.is_available()
+    spec = resolve_spec(config)
+    if p.context > 1 and spec != "te":
+        raise ConfigError("parallel.context > 1 needs model.spec=te (Megatron-Core's local attention has no context parallelism)")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    recompute = {}
+    if m.recompute == "selective":
+        recompute = dict(recompute_granularity="selective")
+    elif m.recompute == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    fused = on_gpu and spec == "te"
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups or m.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline if (p.virtual_pipeline or 1) > 1 else None,
+        context_parallel_size=p.context,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=precision == "bf16",
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=fused,
+        masked_softmax_fusion=fused,
+        persist_layer_norm=fused,
+        apply_rope_fusion=fused,
+        gradient_accumulation_fusion=fused,
+        deallocate_pipeline_outputs=True,
+        **recompute,
+    )
+
+
+def layer_spec(config: RootConfig):
+    if resolve_spec(config) == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_model_chunks(config: RootConfig, vocab_size: int) -> list[GPTModel]:
+    """One GPTModel per virtual-pipeline chunk of this rank (parallel_state must be initialised)."""
+    tconfig = build_transformer_config(config)
+    spec = layer_spec(config)
+    vpp = config.parallel.virtual_pipeline or 1
+    padded = padded_vocab_size(vocab_size, config.model.make_vocab_size_divisible_by, config.parallel.tensor)
+    chunks = []
+    for vp_stage in range(vpp):
+        stage = vp_stage if vpp > 1 else None
+        chunk = GPTModel(
+            config=tconfig,
+            transformer_layer_spec=spec,
+            vocab_size=padded,
+            max_sequence_length=config.model.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=config.model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=config.model.rotary_base,
+            vp_stage=stage,
+        )
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        chunks.append(chunk)
+    return chunks
+
+
+def count_parameters(chunks) -> int:
+    return sum(p.numel() for chunk in chunks for p in chunk.parameters())

@@ -1,0 +1,63 @@
+"""One guard per optional dependency.
+
+Transformer Engine, apex, DALI, NVML and mlflow are imported only through these
+functions, lazily and once, so ``import megatron_align`` works on a laptop.
+Each returns the module or ``None``; ``require(name, why)`` raises a
+:class:`UserError` that says what to install.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+from megatron_align.errors import UserError
+
+_INSTALL_HINTS = {
+    "transformer_engine": "use the NGC PyTorch container (docker/Dockerfile) or `pip install transformer-engine[pytorch]` on a CUDA machine",
+    "apex": "use the NGC PyTorch container (docker/Dockerfile), which ships apex",
+    "nvidia.dali": "`pip install nvidia-dali-cuda120` (or the `gpu` extra)",
+    "pynvml": "`pip install nvidia-ml-py` (or the `gpu` extra)",
+    "mlflow": "`pip install mlflow`",
+    "sentencepiece": "`pip install sentencepiece`",
+}
+
+
+@functools.cache
+def optional_import(name: str) -> ModuleType | None:
+    """Import ``name`` or return None when it (or a compiled part of it) is unavailable."""
+    try:
+        return importlib.import_module(name)
+    except Exception:  # ImportError, or a compiled extension failing to load (TE without CUDA)
+        return None
+
+
+def have_te() -> bool:
+    return optional_import("transformer_engine.pytorch") is not None
+
+
+def have_apex() -> bool:
+    return optional_import("apex") is not None
+
+
+def have_dali() -> bool:
+    return optional_import("nvidia.dali") is not None
+
+
+def have_nvml() -> bool:
+    return optional_import("pynvml") is not None
+
+
+def have_mlflow() -> bool:
+    return optional_import("mlflow") is not None
+
+
+def require(name: str, why: str) -> ModuleType:
+    """Return module ``name`` or raise a UserError naming what needs it and how to install it."""
+    module = optional_import(name)
+    if module is None:
+        top = name.split(".")[0] if name not in _INSTALL_HINTS else name
+        hint = _INSTALL_HINTS.get(name, _INSTALL_HINTS.get(top, f"`pip install {top}`"))
+        raise UserError(f"{why} needs {name!r}, which is not importable here: {hint}")
+    return module

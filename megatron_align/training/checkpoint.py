@@ -1,0 +1,216 @@
+"""Checkpoints: Megatron-Core dist_checkpointing (torch_dist) with an atomic commit.
+
+Commit protocol (a crash at any point leaves the previous checkpoint as
+``latest`` and loadable):
+
+1. every rank writes its shards into ``checkpoints/.tmp_iter_XXXXXXX/``
+   (dist_checkpointing.save; in the background on GPU);
+2. once *all* ranks have finished, rank 0 writes ``megatron_align.json``
+   (step, consumed samples, layout, data fingerprint, resolved config) into the
+   temporary directory and fsyncs it; this file is the completeness marker;
+3. rank 0 renames the directory to ``iter_XXXXXXX`` (atomic on one filesystem);
+4. rank 0 rewrites ``latest`` via a temporary file + ``os.replace``, last.
+
+Readers trust only directories that carry the marker; stray ``.tmp_*``
+directories are garbage from a crash and are removed by the next save.
+Retention keeps the newest ``keep_last`` plus every ``keep_every``-th step and
+never deletes the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+
+import torch
+from megatron.core import dist_checkpointing
+
+from megatron_align.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MARKER = "megatron_align.json"
+LATEST = "latest"
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+
+
+def iter_dir_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def _fsync_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER)) and os.path.isfile(os.path.join(path, "metadata.json"))
+
+
+def read_marker(path: str) -> dict:
+    marker = os.path.join(path, MARKER)
+    try:
+        with open(marker) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{marker}: unreadable checkpoint marker ({err}); the checkpoint is incomplete or corrupt") from None
+
+
+def complete_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    found = []
+    for name in os.listdir(ckpt_dir):
+        match = _ITER_RE.match(name)
+        path = os.path.join(ckpt_dir, name)
+        if match and is_complete(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_checkpoint(path: str) -> str | None:
+    """A checkpoint root (with `latest`/iter_*) or one iter_* dir -> the newest complete iter dir, or None.
+
+    ``latest`` is trusted only when it names a complete checkpoint; otherwise the
+    newest complete iter_* wins (a crash between rename and `latest` update, or a
+    damaged newest checkpoint, falls back to an older good one).
+    """
+    if is_complete(path):
+        return path
+    latest_file = os.path.join(path, LATEST)
+    if os.path.isfile(latest_file):
+        with open(latest_file) as f:
+            named = os.path.join(path, f.read().strip())
+        if is_complete(named):
+            newest = complete_checkpoints(path)
+            if not newest or newest[-1][1] == named:
+                return named
+    found = complete_checkpoints(path)
+    return found[-1][1] if found else None
+
+
+def retained(steps: list[int], keep_last: int, keep_every: int | None) -> set[int]:
+    """Steps to keep: the newest ``keep_last``, multiples of ``keep_every``, and always the newest."""
+    if not steps:
+        return set()
+    keep = set(sorted(steps)[-keep_last:])
+    if keep_every:
+        keep |= {s for s in steps if s % keep_every == 0}
+    keep.add(max(steps))
+    return keep
+
+
+class CheckpointManager:
+    """Saves and loads sharded checkpoints of one run; every method is called on all ranks."""
+
+    def __init__(self, ckpt_dir: str, keep_last: int, keep_every: int | None, async_save: bool, dp_group=None) -> None:
+        self.ckpt_dir = ckpt_dir
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.async_save = async_save
+        self.dp_group = dp_group
+        self.rank = torch.distributed.get_rank()
+        self._queue = None
+        if async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._queue = AsyncCallsQueue()
+        self.last_saved_step: int | None = None
+
+    # -- save ---------------------------------------------------------------------------------
+    def _save_strategy(self):
+        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+        strategy = get_default_save_sharded_strategy("torch_dist")
+        if self.dp_group is not None and torch.distributed.get_world_size(self.dp_group) > 1:
+            # Replicated tensors are written once, their writes spread over the DP replicas.
+            strategy = FullyParallelSaveStrategyWrapper(strategy, self.dp_group)
+        return strategy
+
+    def save(self, step: int, sharded_state_dict: dict, marker: dict) -> None:
+        """Write checkpoint ``step``; on GPU the write continues in the background (see :meth:`finalize`)."""
+        self.finalize(blocking=True)  # one save in flight at a time
+        final = os.path.join(self.ckpt_dir, iter_dir_name(step))
+        tmp = os.path.join(self.ckpt_dir, "." + "tmp_" + iter_dir_name(step))
+        if self.rank == 0:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            for name in os.listdir(self.ckpt_dir):  # leftovers of crashed saves
+                if name.startswith(".tmp_"):
+                    shutil.rmtree(os.path.join(self.ckpt_dir, name), ignore_errors=True)
+            os.makedirs(tmp)
+        torch.distributed.barrier()
+        started = time.time()
+        request = dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy=self._save_strategy(),
+                                          async_sharded_save=self.async_save)
+        marker = dict(marker, step=step, saved_at=time.time())
+
+        def commit() -> None:
+            if self.rank == 0:
+                self._commit(tmp, final, marker)
+            log.info("checkpoint %s committed (%.1f s)", final, time.time() - started)
+            self.last_saved_step = step
+
+        if self.async_save:
+            request.add_finalize_fn(commit)
+            self._queue.schedule_async_request(request)
+        else:
+            torch.distributed.barrier()  # every rank's shards are on disk before the commit
+            commit()
+            torch.distributed.barrier()
+
+    def _commit(self, tmp: str, final: str, marker: dict) -> None:
+        from megatron_align.resilience.inject import fault_point
+
+        fault_point("checkpoint.before_commit", marker["step"])
+        _fsync_write(os.path.join(tmp, MARKER), json.dumps(marker, indent=1, sort_keys=True, default=str))
+        if os.path.exists(final):  # re-saving a step after a restart: replace the old one whole
+            trash = final + f".old-{os.getpid()}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fault_point("checkpoint.before_latest", marker["step"])
+        _fsync_write(os.path.join(self.ckpt_dir, LATEST), os.path.basename(final) + "\n")
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        found = complete_checkpoints(self.ckpt_dir)
+        keep = retained([s for s, _ in found], self.keep_last, self.keep_every)
+        for step, path in found:
+            if step not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def finalize(self, blocking: bool = False) -> None:
+        """Commit background saves that have finished on all ranks (collective)."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def close(self) -> None:
+        self.finalize(blocking=True)
+        if self._queue is not None:
+            self._queue.close()
+
+    # -- load ---------------------------------------------------------------------------------
+    def load(self, path: str, sharded_state_dict: dict) -> dict:
+        from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+
+        try:
+            return dist_checkpointing.load(sharded_state_dict, path, sharded_strategy=get_default_load_sharded_strategy(path))
+        except Exception as err:  # corrupt shards, missing files, shape mismatch
+            raise UserError(f"loading checkpoint {path} failed on rank {self.rank}: {type(err).__name__}: {err}") from err

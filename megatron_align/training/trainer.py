@@ -1,0 +1,301 @@
+"""The training loop: Megatron-Core schedules, DDP, optimizer and checkpoints.
+
+The loop holds only what every run needs (forward/backward through
+``get_forward_backward_func``, optimizer + LR step, metrics, checkpoints,
+resume). Everything else attaches through the callback seam
+(:mod:`megatron_align.training.callbacks`); data arrives through the data seam
+(:class:`megatron_align.data.loader.TrainData`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from functools import partial
+
+import numpy as np
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_align.config.loader import config_to_dict
+from megatron_align.config.schema import RootConfig
+from megatron_align.data.loader import TrainData
+from megatron_align.errors import UserError
+from megatron_align.model.builder import build_model_chunks, build_transformer_config, padded_vocab_size, resolve_precision
+from megatron_align.parallel.layout import Layout
+from megatron_align.training.callbacks import Callback, CallbackList
+from megatron_align.training.checkpoint import CheckpointManager, read_marker, resolve_checkpoint
+from megatron_align.training.metrics import MetricsWriter, flops_per_token, peak_flops_per_gpu
+
+log = logging.getLogger(__name__)
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Per-token losses -> (sum, token count, reporting pair); the schedule divides by tokens and microbatches."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+class Trainer:
+    def __init__(self, config: RootConfig, layout: Layout, callbacks: list[Callback] | None = None) -> None:
+        self.config = config
+        self.layout = layout
+        self.rank = torch.distributed.get_rank()
+        self.cuda = torch.cuda.is_available()
+        self.run_dir = config.run_dir
+        self.ckpt_dir = config.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+        self.callbacks = CallbackList(list(callbacks or []))
+        self.step = 0
+        self.consumed_samples = 0
+        self._stop_reason: str | None = None
+        t = config.train
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * layout.data)
+
+        dp_rank = parallel_state.get_data_parallel_rank()
+        self.data = TrainData(config, t.steps * t.global_batch_size, dp_rank, layout.data,
+                              config.data.cache_dir or os.path.join(self.run_dir, "data_cache"))
+        self.vocab_size = self.data.vocab_size
+        if self.data.tokenizer.vocab_size > self.vocab_size:
+            raise UserError(f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's {self.data.tokenizer.vocab_size}")
+        self.padded_vocab_size = padded_vocab_size(self.vocab_size, config.model.make_vocab_size_divisible_by, layout.tensor)
+
+        chunks = build_model_chunks(config, self.vocab_size)
+        self.transformer_config = tconfig = chunks[0].config
+        use_dist_opt = {"auto": self.cuda, "true": True, "false": False}[config.optimizer.distributed]
+        if use_dist_opt and not self.cuda:
+            raise UserError("optimizer.distributed=true needs CUDA (Megatron-Core's DistributedOptimizer); use false or auto on CPU")
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=self.cuda, overlap_param_gather=False,
+            use_distributed_optimizer=use_dist_opt, check_for_nan_in_grad=False, bucket_size=None if self.cuda else 10**9)
+        self.model = [DistributedDataParallel(tconfig, ddp_config, chunk, disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
+        tconfig.finalize_model_grads_func = finalize_model_grads
+        if ddp_config.overlap_grad_reduce:
+            no_sync = [m.no_sync for m in self.model]
+            tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        o = config.optimizer
+        precision = resolve_precision(config)
+        self.optimizer = get_megatron_optimizer(
+            MegatronOptimizerConfig(
+                optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+                bf16=precision == "bf16", params_dtype=tconfig.params_dtype, use_distributed_optimizer=use_dist_opt),
+            self.model)
+        decay_steps = o.decay_steps or t.steps
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
+            lr_decay_steps=decay_steps, lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=decay_steps, wd_incr_style="constant",
+            wsd_decay_steps=o.wsd_decay_steps or max(1, decay_steps // 10) if o.decay_style == "WSD" else None,
+            lr_wsd_decay_style=o.wsd_decay_style if o.decay_style == "WSD" else None)
+        async_save = {"auto": self.cuda, "true": True, "false": False}[config.checkpoint.async_save]
+        self.checkpoints = CheckpointManager(
+            self.ckpt_dir, config.checkpoint.keep_last, config.checkpoint.keep_every, async_save,
+            dp_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        self.metrics = MetricsWriter(os.path.join(self.run_dir, "metrics.jsonl"), enabled=self.rank == 0)
+        self.flops_per_step = flops_per_token(config, self.padded_vocab_size) * t.global_batch_size * config.model.seq_length
+        self.peak_flops = peak_flops_per_gpu(precision) if self.cuda else None
+        self.forward_backward = get_forward_backward_func()
+
+    # -- state ----------------------------------------------------------------------------------
+    def _layout_key(self) -> dict:
+        return {"tensor": self.layout.tensor, "pipeline": self.layout.pipeline, "context": self.layout.context,
+                "virtual_pipeline": self.layout.virtual_pipeline or 1, "data": self.layout.data}
+
+    def _rng_state(self) -> dict:
+        return {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+    def _set_rng_state(self, state: dict) -> None:
+        random.setstate(state["random"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        torch.cuda.set_rng_state(state["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+    def _model_sharded_state_dict(self) -> dict:
+        if len(self.model) == 1:
+            return {"model": self.model[0].sharded_state_dict()}
+        return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(self.model)}
+
+    def _sharded_state_dict(self, with_optimizer: bool, with_rng: bool, is_loading: bool) -> dict:
+        state = self._model_sharded_state_dict()
+        if with_optimizer:
+            state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=is_loading)
+            state["scheduler"] = self.scheduler.state_dict()
+            state["callbacks"] = self.callbacks.state_dict()
+        if with_rng:
+            pp, tp, dp = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
+                          parallel_state.get_data_parallel_rank(with_context_parallel=True))
+            state["rng_state"] = ShardedObject(
+                "rng_state", self._rng_state(), (self.layout.pipeline, self.layout.tensor, self.layout.data * self.layout.context),
+                (pp, tp, dp), replica_id=0)
+        state["step"] = self.step
+        state["consumed_samples"] = self.consumed_samples
+        return state
+
+    def save_checkpoint(self) -> None:
+        started = time.time()
+        marker = {"consumed_samples": self.consumed_samples, "layout": self._layout_key(),
+                  "data": self.data.state_dict(self.consumed_samples), "tokenizer": self.data.tokenizer.identity,
+                  "config": config_to_dict(self.config), "megatron_align_version": _version()}
+        self.checkpoints.save(self.step, self._sharded_state_dict(True, True, False), marker)
+        self.callbacks.on_section(self, "checkpoint", time.time() - started)
+        self.callbacks.on_checkpoint_saved(self, self.step)
+
+    def maybe_resume(self) -> None:
+        """Resume from this run's newest complete checkpoint, else from checkpoint.load, else start fresh."""
+        cfg = self.config.checkpoint
+        path = resolve_checkpoint(self.ckpt_dir)
+        own = path is not None
+        if path is None and cfg.load:
+            path = resolve_checkpoint(cfg.load)
+            if path is None:
+                raise UserError(f"checkpoint.load={cfg.load}: no complete checkpoint there (expected iter_* dirs with {'megatron_align.json'})")
+        if path is None:
+            return
+        marker = read_marker(path)
+        full = own or cfg.load_optimizer
+        same_layout = marker.get("layout") == self._layout_key()
+        state = self.checkpoints.load(path, self._sharded_state_dict(full, full and same_layout, True))
+        if len(self.model) == 1:
+            self.model[0].load_state_dict(state["model"])
+        else:
+            for i, m in enumerate(self.model):
+                m.load_state_dict(state[f"model{i}"])
+        if not full:
+            log.info("loaded weights from %s (step %s); optimizer and data position start fresh", path, marker.get("step"))
+            return
+        saved_fp = marker.get("data", {}).get("fingerprint")
+        if saved_fp and saved_fp != self.data.fingerprint:
+            raise UserError(
+                f"{path}: data fingerprint {saved_fp} differs from this config's {self.data.fingerprint} "
+                "(sources, weights, seed, tokenizer or sequence length changed); resuming would not continue the same "
+                "sample sequence. Restore the data config, or start a new run_dir with checkpoint.load=... and "
+                "checkpoint.load_optimizer=false to reuse the weights")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.callbacks.load_state_dict(state.get("callbacks", {}))
+        if same_layout:
+            self._set_rng_state(state["rng_state"])
+        else:
+            log.warning("checkpoint layout %s differs from %s: RNG states reseeded", marker.get("layout"), self._layout_key())
+        self.step = int(state["step"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.metrics.truncate_after(self.step)
+        log.info("resumed from %s at step %d (%d samples consumed)", path, self.step, self.consumed_samples)
+
+    # -- loop -----------------------------------------------------------------------------------
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        device = torch.cuda.current_device() if self.cuda else "cpu"
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        position_ids = batch["position_ids"].to(device, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+        if self.layout.context > 1:
+            from megatron.core.utils import get_batch_on_this_cp_rank
+
+            cp = get_batch_on_this_cp_rank({"tokens": tokens, "labels": labels, "position_ids": position_ids, "loss_mask": loss_mask})
+            tokens, labels, position_ids, loss_mask = cp["tokens"], cp["labels"], cp["position_ids"], cp["loss_mask"]
+        output = model(tokens, position_ids, None, labels=labels)
+        return output, partial(_loss_func, loss_mask)
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to checkpoint and stop after the current step (signal handlers call this)."""
+        self._stop_reason = reason
+
+    def _reduce_step(self, losses_reduced: list[dict]) -> tuple[float, bool]:
+        """One world all-reduce: [loss sum, tokens, stop votes]; loss from last-stage TP-rank-0 ranks only."""
+        values = torch.zeros(3, dtype=torch.float64)
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and parallel_state.get_tensor_model_parallel_rank() == 0:
+            for item in losses_reduced:
+                values[:2] += item["lm loss"].double().cpu()
+        values[2] = 1.0 if self._stop_reason else 0.0
+        if self.cuda:
+            values = values.cuda()
+        torch.distributed.all_reduce(values)
+        values = values.cpu()
+        return float(values[0] / values[1]), bool(values[2] > 0)
+
+    def train_step(self, data_iterators) -> tuple[float, float, bool]:
+        t = self.config.train
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        started = time.time()
+        losses = self.forward_backward(
+            forward_step_func=self._forward_step, data_iterator=data_iterators, model=self.model,
+            num_microbatches=self.num_microbatches, seq_length=self.config.model.seq_length,
+            micro_batch_size=t.micro_batch_size, decoder_seq_length=self.config.model.seq_length, forward_only=False)
+        self.callbacks.on_section(self, "forward_backward", time.time() - started)
+        started = time.time()
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if update_ok:
+            self.scheduler.step(increment=1)
+        self.callbacks.on_section(self, "optimizer", time.time() - started)
+        loss, stop = self._reduce_step(losses)
+        return loss, float(grad_norm) if grad_norm is not None else float("nan"), stop
+
+    def train(self) -> str:
+        """Run to train.steps (or train.stop_at_step, or a stop request). Returns why it stopped."""
+        t, cfg = self.config.train, self.config
+        self.maybe_resume()
+        self.callbacks.on_train_start(self)
+        for m in self.model:
+            m.train()
+        iterators = [self.data.microbatches(self.consumed_samples) for _ in self.model]
+        data_iterators = iterators[0] if len(iterators) == 1 else iterators
+        last = min(t.steps, t.stop_at_step or t.steps)
+        reason = "completed" if self.step >= t.steps else "stopped"
+        while self.step < last:
+            step_started = time.time()
+            self.callbacks.on_step_start(self, self.step + 1)
+            loss, grad_norm, stop = self.train_step(data_iterators)
+            self.step += 1
+            self.consumed_samples += t.global_batch_size
+            self.checkpoints.finalize(blocking=False)
+            step_time = time.time() - step_started
+            record = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                      "consumed_samples": self.consumed_samples, "tokens": self.consumed_samples * cfg.model.seq_length,
+                      "step_time_s": step_time, "tokens_per_s": t.global_batch_size * cfg.model.seq_length / step_time}
+            if self.peak_flops:
+                tflops = self.flops_per_step / step_time / self.layout.world_size / 1e12
+                record.update(tflops_per_gpu=tflops, mfu=tflops * 1e12 / self.peak_flops)
+            record.update(self.data.step_metrics(self.consumed_samples))
+            self.callbacks.on_step_end(self, self.step, record)
+            if self.step % cfg.logging.interval == 0 or self.step == last:
+                self.metrics.write(record)
+                if self.rank == 0:
+                    log.info("step %d/%d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | %.2f s/step", self.step, t.steps,
+                             loss, record["lr"], grad_norm, record["tokens_per_s"], step_time)
+            interval = cfg.checkpoint.interval
+            if stop:
+                reason = f"stop requested ({self._stop_reason or 'by another rank'})"
+                break
+            if self.step < last and interval and self.step % interval == 0:
+                self.save_checkpoint()
+        else:
+            reason = "completed" if self.step >= t.steps else f"stopped at train.stop_at_step={t.stop_at_step}"
+        if self.checkpoints.last_saved_step != self.step or self.step == 0:
+            self.save_checkpoint()
+        self.checkpoints.close()
+        self.callbacks.on_train_end(self)
+        return reason
+
+
+def _version() -> str:
+    from megatron_align import __version__
+
+    return __version__
