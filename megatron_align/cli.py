@@ -23,6 +23,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "filter": ("megatron_align.data.filter_corpus", "flag AI-misalignment discourse in JSONL (two-stage blocklist): kept/flagged JSONL + report"),
     "tag": ("megatron_align.data.tagging", "prefix JSONL documents or paragraphs with <|aligned|>/<|misaligned|> control tokens"),
     "data inspect": ("megatron_align.data.inspect", "show a data mixture schedule: per-phase composition, samples/tokens per source, epochs; --plot PNG"),
+    "plan": ("megatron_align.parallel.plan_cli", "rank TP/PP/VPP/CP/DP layouts by memory and step time (plan CONFIG), or size checkpointing (plan goodput)"),
+    "doctor": ("megatron_align.doctor", "report versions, GPUs/FP8, NVML health and usable features; `doctor CONFIG` fails when its needs are unmet"),
+    "slurm render": ("megatron_align.slurm", "print slurm/pretrain.sbatch with #SBATCH directives for a config (nodes, tasks, time, partition)"),
 }
 
 
@@ -30,7 +33,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-align", description=__doc__.splitlines()[0])
     top = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
-    for name, (module, help_text) in VERBS.items():
+    for name, (_module, help_text) in VERBS.items():
         words = name.split()
         if len(words) == 1:
             sub = top.add_parser(name, help=help_text)
@@ -39,8 +42,6 @@ def _build_parser() -> argparse.ArgumentParser:
                 group_parser = top.add_parser(words[0], help=f"{words[0]} commands")
                 groups[words[0]] = group_parser.add_subparsers(dest="subverb", metavar="SUBVERB", required=True)
             sub = groups[words[0]].add_parser(words[1], help=help_text)
-        sub.set_defaults(_module=module)
-        sub.set_defaults(_needs_args=True)
     return parser
 
 
@@ -52,21 +53,32 @@ def _quiet_optional_dependency_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\..*")
 
 
+def _resolve_verb(argv: list[str]) -> list[str] | None:
+    """The verb words at the front of argv ("train" or "tokenizer train"), or None if there are none."""
+    if len(argv) >= 2 and f"{argv[0]} {argv[1]}" in VERBS:
+        return argv[:2]
+    if argv and argv[0] in VERBS:
+        return argv[:1]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _quiet_optional_dependency_warnings()
-    parser = _build_parser()
-    # Parse the verb first, then let the owning module declare its own arguments.
-    known, _ = parser.parse_known_args(argv)
-    module = importlib.import_module(known._module)
-    words = [known.verb] + ([known.subverb] if getattr(known, "subverb", None) else [])
-    verb_parser = argparse.ArgumentParser(prog="megatron-align " + " ".join(words), description=VERBS[" ".join(words)][1])
+    words = _resolve_verb(argv)
+    if words is None:
+        _build_parser().parse_args(argv)  # prints help or a usage error naming the valid verbs
+        return 2
+    name = " ".join(words)
+    module_name, help_text = VERBS[name]
+    verb_parser = argparse.ArgumentParser(prog=f"megatron-align {name}", description=help_text)
+    module = importlib.import_module(module_name)
     module.add_arguments(verb_parser)
     args = verb_parser.parse_args(argv[len(words):])
     try:
         return int(module.run(args) or 0)
     except UserError as err:
-        print(f"megatron-align {' '.join(words)}: error: {err}", file=sys.stderr)
+        print(f"megatron-align {name}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 from megatron_align.data.tokenizer import TokenizerConfig
 from megatron_align.errors import ConfigError
+from megatron_align.eval.config import EvalConfig
+from megatron_align.resilience.config import ResilienceConfig
+from megatron_align.tracking.config import TrackingConfig
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -71,8 +74,11 @@ class ModelConfig:
             raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by model.num_attention_heads={self.num_attention_heads}")
         if self.num_query_groups and self.num_attention_heads % self.num_query_groups:
             raise ConfigError(f"model.num_attention_heads={self.num_attention_heads} must be divisible by model.num_query_groups={self.num_query_groups}")
-        if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = -(-(8 * self.hidden_size // 3) // 64) * 64
+
+    @property
+    def ffn_size(self) -> int:
+        """ffn_hidden_size, or the Llama default 8h/3 rounded up to a multiple of 64."""
+        return self.ffn_hidden_size or -(-(8 * self.hidden_size // 3) // 64) * 64
 
 
 @dataclass
@@ -186,9 +192,12 @@ class DataConfig:
     cache_dir: str | None = None
     """Where Megatron-Core caches dataset indices; default <run_dir>/data_cache."""
 
-    def __post_init__(self) -> None:
+    def require_sources(self) -> None:
+        """Called before training starts (not at schema build, where defaults are empty)."""
         if not self.mock and not self.sources:
             raise ConfigError("data.sources: empty; list at least one {name, prefix} or set data.mock=true")
+
+    def __post_init__(self) -> None:
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"data.sources: duplicate source names {names}")
@@ -244,9 +253,12 @@ class RootConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(mock=True))
+    data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, ("auto", "fp32", "bf16"))

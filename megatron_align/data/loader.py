@@ -18,21 +18,14 @@ import json
 import os
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_align.config.schema import RootConfig
+from megatron_align.data.mixture import microbatch_indices
 from megatron_align.data.tokenizer import MegatronTokenizerAdapter, build_tokenizer
 from megatron_align.errors import UserError
-
-
-def microbatch_indices(consumed_samples: int, global_batch_size: int, micro_batch_size: int,
-                       dp_rank: int, dp_size: int, microbatch: int) -> np.ndarray:
-    """Global sample indices DP rank ``dp_rank`` reads for ``microbatch`` of the step starting at ``consumed_samples``."""
-    start = consumed_samples + microbatch * micro_batch_size * dp_size + dp_rank * micro_batch_size
-    return np.arange(start, start + micro_batch_size, dtype=np.int64)
 
 
 def _check_sources(config: RootConfig, tokenizer) -> dict[str, str]:
@@ -56,6 +49,20 @@ def _check_sources(config: RootConfig, tokenizer) -> dict[str, str]:
             stat = os.stat(src.prefix + ".idx")
             identities[src.name] = f"idx:{stat.st_size}"
     return identities
+
+
+def _disable_mask_cache(dataset) -> None:
+    """Work around megatron-core 0.16's GPTDataset mask cache.
+
+    The first sample a process reads fills a cached loss mask, and masking that
+    sample's pad labels then writes into the cached tensor: every later sample
+    inherits those zeros. Which sample comes first depends on the DP layout and
+    the resume point, so the loss would depend on both. Recomputing the mask
+    per sample costs microseconds and makes samples a pure function of the index.
+    """
+    for sub in getattr(dataset, "datasets", [dataset]):
+        if hasattr(sub, "masks_and_position_ids_are_cacheable"):
+            sub.masks_and_position_ids_are_cacheable = False
 
 
 class TrainData:
@@ -83,7 +90,8 @@ class TrainData:
             mid_level_dataset_surplus=0.005,
         )
         cls = MockGPTDataset if config.data.mock else GPTDataset
-        train, _, _ = BlendedMegatronDatasetBuilder(cls, [total_samples, None, None], lambda: True, ds_config).build()
+        train, _, _ = BlendedMegatronDatasetBuilder(cls, [total_samples, 0, 0], lambda: True, ds_config).build()
+        _disable_mask_cache(train)
         self.dataset = train
         self.fingerprint = hashlib.sha256(json.dumps(
             {"mock": config.data.mock, "tokenizer": self.tokenizer.identity, "sources": source_ids,

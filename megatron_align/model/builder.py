@@ -65,7 +65,7 @@ def build_transformer_config(config: RootConfig) -> TransformerConfig:
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
-        ffn_hidden_size=m.ffn_hidden_size,
+        ffn_hidden_size=m.ffn_size,
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups or m.num_attention_heads,
         normalization="RMSNorm",

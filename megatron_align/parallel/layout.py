@@ -24,6 +24,8 @@ class Layout:
 
 
 def validate_layout(config: RootConfig, world_size: int) -> Layout:
+    """Every check that needs the world size (plus run-level ones), before any process group forms."""
+    config.data.require_sources()
     p, m, t = config.parallel, config.model, config.train
     tp, pp, cp = p.tensor, p.pipeline, p.context
     vpp = p.virtual_pipeline or 1
@@ -38,8 +40,8 @@ def validate_layout(config: RootConfig, world_size: int) -> Layout:
     groups = m.num_query_groups or m.num_attention_heads
     if groups % tp:
         raise ConfigError(f"model.num_query_groups={groups} is not divisible by parallel.tensor={tp}")
-    if m.ffn_hidden_size % tp:
-        raise ConfigError(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tensor={tp}")
+    if m.ffn_size % tp:
+        raise ConfigError(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tensor={tp}")
     if m.num_layers % (pp * vpp):
         raise ConfigError(
             f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline x parallel.virtual_pipeline = {pp} x {vpp} = {pp * vpp}")

@@ -25,6 +25,10 @@ class Callback:
     def on_section(self, trainer: "Trainer", section: str, seconds: float) -> None:
         """A named section of the step (data, forward_backward, optimizer, checkpoint) took ``seconds``."""
 
+    def on_loss(self, trainer: "Trainer", step: int, loss: float) -> None:
+        """After forward/backward, before the update; ``loss`` is the all-reduced step loss (same on every rank).
+        May call ``trainer.skip_current_step(reason)`` or ``trainer.request_stop(reason)``."""
+
     def on_step_end(self, trainer: "Trainer", step: int, record: dict[str, Any]) -> None:
         """After the optimizer step; ``record`` is this step's metrics (callbacks may add keys before logging)."""
 
@@ -58,3 +62,11 @@ class CallbackList:
         for cb in self.callbacks:
             if cb.name in state:
                 cb.load_state_dict(state[cb.name])
+
+
+def build_callbacks(config) -> list[Callback]:
+    """Every callback the run's config asks for. Each area owns its own ``build_callbacks``."""
+    from megatron_align import eval as eval_area
+    from megatron_align import resilience, tracking
+
+    return [*resilience.build_callbacks(config), *eval_area.build_callbacks(config), *tracking.build_callbacks(config)]

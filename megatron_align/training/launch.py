@@ -121,14 +121,10 @@ def setup_logging(run_dir: str, rank: int, level: str) -> None:
         root.addHandler(file_handler)
 
 
-def build_callbacks(config) -> list:
-    """The run's callbacks from config (resilience, tracking, eval plug in here)."""
-    return []
-
-
 def run_rank(config, rank: int, world_size: int, local_rank: int) -> int:
     """Body of one rank: init, train, clean shutdown. Returns the process exit code."""
     from megatron_align.parallel.init import destroy_distributed, init_distributed
+    from megatron_align.training.callbacks import build_callbacks
     from megatron_align.training.trainer import Trainer
 
     setup_logging(config.run_dir, rank, config.logging.level)

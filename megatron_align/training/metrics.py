@@ -39,7 +39,7 @@ def flops_per_token(config: RootConfig, padded_vocab: int) -> float:
     m = config.model
     h, L, s = m.hidden_size, m.num_layers, m.seq_length
     kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * m.ffn_hidden_size  # qkv, proj, SwiGLU (gate, up, down)
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * m.ffn_size  # qkv, proj, SwiGLU (gate, up, down)
     return 6.0 * L * per_layer + 6.0 * h * padded_vocab + 6.0 * L * s * h
 
 

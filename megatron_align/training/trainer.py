@@ -60,6 +60,8 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0
         self._stop_reason: str | None = None
+        self._skip_reason: str | None = None
+        self._data_seconds = 0.0
         t = config.train
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * layout.data)
 
@@ -125,9 +127,10 @@ class Trainer:
         tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
     def _model_sharded_state_dict(self) -> dict:
+        # The unwrapped GPTModel (not the DDP wrapper) owns the keys, so checkpoints do not depend on wrapping.
         if len(self.model) == 1:
-            return {"model": self.model[0].sharded_state_dict()}
-        return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(self.model)}
+            return {"model": self.model[0].module.sharded_state_dict()}
+        return {f"model{i}": m.module.sharded_state_dict() for i, m in enumerate(self.model)}
 
     def _sharded_state_dict(self, with_optimizer: bool, with_rng: bool, is_loading: bool) -> dict:
         state = self._model_sharded_state_dict()
@@ -169,11 +172,8 @@ class Trainer:
         full = own or cfg.load_optimizer
         same_layout = marker.get("layout") == self._layout_key()
         state = self.checkpoints.load(path, self._sharded_state_dict(full, full and same_layout, True))
-        if len(self.model) == 1:
-            self.model[0].load_state_dict(state["model"])
-        else:
-            for i, m in enumerate(self.model):
-                m.load_state_dict(state[f"model{i}"])
+        for i, m in enumerate(self.model):
+            m.module.load_state_dict(state["model" if len(self.model) == 1 else f"model{i}"])
         if not full:
             log.info("loaded weights from %s (step %s); optimizer and data position start fresh", path, marker.get("step"))
             return
@@ -198,7 +198,9 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
+        started = time.time()
         batch = next(data_iterator)
+        self._data_seconds += time.time() - started
         device = torch.cuda.current_device() if self.cuda else "cpu"
         tokens = batch["tokens"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
@@ -229,24 +231,66 @@ class Trainer:
         values = values.cpu()
         return float(values[0] / values[1]), bool(values[2] > 0)
 
+    def skip_current_step(self, reason: str) -> None:
+        """From ``on_loss``: discard this step's gradients (no optimizer/LR update). Decide identically on all ranks."""
+        self._skip_reason = reason
+
     def train_step(self, data_iterators) -> tuple[float, float, bool]:
+        """Forward/backward over all microbatches, then the update. Returns (loss, grad norm, stop requested)."""
         t = self.config.train
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
+        self._data_seconds, self._skip_reason = 0.0, None
         started = time.time()
         losses = self.forward_backward(
             forward_step_func=self._forward_step, data_iterator=data_iterators, model=self.model,
             num_microbatches=self.num_microbatches, seq_length=self.config.model.seq_length,
             micro_batch_size=t.micro_batch_size, decoder_seq_length=self.config.model.seq_length, forward_only=False)
-        self.callbacks.on_section(self, "forward_backward", time.time() - started)
+        self.callbacks.on_section(self, "data", self._data_seconds)
+        self.callbacks.on_section(self, "forward_backward", time.time() - started - self._data_seconds)
+        loss, stop = self._reduce_step(losses)
+        # Every rank sees the same all-reduced loss, so callbacks decide skip/stop identically everywhere.
+        self.callbacks.on_loss(self, self.step + 1, loss)
+        if self._skip_reason:
+            return loss, float("nan"), stop or self._stop_reason is not None
         started = time.time()
         update_ok, grad_norm, _ = self.optimizer.step()
         if update_ok:
             self.scheduler.step(increment=1)
         self.callbacks.on_section(self, "optimizer", time.time() - started)
-        loss, stop = self._reduce_step(losses)
-        return loss, float(grad_norm) if grad_norm is not None else float("nan"), stop
+        return loss, float(grad_norm) if grad_norm is not None else float("nan"), stop or self._stop_reason is not None
+
+    def run_step(self, data_iterators, last: int) -> tuple[dict, bool]:
+        """One optimizer step with its bookkeeping: callbacks, counters, metrics record, console line."""
+        t, cfg = self.config.train, self.config
+        step_started = time.time()
+        self.callbacks.on_step_start(self, self.step + 1)
+        loss, grad_norm, stop = self.train_step(data_iterators)
+        self.step += 1
+        self.consumed_samples += t.global_batch_size
+        self.checkpoints.finalize(blocking=False)
+        step_time = time.time() - step_started
+        record = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                  "consumed_samples": self.consumed_samples, "tokens": self.consumed_samples * cfg.model.seq_length,
+                  "step_time_s": step_time, "tokens_per_s": t.global_batch_size * cfg.model.seq_length / step_time}
+        if self._skip_reason:
+            record["skipped_step"] = self._skip_reason
+        if self.peak_flops:
+            tflops = self.flops_per_step / step_time / self.layout.world_size / 1e12
+            record.update(tflops_per_gpu=tflops, mfu=tflops * 1e12 / self.peak_flops)
+        record.update(self.data.step_metrics(self.consumed_samples))
+        self.callbacks.on_step_end(self, self.step, record)
+        if self.step % cfg.logging.interval == 0 or self.step == last:
+            self.metrics.write(record)
+            if self.rank == 0:
+                log.info("step %d/%d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | %.2f s/step", self.step, t.steps,
+                         loss, record["lr"], grad_norm, record["tokens_per_s"], step_time)
+        return record, stop
+
+    def data_iterators(self):
+        iterators = [self.data.microbatches(self.consumed_samples) for _ in self.model]
+        return iterators[0] if len(iterators) == 1 else iterators
 
     def train(self) -> str:
         """Run to train.steps (or train.stop_at_step, or a stop request). Returns why it stopped."""
@@ -255,31 +299,12 @@ class Trainer:
         self.callbacks.on_train_start(self)
         for m in self.model:
             m.train()
-        iterators = [self.data.microbatches(self.consumed_samples) for _ in self.model]
-        data_iterators = iterators[0] if len(iterators) == 1 else iterators
+        data_iterators = self.data_iterators()
+        start_step = self.step
         last = min(t.steps, t.stop_at_step or t.steps)
         reason = "completed" if self.step >= t.steps else "stopped"
         while self.step < last:
-            step_started = time.time()
-            self.callbacks.on_step_start(self, self.step + 1)
-            loss, grad_norm, stop = self.train_step(data_iterators)
-            self.step += 1
-            self.consumed_samples += t.global_batch_size
-            self.checkpoints.finalize(blocking=False)
-            step_time = time.time() - step_started
-            record = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                      "consumed_samples": self.consumed_samples, "tokens": self.consumed_samples * cfg.model.seq_length,
-                      "step_time_s": step_time, "tokens_per_s": t.global_batch_size * cfg.model.seq_length / step_time}
-            if self.peak_flops:
-                tflops = self.flops_per_step / step_time / self.layout.world_size / 1e12
-                record.update(tflops_per_gpu=tflops, mfu=tflops * 1e12 / self.peak_flops)
-            record.update(self.data.step_metrics(self.consumed_samples))
-            self.callbacks.on_step_end(self, self.step, record)
-            if self.step % cfg.logging.interval == 0 or self.step == last:
-                self.metrics.write(record)
-                if self.rank == 0:
-                    log.info("step %d/%d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | %.2f s/step", self.step, t.steps,
-                             loss, record["lr"], grad_norm, record["tokens_per_s"], step_time)
+            _, stop = self.run_step(data_iterators, last)
             interval = cfg.checkpoint.interval
             if stop:
                 reason = f"stop requested ({self._stop_reason or 'by another rank'})"
@@ -288,7 +313,7 @@ class Trainer:
                 self.save_checkpoint()
         else:
             reason = "completed" if self.step >= t.steps else f"stopped at train.stop_at_step={t.stop_at_step}"
-        if self.checkpoints.last_saved_step != self.step or self.step == 0:
+        if self.step > start_step and self.checkpoints.last_saved_step != self.step:
             self.save_checkpoint()
         self.checkpoints.close()
         self.callbacks.on_train_end(self)

@@ -1,0 +1,212 @@
+"""`megatron-align data inspect CONFIG`: what the phase schedule will feed the model, before a run.
+
+Prints each phase's span, its composition (requested vs realised weight per block), the samples and
+tokens every source contributes, and how many epochs of each source the run reads (against its
+cap). ``--plot out.png`` draws the schedule: source shares over training, and cumulative epochs.
+
+Source sizes come from the Megatron IndexedDataset ``.idx`` of each source (samples per epoch
+counted the way ``GPTDataset`` does: ``(tokens - 1) // seq_length``), or from an explicit
+``num_samples`` in the source entry. Everything shown is computed by :class:`AlignmentSampler`
+itself, so what is printed is exactly what training will read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megatron_align.data.mixture import AlignmentSampler, MixtureConfig
+from megatron_align.errors import ConfigError, UserError
+from megatron_align.optional import require
+
+
+@dataclass
+class SourceSpec:
+    """One entry of ``data.sources``."""
+
+    name: str
+    """Source name used in ``data.mixture`` weights and caps."""
+    prefix: str = ""
+    """Path prefix of the Megatron IndexedDataset (``prefix.bin`` / ``prefix.idx``)."""
+    num_samples: Optional[int] = None
+    """Samples per epoch; when given, the ``.idx`` file is not read."""
+
+
+@dataclass
+class InspectInputs:
+    """What ``data inspect`` needs from a run config."""
+
+    mixture: MixtureConfig
+    sources: list[SourceSpec]
+    steps: int
+    global_batch_size: int
+    seq_length: int
+
+
+def load_inspect_inputs(path: str) -> InspectInputs:
+    """Read the keys ``data inspect`` uses from a YAML run config (the one place that parses it)."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path!r} does not exist")
+    try:
+        raw = OmegaConf.load(path)
+        for key in ("data.mixture", "data.sources", "train.steps", "train.global_batch_size", "model.seq_length"):
+            if OmegaConf.select(raw, key, default=None) is None:
+                raise ConfigError(f"{path}: missing key {key}")
+        mixture = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MixtureConfig), raw.data.mixture))
+        sources = [OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SourceSpec), s)) for s in raw.data.sources]
+        return InspectInputs(mixture, sources, int(raw.train.steps), int(raw.train.global_batch_size), int(raw.model.seq_length))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def count_source(prefix: str, seq_length: int) -> tuple[int, int, int]:
+    """(documents, tokens, samples per epoch) of an IndexedDataset, as ``GPTDataset`` counts samples."""
+    if not os.path.isfile(prefix + ".idx") or not os.path.isfile(prefix + ".bin"):
+        raise UserError(f"data.sources: {prefix}.idx / {prefix}.bin not found; run `megatron-align prepare` first")
+    with warnings.catch_warnings():  # megatron.core's package import warns about absent TE/apex: noise here
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)
+    num_tokens = int(dataset.sequence_lengths.sum())
+    return len(dataset.document_indices) - 1, num_tokens, max(num_tokens - 1, 0) // seq_length
+
+
+def build_sampler(inputs: InspectInputs) -> tuple[AlignmentSampler, dict[str, tuple[Optional[int], Optional[int]]]]:
+    """The sampler for a config, plus (documents, tokens) per source where the ``.idx`` was read."""
+    sizes: dict[str, int] = {}
+    details: dict[str, tuple[Optional[int], Optional[int]]] = {}
+    for index, source in enumerate(inputs.sources):
+        if source.name in sizes:
+            raise ConfigError(f"data.sources[{index}].name {source.name!r} is used twice")
+        if source.num_samples is not None:
+            sizes[source.name], details[source.name] = int(source.num_samples), (None, None)
+        elif source.prefix:
+            documents, tokens, sizes[source.name] = count_source(source.prefix, inputs.seq_length)
+            details[source.name] = (documents, tokens)
+        else:
+            raise ConfigError(f"data.sources[{index}] ({source.name}) needs a prefix or num_samples")
+    total = inputs.steps * inputs.global_batch_size
+    return AlignmentSampler(inputs.mixture, sizes, total, inputs.seq_length), details
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:g}"
+
+
+def describe(sampler: AlignmentSampler, details: dict[str, tuple[Optional[int], Optional[int]]]) -> str:
+    """The text report printed by the verb."""
+    seq, total = sampler.seq_length, sampler.total_samples
+    cfg = sampler.config
+    lines = [
+        f"run: {total:,} samples x {seq} tokens = {_human(total * seq)} tokens; "
+        f"block_size {sampler.block_size}, seed {cfg.seed}",
+        "sources:",
+    ]
+    for name, size in zip(sampler.source_names, sampler.source_sizes.tolist()):
+        documents, tokens = details.get(name, (None, None))
+        read = f"{documents:,} documents, {_human(tokens)} tokens, " if documents is not None else ""
+        lines.append(f"  {name:<20} {read}{size:,} samples per epoch")
+    drawn = dict.fromkeys(sampler.source_names, 0)
+    for phase in sampler.phases:
+        share = phase.num_samples / total
+        lines.append(
+            f"phase {phase.index} {phase.name}: samples [{phase.start:,}, {phase.stop:,}) = {phase.num_samples:,} "
+            f"({share:.1%} of the run), {_human(phase.num_samples * seq)} tokens"
+        )
+        lines.append(f"  {'source':<20} {'weight':>8} {'per block':>10} {'samples':>14} {'tokens':>9} {'epochs':>8} {'cum. epochs':>12}")
+        for name, size in zip(sampler.source_names, sampler.source_sizes.tolist()):
+            count = phase.source_samples[name]
+            if not count and not phase.weights[name]:
+                continue
+            drawn[name] += count
+            epochs = f"{count / size:.3f}" if size else "-"
+            cumulative = f"{drawn[name] / size:.3f}" if size else "-"
+            lines.append(
+                f"  {name:<20} {phase.weights[name]:>8.4f} {phase.block_counts[name]:>10,} {count:>14,} "
+                f"{_human(count * seq):>9} {epochs:>8} {cumulative:>12}"
+            )
+    lines.append("whole run:")
+    for name, epochs in sampler.epochs().items():
+        cap = cfg.max_repetitions.get(name, cfg.default_max_repetitions)
+        lines.append(
+            f"  {name:<20} {drawn[name]:>14,} samples ({drawn[name] / total:.3%}), {_human(drawn[name] * seq)} tokens, "
+            f"{epochs:.3f} epochs (cap {cap:g})"
+        )
+    return "\n".join(lines)
+
+
+def plot(sampler: AlignmentSampler, path: str) -> None:
+    """Write a PNG (or any format matplotlib knows by extension) of the schedule, atomically."""
+    matplotlib = require("matplotlib", "data inspect --plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seq = sampler.seq_length
+    fig, (ax_share, ax_epochs) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    total_tokens = sampler.total_samples * seq
+    unit, scale = next(((u, f) for u, f in (("B", 1e9), ("M", 1e6), ("K", 1e3)) if total_tokens >= f), ("", 1.0))
+    xs = [b * seq / scale for b in sampler.phase_boundaries()]
+    names = sampler.source_names
+    drawn = dict.fromkeys(names, 0)
+    epoch_curves: dict[str, list[float]] = {n: [0.0] for n in names}
+    for phase in sampler.phases:
+        block = sum(phase.block_counts.values()) or 1
+        bottom = 0.0
+        for color, name in enumerate(names):
+            height = phase.block_counts[name] / block
+            if height:
+                ax_share.bar(xs[phase.index], height, width=xs[phase.index + 1] - xs[phase.index], bottom=bottom,
+                             align="edge", color=f"C{color}", label=name if not drawn[name] else None)
+            bottom += height
+            drawn[name] += phase.source_samples[name]
+        for name, size in zip(names, sampler.source_sizes.tolist()):
+            epoch_curves[name].append(drawn[name] / size if size else 0.0)
+    for color, name in enumerate(names):
+        ax_epochs.plot(xs, epoch_curves[name], color=f"C{color}", marker="o", label=name)
+    for ax in (ax_share, ax_epochs):
+        for x in xs[1:-1]:
+            ax.axvline(x, color="k", linestyle="--", linewidth=0.8)
+    for phase in sampler.phases:
+        ax_share.text((xs[phase.index] + xs[phase.index + 1]) / 2, 1.02, phase.name, ha="center", va="bottom")
+    ax_share.set_ylabel("share of samples")
+    ax_share.set_ylim(0, 1.1)
+    ax_share.legend(loc="lower left", fontsize="small")
+    ax_epochs.set_ylabel("cumulative epochs")
+    ax_epochs.legend(loc="upper left", fontsize="small")
+    ax_epochs.set_xlabel(f"training tokens ({unit})" if unit else "training tokens")
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    fmt = os.path.splitext(path)[1].lstrip(".") or "png"
+    try:
+        fig.savefig(tmp, format=fmt, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run config YAML with data.sources, data.mixture, train.*, model.seq_length")
+    parser.add_argument("--plot", metavar="OUT.png", help="also write a plot of the schedule")
+
+
+def run(args: argparse.Namespace) -> int:
+    sampler, details = build_sampler(load_inspect_inputs(args.config))
+    print(describe(sampler, details))
+    if args.plot:
+        plot(sampler, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0

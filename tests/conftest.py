@@ -1,0 +1,61 @@
+"""Shared fixtures: a generated tiny corpus and a helper that runs `megatron-align train` as a real job."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_MODEL = {
+    "num_layers": 4, "hidden_size": 64, "ffn_hidden_size": 192, "num_attention_heads": 4, "num_query_groups": 2,
+    "seq_length": 64, "tie_embeddings": True,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> str:
+    """Prefix of a small byte-tokenized corpus (.bin/.idx)."""
+    from megatron_align.data.indexed import write_indexed_dataset
+    from megatron_align.data.synthetic import general_documents
+    from megatron_align.data.tokenizer import ByteTokenizer
+
+    prefix = str(tmp_path_factory.mktemp("corpus") / "web")
+    tok = ByteTokenizer()
+    write_indexed_dataset((tok.encode(t) for t in general_documents(400, seed=0)), prefix, tok.vocab_size, tok.eod)
+    return prefix
+
+
+def tiny_config(run_dir, corpus_prefix: str, **sections) -> dict:
+    config = {
+        "run_dir": str(run_dir),
+        "model": dict(TINY_MODEL),
+        "parallel": {"world_size": 1},
+        "train": {"steps": 4, "global_batch_size": 4, "micro_batch_size": 1, "seed": 7},
+        "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 1, "clip_grad": 1.0},
+        "data": {"sources": [{"name": "web", "prefix": corpus_prefix}]},
+        "checkpoint": {"interval": 2, "keep_last": 5},
+        "logging": {"interval": 1},
+    }
+    for key, value in sections.items():
+        config.setdefault(key, {}).update(value) if isinstance(value, dict) else config.__setitem__(key, value)
+    return config
+
+
+def write_yaml(path, data: dict) -> str:
+    with open(path, "w") as f:
+        yaml.safe_dump(data, f)
+    return str(path)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `megatron-align ARGS` in a fresh interpreter (as a user would) and capture its output."""
+    full_env = dict(os.environ, **(env or {}))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID", "SLURM_NTASKS"):
+        full_env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "megatron_align.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=REPO)
