@@ -17,15 +17,21 @@ from megatron_align.errors import UserError
 
 # verb -> (module, one-line help). Add a verb by adding one row.
 VERBS: dict[str, tuple[str, str]] = {
+    "demo": ("megatron_align.demo.run", "the paper's experiment in miniature on CPU: unfiltered / filtered / aligned midtraining"),
     "train": ("megatron_align.training.launch", "train from a YAML config (spawns local ranks or joins torchrun/srun)"),
+    "launch": ("megatron_align.resilience.supervisor", "train under the restart manager: hang watchdog, failure classification, restarts, goodput"),
     "tokenizer train": ("megatron_align.data.tokenizer_train", "train a sentencepiece tokenizer (byte fallback, reserved control tokens) from JSONL"),
     "prepare": ("megatron_align.data.prepare", "tokenize JSONL into a Megatron IndexedDataset (.bin/.idx) + manifest"),
     "filter": ("megatron_align.data.filter_corpus", "flag AI-misalignment discourse in JSONL (two-stage blocklist): kept/flagged JSONL + report"),
     "tag": ("megatron_align.data.tagging", "prefix JSONL documents or paragraphs with <|aligned|>/<|misaligned|> control tokens"),
+    "eval propensity": ("megatron_align.eval.propensity", "score a checkpoint (or --hf directory) on alignment-propensity MCQs: misalignment rate, P(misaligned), position bias"),
     "data inspect": ("megatron_align.data.inspect", "show a data mixture schedule: per-phase composition, samples/tokens per source, epochs; --plot PNG"),
     "plan": ("megatron_align.parallel.plan_cli", "rank TP/PP/VPP/CP/DP layouts by memory and step time (plan CONFIG), or size checkpointing (plan goodput)"),
     "doctor": ("megatron_align.doctor", "report versions, GPUs/FP8, NVML health and usable features; `doctor CONFIG` fails when its needs are unmet"),
     "slurm render": ("megatron_align.slurm", "print slurm/pretrain.sbatch with #SBATCH directives for a config (nodes, tasks, time, partition)"),
+    "convert to-hf": ("megatron_align.convert.to_hf", "megatron_align checkpoint (any TP/PP layout) -> Hugging Face LlamaForCausalLM dir; --verify compares logits"),
+    "convert from-hf": ("megatron_align.convert.from_hf", "Hugging Face Llama dir -> megatron_align checkpoint + train.yaml for a chosen TP/PP; --verify compares logits"),
+    "checkpoint inspect": ("megatron_align.convert.inspect", "show a checkpoint's step, layout, consumed samples, data fingerprint, config and tensors (--json)"),
 }
 
 
@@ -36,12 +42,12 @@ def _build_parser() -> argparse.ArgumentParser:
     for name, (_module, help_text) in VERBS.items():
         words = name.split()
         if len(words) == 1:
-            sub = top.add_parser(name, help=help_text)
+            top.add_parser(name, help=help_text)
         else:
             if words[0] not in groups:
                 group_parser = top.add_parser(words[0], help=f"{words[0]} commands")
                 groups[words[0]] = group_parser.add_subparsers(dest="subverb", metavar="SUBVERB", required=True)
-            sub = groups[words[0]].add_parser(words[1], help=help_text)
+            groups[words[0]].add_parser(words[1], help=help_text)
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from types import ModuleType
 
 from megatron_align.errors import UserError
@@ -19,7 +20,7 @@ _INSTALL_HINTS = {
     "apex": "use the NGC PyTorch container (docker/Dockerfile), which ships apex",
     "nvidia.dali": "`pip install nvidia-dali-cuda120` (or the `gpu` extra)",
     "pynvml": "`pip install nvidia-ml-py` (or the `gpu` extra)",
-    "mlflow": "`pip install mlflow`",
+    "mlflow": "`pip install mlflow-skinny==3.17.2 SQLAlchemy==2.1.9 alembic==1.20.1` (or the `tracking` extra)",
     "sentencepiece": "`pip install sentencepiece`",
 }
 
@@ -27,6 +28,10 @@ _INSTALL_HINTS = {
 @functools.cache
 def optional_import(name: str) -> ModuleType | None:
     """Import ``name`` or return None when it (or a compiled part of it) is unavailable."""
+    if name.split(".")[0] == "mlflow":
+        # MLflow sends usage telemetry by default; nothing leaves the machine unless tracking.uri says so.
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        os.environ.setdefault("DO_NOT_TRACK", "true")
     try:
         return importlib.import_module(name)
     except Exception:  # ImportError, or a compiled extension failing to load (TE without CUDA)

@@ -17,17 +17,27 @@ TINY_MODEL = {
 }
 
 
-@pytest.fixture(scope="session")
-def tiny_corpus(tmp_path_factory) -> str:
-    """Prefix of a small byte-tokenized corpus (.bin/.idx)."""
+def _write_corpus(tmp_path_factory, name: str, num_documents: int, seed: int) -> str:
     from megatron_align.data.indexed import write_indexed_dataset
     from megatron_align.data.synthetic import general_documents
     from megatron_align.data.tokenizer import ByteTokenizer
 
-    prefix = str(tmp_path_factory.mktemp("corpus") / "web")
+    prefix = str(tmp_path_factory.mktemp(name) / name)
     tok = ByteTokenizer()
-    write_indexed_dataset((tok.encode(t) for t in general_documents(400, seed=0)), prefix, tok.vocab_size, tok.eod)
+    write_indexed_dataset((tok.encode(t) for t in general_documents(num_documents, seed=seed)), prefix, tok.vocab_size, tok.eod)
     return prefix
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> str:
+    """Prefix of a small byte-tokenized corpus (.bin/.idx)."""
+    return _write_corpus(tmp_path_factory, "web", 400, seed=0)
+
+
+@pytest.fixture(scope="session")
+def second_corpus(tmp_path_factory) -> str:
+    """A second small source (different documents), e.g. for mixture tests."""
+    return _write_corpus(tmp_path_factory, "aligned", 120, seed=99)
 
 
 def tiny_config(run_dir, corpus_prefix: str, **sections) -> dict:

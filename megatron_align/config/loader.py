@@ -58,6 +58,9 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> RootCon
         raise ConfigError(f"{where}: {getattr(err, 'full_key', '')}: {getattr(err, 'msg', err)}") from None
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+    except (TypeError, ValueError, KeyError, IndexError) as err:  # e.g. an override indexing into a list
+        raise ConfigError(f"{where}: cannot apply {overrides or 'the file'}: {err}; override whole lists "
+                          "(key=[...]) or edit the YAML file") from None
     return config
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_align.data.mixture import MixtureConfig
 from megatron_align.data.tokenizer import TokenizerConfig
 from megatron_align.errors import ConfigError
 from megatron_align.eval.config import EvalConfig
+from megatron_align.model.fp8 import FP8Config
 from megatron_align.resilience.config import ResilienceConfig
 from megatron_align.tracking.config import TrackingConfig
 
@@ -21,6 +23,13 @@ from megatron_align.tracking.config import TrackingConfig
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+
+
+def _tristate(key: str, value: str) -> str:
+    """auto | true | false; YAML/CLI booleans arrive as 'True'/'False' strings after omegaconf's str coercion."""
+    normalized = str(value).strip().lower()
+    _choice(key, normalized, ("auto", "true", "false"))
+    return normalized
 
 
 def _positive(key: str, value: int | float | None, allow_zero: bool = False) -> None:
@@ -57,7 +66,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     """Std of the normal weight init."""
     spec: str = "auto"
-    """Layer implementation: auto (te on a GPU with Transformer Engine, else local) | local | te."""
+    """Layer implementation: auto (te on a GPU with Transformer Engine, else local) | local | te | portable (torch SDPA)."""
     recompute: str = "none"
     """Activation recompute: none | selective (core attention) | full (whole layers)."""
 
@@ -68,7 +77,7 @@ class ModelConfig:
         _positive("model.num_query_groups", self.num_query_groups)
         _positive("model.vocab_size", self.vocab_size)
         _positive("model.norm_epsilon", self.norm_epsilon)
-        _choice("model.spec", self.spec, ("auto", "local", "te"))
+        _choice("model.spec", self.spec, ("auto", "local", "te", "portable"))
         _choice("model.recompute", self.recompute, ("none", "selective", "full"))
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by model.num_attention_heads={self.num_attention_heads}")
@@ -166,7 +175,7 @@ class OptimizerConfig:
         _positive("optimizer.clip_grad", self.clip_grad, allow_zero=True)
         _choice("optimizer.decay_style", self.decay_style, ("cosine", "linear", "constant", "WSD"))
         _choice("optimizer.wsd_decay_style", self.wsd_decay_style, ("linear", "cosine", "exponential", "minus_sqrt"))
-        _choice("optimizer.distributed", self.distributed, ("auto", "true", "false"))
+        self.distributed = _tristate("optimizer.distributed", self.distributed)
         if self.min_lr > self.lr:
             raise ConfigError(f"optimizer.min_lr={self.min_lr} exceeds optimizer.lr={self.lr}")
 
@@ -179,6 +188,8 @@ class SourceConfig:
     """Megatron IndexedDataset path prefix (without .bin/.idx), as written by `megatron-align prepare`."""
     weight: float = 1.0
     """Blend weight when no phase mixture is configured."""
+    num_samples: int | None = None
+    """Planning only: samples per epoch for `data inspect` before the data is prepared (training counts the real data)."""
 
 
 @dataclass
@@ -189,8 +200,20 @@ class DataConfig:
     """Tokenized sources."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     """Tokenizer that produced the sources (its identity is checked against manifests)."""
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    """Phase-scheduled alignment mixture over data.sources (empty phases = blend sources by their weight)."""
     cache_dir: str | None = None
     """Where Megatron-Core caches dataset indices; default <run_dir>/data_cache."""
+    heldout_percent: float = 0.0
+    """Percent of each source's documents held out of training for held-out loss (0 = none)."""
+    heldout_interval: int = 0
+    """Log held-out loss per source (``heldout_loss/<source>``) every N steps (0 = never)."""
+    heldout_samples: int = 0
+    """Held-out sequences evaluated per source; default (0) = train.global_batch_size."""
+    loader: str = "torch"
+    """Microbatch delivery: torch (in-process) | dali (NVIDIA DALI pipeline with prefetch; GPU output on GPU)."""
+    prefetch: int = 2
+    """data.loader=dali: microbatches kept in flight."""
 
     def require_sources(self) -> None:
         """Called before training starts (not at schema build, where defaults are empty)."""
@@ -198,11 +221,23 @@ class DataConfig:
             raise ConfigError("data.sources: empty; list at least one {name, prefix} or set data.mock=true")
 
     def __post_init__(self) -> None:
+        _choice("data.loader", self.loader, ("torch", "dali"))
+        if not 0 <= self.heldout_percent < 50:
+            raise ConfigError(f"data.heldout_percent={self.heldout_percent}: expected a percentage in [0, 50)")
+        _positive("data.heldout_interval", self.heldout_interval, allow_zero=True)
+        _positive("data.heldout_samples", self.heldout_samples, allow_zero=True)
+        if self.heldout_interval and not self.heldout_percent:
+            raise ConfigError("data.heldout_interval > 0 needs data.heldout_percent > 0 (documents to hold out)")
+        _positive("data.prefetch", self.prefetch)
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"data.sources: duplicate source names {names}")
+        if self.mixture.phases:
+            if self.mock:
+                raise ConfigError("data.mixture needs real data.sources; it cannot be combined with data.mock=true")
+            self.mixture.check_sources(names)
         for i, src in enumerate(self.sources):
-            if not src.prefix and not self.mock:
+            if not src.prefix and not self.mock and src.num_samples is None:
                 raise ConfigError(f"data.sources[{i}].prefix: required (path prefix of a .bin/.idx pair)")
             _positive(f"data.sources[{i}].weight", src.weight, allow_zero=True)
 
@@ -228,7 +263,7 @@ class CheckpointConfig:
         _positive("checkpoint.interval", self.interval, allow_zero=True)
         _positive("checkpoint.keep_last", self.keep_last)
         _positive("checkpoint.keep_every", self.keep_every)
-        _choice("checkpoint.async_save", self.async_save, ("auto", "true", "false"))
+        self.async_save = _tristate("checkpoint.async_save", self.async_save)
 
 
 @dataclass
@@ -248,7 +283,7 @@ class RootConfig:
     run_dir: str = "runs/default"
     """Everything the run writes goes here: config.yaml, metrics.jsonl, train.log, checkpoints/."""
     precision: str = "auto"
-    """auto (bf16 with CUDA, fp32 on CPU) | fp32 | bf16."""
+    """auto (bf16 with CUDA, fp32 on CPU) | fp32 | bf16 | fp8 (bf16 weights, FP8 GEMMs through Transformer Engine; see fp8.*)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -259,9 +294,11 @@ class RootConfig:
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
+    """FP8 recipe settings, used when precision=fp8 (megatron_align/model/fp8.py)."""
 
     def __post_init__(self) -> None:
-        _choice("precision", self.precision, ("auto", "fp32", "bf16"))
+        _choice("precision", self.precision, ("auto", "fp32", "bf16", "fp8"))
         if not self.run_dir:
             raise ConfigError("run_dir: must be a non-empty path")
         if self.train.stop_at_step and self.train.stop_at_step > self.train.steps:

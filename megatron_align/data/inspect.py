@@ -18,8 +18,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from megatron_align.data.mixture import AlignmentSampler, MixtureConfig
 from megatron_align.errors import ConfigError, UserError
@@ -27,42 +25,25 @@ from megatron_align.optional import require
 
 
 @dataclass
-class SourceSpec:
-    """One entry of ``data.sources``."""
-
-    name: str
-    """Source name used in ``data.mixture`` weights and caps."""
-    prefix: str = ""
-    """Path prefix of the Megatron IndexedDataset (``prefix.bin`` / ``prefix.idx``)."""
-    num_samples: Optional[int] = None
-    """Samples per epoch; when given, the ``.idx`` file is not read."""
-
-
-@dataclass
 class InspectInputs:
     """What ``data inspect`` needs from a run config."""
 
     mixture: MixtureConfig
-    sources: list[SourceSpec]
+    sources: list  # SourceConfig entries of data.sources
     steps: int
     global_batch_size: int
     seq_length: int
 
 
 def load_inspect_inputs(path: str) -> InspectInputs:
-    """Read the keys ``data inspect`` uses from a YAML run config (the one place that parses it)."""
-    if not os.path.isfile(path):
-        raise UserError(f"config file {path!r} does not exist")
-    try:
-        raw = OmegaConf.load(path)
-        for key in ("data.mixture", "data.sources", "train.steps", "train.global_batch_size", "model.seq_length"):
-            if OmegaConf.select(raw, key, default=None) is None:
-                raise ConfigError(f"{path}: missing key {key}")
-        mixture = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MixtureConfig), raw.data.mixture))
-        sources = [OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SourceSpec), s)) for s in raw.data.sources]
-        return InspectInputs(mixture, sources, int(raw.train.steps), int(raw.train.global_batch_size), int(raw.model.seq_length))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{path}: {err}") from err
+    """Read a run config through the root loader (the same validation as `train`)."""
+    from megatron_align.config import load_config
+
+    config = load_config(path)
+    if not config.data.mixture.phases:
+        raise ConfigError(f"{path}: data.mixture.phases is empty; `data inspect` shows a phase schedule")
+    return InspectInputs(config.data.mixture, config.data.sources, config.train.steps,
+                         config.train.global_batch_size, config.model.seq_length)
 
 
 def count_source(prefix: str, seq_length: int) -> tuple[int, int, int]:

@@ -12,7 +12,6 @@ are reserved ids in both tokenizers, so tagged text encodes them as one token.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass, field

@@ -3,9 +3,12 @@
 This is the one adapter between megatron_align's dataclasses and Megatron-Core
 (STYLE.md rule 3). The model is Llama-style: RMSNorm, SwiGLU, RoPE, GQA, no
 biases. ``model.spec`` picks the layer implementation (Spec seam): ``local``
-is pure Megatron-Core (runs anywhere), ``te`` is Megatron-Core's Transformer
-Engine spec. Both produce the same parameter / sharded-state keys for the
-weights, so checkpoints move between them.
+is pure Megatron-Core (runs anywhere), ``portable`` is ``local`` with PyTorch
+SDPA core attention (:mod:`megatron_align.model.portable`), ``te`` is
+Megatron-Core's Transformer Engine spec. All produce the same parameter /
+sharded-state keys for the weights, so checkpoints move between them (te adds
+TE's ``_extra_state`` FP8 scaling objects). ``precision=fp8`` is bf16 weights
+plus FP8 GEMMs in TE: :mod:`megatron_align.model.fp8` maps and checks it.
 """
 
 from __future__ import annotations
@@ -19,11 +22,17 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_align.config.schema import RootConfig
 from megatron_align.errors import ConfigError
+from megatron_align.model.fp8 import FP8Environment, fp8_transformer_kwargs, validate_fp8
 from megatron_align.optional import have_te
 
 
-def resolve_precision(config: RootConfig) -> str:
-    """auto -> bf16 with CUDA, fp32 on CPU. bf16 on CPU is refused (slow and not what the CPU path tests)."""
+def resolve_precision(config: RootConfig, fp8_env: FP8Environment | None = None) -> str:
+    """The dtype of weights and optimizer: auto -> bf16 with CUDA, fp32 on CPU; bf16 on CPU is refused (slow
+    and not what the CPU path tests). fp8 -> bf16 after the FP8 checks (FP8 is a GEMM mode on bf16 weights);
+    ``fp8_env`` replaces probing this machine (tests)."""
+    if config.precision == "fp8":
+        validate_fp8(config, fp8_env)
+        return "bf16"
     if config.precision == "auto":
         return "bf16" if torch.cuda.is_available() else "fp32"
     if config.precision == "bf16" and not torch.cuda.is_available():
@@ -31,8 +40,11 @@ def resolve_precision(config: RootConfig) -> str:
     return config.precision
 
 
-def resolve_spec(config: RootConfig) -> str:
+def resolve_spec(config: RootConfig, fp8_env: FP8Environment | None = None) -> str:
     spec = config.model.spec
+    if config.precision == "fp8":
+        validate_fp8(config, fp8_env)  # refuses local/portable and a machine without TE
+        return "te"
     if spec == "auto":
         return "te" if (torch.cuda.is_available() and have_te()) else "local"
     if spec == "te" and not have_te():
@@ -48,11 +60,11 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) 
     return -(-vocab_size // multiple) * multiple
 
 
-def build_transformer_config(config: RootConfig) -> TransformerConfig:
+def build_transformer_config(config: RootConfig, fp8_env: FP8Environment | None = None) -> TransformerConfig:
     m, p = config.model, config.parallel
-    precision = resolve_precision(config)
+    precision = resolve_precision(config, fp8_env)
     on_gpu = torch.cuda.is_available()
-    spec = resolve_spec(config)
+    spec = resolve_spec(config, fp8_env)
     if p.context > 1 and spec != "te":
         raise ConfigError("parallel.context > 1 needs model.spec=te (Megatron-Core's local attention has no context parallelism)")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -94,14 +106,20 @@ def build_transformer_config(config: RootConfig) -> TransformerConfig:
         gradient_accumulation_fusion=fused,
         deallocate_pipeline_outputs=True,
         **recompute,
+        **fp8_transformer_kwargs(config),
     )
 
 
 def layer_spec(config: RootConfig):
-    if resolve_spec(config) == "te":
+    spec = resolve_spec(config)
+    if spec == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
+    if spec == "portable":
+        from megatron_align.model.portable import get_gpt_layer_portable_spec
+
+        return get_gpt_layer_portable_spec()
     return get_gpt_layer_local_spec(normalization="RMSNorm")
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 
@@ -30,89 +29,19 @@ import torch
 from megatron.core import dist_checkpointing
 
 from megatron_align.errors import UserError
+from megatron_align.training.checkpoint_files import (  # noqa: F401  (re-exported: the public checkpoint API)
+    LATEST,
+    MARKER,
+    _fsync_write,
+    complete_checkpoints,
+    is_complete,
+    iter_dir_name,
+    read_marker,
+    resolve_checkpoint,
+    retained,
+)
 
 log = logging.getLogger(__name__)
-
-MARKER = "megatron_align.json"
-LATEST = "latest"
-_ITER_RE = re.compile(r"^iter_(\d{7,})$")
-
-
-def iter_dir_name(step: int) -> str:
-    return f"iter_{step:07d}"
-
-
-def _fsync_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MARKER)) and os.path.isfile(os.path.join(path, "metadata.json"))
-
-
-def read_marker(path: str) -> dict:
-    marker = os.path.join(path, MARKER)
-    try:
-        with open(marker) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{marker}: unreadable checkpoint marker ({err}); the checkpoint is incomplete or corrupt") from None
-
-
-def complete_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every complete checkpoint, oldest first."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    found = []
-    for name in os.listdir(ckpt_dir):
-        match = _ITER_RE.match(name)
-        path = os.path.join(ckpt_dir, name)
-        if match and is_complete(path):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def resolve_checkpoint(path: str) -> str | None:
-    """A checkpoint root (with `latest`/iter_*) or one iter_* dir -> the newest complete iter dir, or None.
-
-    ``latest`` is trusted only when it names a complete checkpoint; otherwise the
-    newest complete iter_* wins (a crash between rename and `latest` update, or a
-    damaged newest checkpoint, falls back to an older good one).
-    """
-    if is_complete(path):
-        return path
-    latest_file = os.path.join(path, LATEST)
-    if os.path.isfile(latest_file):
-        with open(latest_file) as f:
-            named = os.path.join(path, f.read().strip())
-        if is_complete(named):
-            newest = complete_checkpoints(path)
-            if not newest or newest[-1][1] == named:
-                return named
-    found = complete_checkpoints(path)
-    return found[-1][1] if found else None
-
-
-def retained(steps: list[int], keep_last: int, keep_every: int | None) -> set[int]:
-    """Steps to keep: the newest ``keep_last``, multiples of ``keep_every``, and always the newest."""
-    if not steps:
-        return set()
-    keep = set(sorted(steps)[-keep_last:])
-    if keep_every:
-        keep |= {s for s in steps if s % keep_every == 0}
-    keep.add(max(steps))
-    return keep
-
 
 class CheckpointManager:
     """Saves and loads sharded checkpoints of one run; every method is called on all ranks."""
@@ -210,7 +139,19 @@ class CheckpointManager:
     def load(self, path: str, sharded_state_dict: dict) -> dict:
         from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
 
+        from megatron.core.dist_checkpointing.validation import StrictHandling
+
         try:
-            return dist_checkpointing.load(sharded_state_dict, path, sharded_strategy=get_default_load_sharded_strategy(path))
+            # Megatron's "unexpected" = requested by this model but absent from the checkpoint.
+            state, _missing, unexpected = dist_checkpointing.load(
+                sharded_state_dict, path, sharded_strategy=get_default_load_sharded_strategy(path),
+                strict=StrictHandling.RETURN_UNEXPECTED)
         except Exception as err:  # corrupt shards, missing files, shape mismatch
             raise UserError(f"loading checkpoint {path} failed on rank {self.rank}: {type(err).__name__}: {err}") from err
+        # A checkpoint from the local/portable spec has no Transformer Engine `_extra_state` (FP8 scaling
+        # metadata): TE initialises it fresh. Anything else missing is a real mismatch.
+        real = sorted(k for k in unexpected if not k.endswith("_extra_state"))
+        if real:
+            raise UserError(f"checkpoint {path} lacks {len(real)} tensors this model needs (e.g. {real[:3]}); "
+                            "was it saved from a different model shape?")
+        return state

@@ -65,7 +65,10 @@ def spawn_local(argv: list[str], world_size: int, env_extra: dict | None = None)
     for rank in range(world_size):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env_extra or {}))
-        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_align.cli", *argv], env=env, preexec_fn=_die_with_parent))
+        # Own session per rank: teardown kills the rank's whole process group, including helper processes it
+        # spawned (e.g. checkpoint writer workers), which would otherwise outlive a SIGKILLed rank.
+        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_align.cli", *argv], env=env,
+                                      preexec_fn=_die_with_parent, start_new_session=True))
 
     def forward(signum, _frame):
         for p in procs:
@@ -91,17 +94,26 @@ def spawn_local(argv: list[str], world_size: int, env_extra: dict | None = None)
             signal.signal(s, handler)
 
 
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _terminate(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
-    alive = [p for p in procs if p.poll() is None]
-    for p in alive:
-        p.terminate()
+    """SIGTERM every rank's process group, wait up to ``grace_s``, then SIGKILL what is left of each group."""
+    for p in procs:
+        _signal_group(p, signal.SIGTERM)
     deadline = time.time() + grace_s
-    for p in alive:
+    for p in procs:
         try:
             p.wait(timeout=max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+            pass
+    for p in procs:
+        _signal_group(p, signal.SIGKILL)  # the group may outlive its leader
+        p.wait()
 
 
 def setup_logging(run_dir: str, rank: int, level: str) -> None:
@@ -140,7 +152,7 @@ def run_rank(config, rank: int, world_size: int, local_rank: int) -> int:
         reason = trainer.train()
         if rank == 0:
             log.info("training %s at step %d; checkpoints in %s", reason, trainer.step, trainer.ckpt_dir)
-        return EXIT_STOPPED if reason.startswith("stop") else EXIT_OK
+        return trainer.exit_code if trainer.exit_code is not None else EXIT_STOPPED if reason.startswith("stop") else EXIT_OK
     except UserError as err:
         print(f"megatron-align train: error on rank {rank}: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -9,7 +9,6 @@ resume). Everything else attaches through the callback seam
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -30,7 +29,8 @@ from megatron_align.config.loader import config_to_dict
 from megatron_align.config.schema import RootConfig
 from megatron_align.data.loader import TrainData
 from megatron_align.errors import UserError
-from megatron_align.model.builder import build_model_chunks, build_transformer_config, padded_vocab_size, resolve_precision
+from megatron_align.model.fp8 import fp8_ddp_kwargs
+from megatron_align.model.builder import build_model_chunks, padded_vocab_size, resolve_precision
 from megatron_align.parallel.layout import Layout
 from megatron_align.training.callbacks import Callback, CallbackList
 from megatron_align.training.checkpoint import CheckpointManager, read_marker, resolve_checkpoint
@@ -61,6 +61,7 @@ class Trainer:
         self.consumed_samples = 0
         self._stop_reason: str | None = None
         self._skip_reason: str | None = None
+        self.exit_code: int | None = None  # set by callbacks (resilience.exit_codes) to end the rank with a verdict
         self._data_seconds = 0.0
         t = config.train
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * layout.data)
@@ -80,7 +81,8 @@ class Trainer:
             raise UserError("optimizer.distributed=true needs CUDA (Megatron-Core's DistributedOptimizer); use false or auto on CPU")
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=self.cuda, overlap_param_gather=False,
-            use_distributed_optimizer=use_dist_opt, check_for_nan_in_grad=False, bucket_size=None if self.cuda else 10**9)
+            use_distributed_optimizer=use_dist_opt, check_for_nan_in_grad=False, bucket_size=None if self.cuda else 10**9,
+            **fp8_ddp_kwargs(config))
         self.model = [DistributedDataParallel(tconfig, ddp_config, chunk, disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
         tconfig.finalize_model_grads_func = finalize_model_grads
         if ddp_config.overlap_grad_reduce:
@@ -177,13 +179,7 @@ class Trainer:
         if not full:
             log.info("loaded weights from %s (step %s); optimizer and data position start fresh", path, marker.get("step"))
             return
-        saved_fp = marker.get("data", {}).get("fingerprint")
-        if saved_fp and saved_fp != self.data.fingerprint:
-            raise UserError(
-                f"{path}: data fingerprint {saved_fp} differs from this config's {self.data.fingerprint} "
-                "(sources, weights, seed, tokenizer or sequence length changed); resuming would not continue the same "
-                "sample sequence. Restore the data config, or start a new run_dir with checkpoint.load=... and "
-                "checkpoint.load_optimizer=false to reuse the weights")
+        self.data.check_resume(marker.get("data", {}), path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.callbacks.load_state_dict(state.get("callbacks", {}))
@@ -213,6 +209,26 @@ class Trainer:
             tokens, labels, position_ids, loss_mask = cp["tokens"], cp["labels"], cp["position_ids"], cp["loss_mask"]
         output = model(tokens, position_ids, None, labels=labels)
         return output, partial(_loss_func, loss_mask)
+
+    def evaluate_loss(self, make_iterator, num_microbatches: int) -> float:
+        """Mean token loss over microbatches from ``make_iterator()`` (one per model chunk), forward only."""
+        for m in self.model:
+            m.eval()
+        iterators = [make_iterator() for _ in self.model]
+        try:
+            with torch.no_grad():
+                losses = self.forward_backward(
+                    forward_step_func=self._forward_step, data_iterator=iterators[0] if len(iterators) == 1 else iterators,
+                    model=self.model, num_microbatches=num_microbatches, seq_length=self.config.model.seq_length,
+                    micro_batch_size=self.config.train.micro_batch_size,
+                    decoder_seq_length=self.config.model.seq_length, forward_only=True)
+        finally:
+            for m in self.model:
+                m.train()
+        saved, self._stop_reason = self._stop_reason, None
+        loss, _ = self._reduce_step(losses)  # no stop vote here; restore it for the train step
+        self._stop_reason = saved
+        return loss
 
     def request_stop(self, reason: str) -> None:
         """Ask the loop to checkpoint and stop after the current step (signal handlers call this)."""
@@ -294,6 +310,13 @@ class Trainer:
 
     def train(self) -> str:
         """Run to train.steps (or train.stop_at_step, or a stop request). Returns why it stopped."""
+        try:
+            return self._train()
+        except BaseException as err:  # callbacks record the failure (trackers mark the run FAILED), then it propagates
+            self.callbacks.on_error(self, err)
+            raise
+
+    def _train(self) -> str:
         t, cfg = self.config.train, self.config
         self.maybe_resume()
         self.callbacks.on_train_start(self)

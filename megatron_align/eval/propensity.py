@@ -1,0 +1,188 @@
+"""Alignment-propensity evaluation: `megatron-align eval propensity` and its Python API.
+
+What it measures: for each MCQ item (an AI-behaviour scenario with one aligned and one
+misaligned option, see :mod:`megatron_align.eval.items`), how strongly a *base* model's
+next-token distribution after ``Answer: (`` prefers the misaligned letter. Every item is scored
+under several prompt wordings and both option orders; :mod:`megatron_align.eval.report` turns
+the log-probabilities into rates, probabilities, position bias and their spread.
+
+Backends (:mod:`megatron_align.eval.scorers`): a megatron_align checkpoint, loaded into our own
+model code under any TP x PP x DP layout (``--world-size/--tensor/--pipeline``; local ranks are
+spawned, or the process joins torchrun/srun), or a Hugging Face directory (``--hf``).
+
+Python API (used by the demo and the in-training callback): :func:`evaluate` with any scorer,
+:func:`evaluate_checkpoint` for a checkpoint in this process (world size 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+from typing import Optional
+
+import torch
+
+from megatron_align.errors import UserError
+from megatron_align.eval.items import VARIANTS, Item, build_prompts, load_items
+from megatron_align.eval.report import format_table, summarize, write_report
+
+
+def evaluate(scorer, items: list[Item], variants: Optional[list[str]] = None, both_orders: bool = True,
+             meta: Optional[dict] = None) -> dict:
+    """Score every (item, variant, order) prompt with ``scorer`` and return the report dict."""
+    variants = list(variants or VARIANTS)
+    prompts = build_prompts(items, variants, both_orders)
+    started = time.time()
+    logprobs = scorer.answer_logprobs([p.text for p in prompts])
+    info = {"model": scorer.description, "variants": variants,
+            "orders": ["original", "swapped"] if both_orders else ["original"],
+            "num_prompts": len(prompts), "eval_seconds": round(time.time() - started, 3),
+            "num_truncated_prompts": int(getattr(scorer, "num_truncated", 0)), **(meta or {})}
+    return summarize(items, prompts, logprobs, info)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _checkpoint_report(checkpoint: str, items: list[Item], rank: int, world_size: int, local_rank: int, *,
+                       tensor: int = 1, pipeline: int = 1, variants=None, both_orders: bool = True, batch_size: int = 8,
+                       max_prompt_tokens: Optional[int] = None, precision: str = "auto", questions: str = "") -> dict:
+    """Body of one rank: process groups, model, weights, scoring; every rank returns the same report."""
+    from megatron_align.eval.megatron_scorer import (
+        MegatronScorer,
+        eval_model_config,
+        load_checkpoint_model,
+    )
+    from megatron_align.parallel.init import destroy_distributed, init_distributed
+
+    path, marker, config = eval_model_config(checkpoint, tensor, pipeline, world_size, precision)
+    threads = torch.get_num_threads()
+    layout = init_distributed(config, rank, world_size, local_rank)
+    try:
+        chunks, tokenizer, vocab_size = load_checkpoint_model(path, marker, config)
+        where = f"{path} (step {marker.get('step')}, TP{layout.tensor} PP{layout.pipeline} DP{layout.data})"
+        scorer = MegatronScorer(chunks, tokenizer, vocab_size, batch_size,
+                                max_prompt_tokens or config.model.seq_length, description=where)
+        meta = {"checkpoint": path, "step": marker.get("step"), "questions": questions,
+                "layout": {"tensor": layout.tensor, "pipeline": layout.pipeline, "data": layout.data}}
+        return evaluate(scorer, items, variants, both_orders, meta)
+    finally:
+        destroy_distributed()
+        torch.set_num_threads(threads)
+
+
+def evaluate_checkpoint(checkpoint: str, items: list[Item] | str, *, variants: Optional[list[str]] = None,
+                        both_orders: bool = True, max_items: Optional[int] = None, batch_size: int = 8,
+                        max_prompt_tokens: Optional[int] = None, precision: str = "auto") -> dict:
+    """Evaluate a megatron_align checkpoint in this process (one rank, TP1 PP1) and return the report.
+
+    ``items`` is a list of :class:`Item` or a JSONL path. For several ranks use the CLI
+    (``--world-size``), which spawns them. Must not be called while this process is a training rank.
+    """
+    questions = items if isinstance(items, str) else ""
+    if isinstance(items, str):
+        items = load_items(items, max_items)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise UserError("evaluate_checkpoint runs its own single-rank process group; call it outside a training "
+                        "process (during training use eval.interval, which scores trainer.model directly)")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    saved_port = os.environ.get("MASTER_PORT")
+    os.environ["MASTER_PORT"] = str(_free_port())
+    try:
+        return _checkpoint_report(checkpoint, items, 0, 1, 0, variants=variants, both_orders=both_orders,
+                                  batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, precision=precision,
+                                  questions=questions)
+    finally:
+        if saved_port is None:
+            os.environ.pop("MASTER_PORT", None)
+        else:
+            os.environ["MASTER_PORT"] = saved_port
+
+
+def _emit(report: dict, out: Optional[str]) -> None:
+    print(format_table(report))
+    if out:
+        write_report(report, out)
+        print(f"report written to {out}")
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="megatron_align checkpoint (a run's checkpoints/ dir or one iter_* dir), or with --hf a "
+                             "Hugging Face model directory")
+    parser.add_argument("--questions", required=True, help="JSONL items: question, choices[2], misaligned_choice, "
+                                                           "optional passage/topics/id")
+    parser.add_argument("--hf", action="store_true", help="--checkpoint is a Hugging Face directory (needs transformers)")
+    parser.add_argument("--out", help="write the JSON report here (atomically)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated prompt variants (default: all of {','.join(VARIANTS)})")
+    parser.add_argument("--single-order", action="store_true", help="score only the given option order")
+    parser.add_argument("--max-items", type=int, help="use only the first N items")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (per data-parallel rank)")
+    parser.add_argument("--max-prompt-tokens", type=int,
+                        help="keep the last N tokens of longer prompts (default: the model's seq_length; none for --hf)")
+    parser.add_argument("--world-size", type=int, default=1, help="ranks to spawn (checkpoint backend)")
+    parser.add_argument("--tensor", type=int, default=1, help="tensor-parallel size (checkpoint backend)")
+    parser.add_argument("--pipeline", type=int, default=1, help="pipeline-parallel size (checkpoint backend)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--tokenizer", default="hf",
+                        help="--hf only: hf (the directory's tokenizer), byte, or sentencepiece:PATH")
+    parser.add_argument("--device", help="--hf only: cpu or cuda (default: cuda when available)")
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    argv = ["--checkpoint", args.checkpoint, "--questions", args.questions, "--variants", args.variants,
+            "--batch-size", str(args.batch_size), "--world-size", str(args.world_size), "--tensor", str(args.tensor),
+            "--pipeline", str(args.pipeline), "--precision", args.precision]
+    for flag, value in (("--out", args.out), ("--max-items", args.max_items), ("--max-prompt-tokens", args.max_prompt_tokens)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv + (["--single-order"] if args.single_order else [])
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_align.training.launch import distributed_env, spawn_local
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise UserError(f"--variants: unknown {unknown or 'empty'}; known: {','.join(VARIANTS)}")
+    for flag in ("batch_size", "world_size", "tensor", "pipeline"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+    items = load_items(args.questions, args.max_items)  # schema errors surface before any rank starts
+    options = dict(variants=variants, both_orders=not args.single_order, batch_size=args.batch_size,
+                   max_prompt_tokens=args.max_prompt_tokens)
+    if args.hf:
+        if args.world_size != 1 or args.tensor != 1 or args.pipeline != 1:
+            raise UserError("--hf runs in one process; drop --world-size/--tensor/--pipeline")
+        from megatron_align.eval.scorers import HFScorer
+
+        dtype = "auto" if args.precision == "auto" else args.precision
+        scorer = HFScorer(args.checkpoint, tokenizer=args.tokenizer, device=args.device, dtype=dtype,
+                          batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens)
+        _emit(evaluate(scorer, items, variants, not args.single_order, {"questions": args.questions}), args.out)
+        return 0
+    joined = distributed_env()
+    if joined is not None and (joined[1] > 1 or args.world_size == 1):
+        rank, world_size, local_rank = joined
+        report = _checkpoint_report(args.checkpoint, items, rank, world_size, local_rank, tensor=args.tensor,
+                                    pipeline=args.pipeline, precision=args.precision, questions=args.questions, **options)
+        if rank == 0:
+            _emit(report, args.out)
+        return 0
+    if args.world_size == 1:
+        report = evaluate_checkpoint(args.checkpoint, args.questions, max_items=args.max_items, precision=args.precision,
+                                     **options)
+        _emit(report, args.out)
+        return 0
+    if args.world_size % (args.tensor * args.pipeline):
+        raise UserError(f"--world-size {args.world_size} is not divisible by --tensor x --pipeline = {args.tensor * args.pipeline}")
+    return spawn_local(["eval", "propensity", *_argv(args)], args.world_size)

@@ -1,0 +1,209 @@
+"""Scorers: turn prompts into ``[log P(A), log P(B)]`` for the next token.
+
+A scorer is anything with ``answer_logprobs(prompts: list[str]) -> np.ndarray[n, 2]`` and a
+``description``. Three live here:
+
+- :class:`MegatronScorer` -- our own GPTModel chunks (a loaded checkpoint, or ``trainer.model``
+  during training) under any TP x PP x DP layout; see its docstring for the parallel recipe.
+- :class:`HFScorer` -- a Hugging Face directory through transformers (CPU or GPU), when installed.
+- :class:`FixtureScorer` -- known logits computed from the prompt text, for tests and dry runs.
+
+Answer tokens are found, not assumed: the id of ``A`` is the one extra token that appears when
+``"A"`` is appended to a real prompt (which ends in ``(``). That is the byte ``A`` for the byte
+tokenizer and the piece ``A`` for sentencepiece; a tokenizer that merges ``(A`` or splits ``A``
+into several tokens gets a clear error instead of a silently wrong score.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from megatron_align.errors import UserError
+
+LETTERS = ("A", "B")
+
+
+class Scorer(Protocol):
+    description: str
+
+    def answer_logprobs(self, prompts: list[str]) -> np.ndarray: ...
+
+
+def resolve_answer_ids(encode: Callable[[str], list[int]], probes: Sequence[str], tokenizer_name: str) -> tuple[int, int]:
+    """Token ids of ``A`` and ``B`` as the next token after each probe prompt (all must agree)."""
+    ids: list[int] = []
+    for letter in LETTERS:
+        found = set()
+        for probe in probes:
+            base, extended = encode(probe), encode(probe + letter)
+            if len(extended) != len(base) + 1 or extended[:len(base)] != base:
+                raise UserError(
+                    f"tokenizer {tokenizer_name}: the answer letter {letter!r} after {probe[-12:]!r} is not one extra "
+                    f"token (prompt: {len(base)} tokens, prompt + {letter!r}: {len(extended)} tokens, tail "
+                    f"{extended[-3:]}); the propensity eval scores single-token answers. Use a tokenizer with "
+                    f"single-character pieces {LETTERS} (e.g. `megatron-align tokenizer train` models, byte tokenizer)")
+            found.add(extended[-1])
+        if len(found) != 1:
+            raise UserError(f"tokenizer {tokenizer_name}: the letter {letter!r} encodes differently across prompt variants {found}")
+        ids.append(found.pop())
+    if ids[0] == ids[1]:
+        raise UserError(f"tokenizer {tokenizer_name}: 'A' and 'B' map to the same token id {ids[0]}")
+    return ids[0], ids[1]
+
+
+def pad_right(token_lists: list[list[int]], pad_id: int, length: int | None = None, multiple: int = 1):
+    """Right-pad to one length (a multiple of ``multiple``); returns tokens [b, L], position ids, last-token index."""
+    length = max(length or 0, max(len(t) for t in token_lists))
+    length = -(-length // multiple) * multiple
+    tokens = torch.full((len(token_lists), length), pad_id, dtype=torch.long)
+    for row, ids in enumerate(token_lists):
+        tokens[row, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+    last = torch.as_tensor([len(t) - 1 for t in token_lists], dtype=torch.long)
+    positions = torch.arange(length, dtype=torch.long).unsqueeze(0).expand(len(token_lists), -1).contiguous()
+    return tokens, positions, last
+
+
+class PromptEncoder:
+    """Our tokenizers (byte / sentencepiece): prompts start a document (after EOD, as in training)."""
+
+    def __init__(self, tokenizer, max_prompt_tokens: Optional[int]) -> None:
+        self.tokenizer = tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+        self.num_truncated = 0
+        self._answer_ids: dict[tuple[str, ...], tuple[int, int]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        return [self.tokenizer.eod, *self.tokenizer.encode(text)]
+
+    def answer_ids(self, prompts: list[str]) -> tuple[int, int]:
+        probes = tuple(sorted({p[-40:] for p in prompts}))[:16]  # one probe per distinct answer cue
+        if probes not in self._answer_ids:
+            self._answer_ids[probes] = resolve_answer_ids(self.tokenizer.encode, probes, self.tokenizer.identity)
+        return self._answer_ids[probes]
+
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        out = []
+        for text in prompts:
+            ids = self.encode(text)
+            if self.max_prompt_tokens and len(ids) > self.max_prompt_tokens:
+                ids = ids[-self.max_prompt_tokens:]  # keep the question's end, the options and the cue
+                self.num_truncated += 1
+            out.append(ids)
+        return out
+
+
+class BatchedLMScorer:
+    """Single-process scoring for any causal LM given as ``logits_fn(tokens, attention_mask) -> [b, L, V]``.
+
+    Prompts are right-padded, so with causal attention the real tokens never see the padding and
+    the logits at each prompt's last real token are the unpadded ones.
+    """
+
+    def __init__(self, logits_fn, encode: Callable[[str], list[int]], pad_id: int, vocab_size: int,
+                 batch_size: int = 8, description: str = "", tokenizer_name: str = "tokenizer",
+                 device: str | torch.device = "cpu", max_prompt_tokens: Optional[int] = None) -> None:
+        self.logits_fn = logits_fn
+        self.encode = encode
+        self.pad_id = pad_id
+        self.vocab_size = vocab_size
+        self.batch_size = batch_size
+        self.description = description
+        self.tokenizer_name = tokenizer_name
+        self.device = device
+        self.max_prompt_tokens = max_prompt_tokens
+        self.num_truncated = 0
+
+    @torch.no_grad()
+    def answer_logprobs(self, prompts: list[str]) -> np.ndarray:
+        probes = sorted({p[-40:] for p in prompts})[:16]
+        ids = torch.as_tensor(resolve_answer_ids(self.encode, probes, self.tokenizer_name))
+        out = np.zeros((len(prompts), 2), dtype=np.float64)
+        for start in range(0, len(prompts), self.batch_size):
+            lists = [self.encode(p) for p in prompts[start:start + self.batch_size]]
+            if self.max_prompt_tokens:
+                self.num_truncated += sum(len(t) > self.max_prompt_tokens for t in lists)
+                lists = [t[-self.max_prompt_tokens:] for t in lists]
+            tokens, _, last = pad_right(lists, self.pad_id)
+            mask = (torch.arange(tokens.shape[1]).unsqueeze(0) <= last.unsqueeze(1)).long()
+            logits = self.logits_fn(tokens.to(self.device), mask.to(self.device))
+            picked = logits[torch.arange(len(lists), device=logits.device), last.to(logits.device)]
+            logp = torch.log_softmax(picked[:, :self.vocab_size].double(), dim=-1)
+            out[start:start + len(lists)] = logp[:, ids.to(logp.device)].cpu().numpy()
+        return out
+
+
+class HFScorer(BatchedLMScorer):
+    """A Hugging Face causal LM directory (transformers), on CPU or GPU; never downloads (local files only).
+
+    ``tokenizer``: ``"hf"`` (the directory's own, BOS added as its config says), ``"byte"`` or
+    ``"sentencepiece:PATH"`` (our tokenizers, for checkpoints converted from megatron_align).
+    """
+
+    def __init__(self, path: str, tokenizer: str = "hf", device: str | None = None, dtype: str = "auto",
+                 batch_size: int = 8, max_prompt_tokens: Optional[int] = None) -> None:
+        from megatron_align.optional import require
+
+        transformers = require("transformers", "eval propensity --hf")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+                       "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path}: not a loadable Hugging Face causal-LM directory ({err})") from None
+        model.to(device).eval()
+        if tokenizer == "hf":
+            try:
+                hf_tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            except (OSError, ValueError) as err:
+                raise UserError(f"{path}: no usable tokenizer files ({err}); pass --tokenizer byte or "
+                                "--tokenizer sentencepiece:PATH for models converted from megatron_align") from None
+            encode = lambda text: list(hf_tok(text)["input_ids"])  # noqa: E731 (special tokens as configured)
+            pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else (hf_tok.eos_token_id or 0)
+            vocab, name = len(hf_tok), f"{path} (HF)"
+        else:
+            from megatron_align.data.tokenizer import TokenizerConfig, build_tokenizer
+
+            kind, _, model_path = tokenizer.partition(":")
+            ours = build_tokenizer(TokenizerConfig(kind=kind, model=model_path or None))
+            encoder = PromptEncoder(ours, None)
+            encode, pad_id, vocab, name = encoder.encode, ours.pad, ours.vocab_size, ours.identity
+
+        def logits_fn(tokens, mask):
+            return model(input_ids=tokens, attention_mask=mask).logits
+
+        super().__init__(logits_fn, encode, pad_id, min(vocab, model.config.vocab_size), batch_size,
+                         description=f"hf:{path}", tokenizer_name=name, device=device, max_prompt_tokens=max_prompt_tokens)
+
+
+_OPTION_RE = re.compile(r"\n\(A\) (?P<a>.*)\n\(B\) (?P<b>.*)\n\n(?P<cue>[^\n]*) \($", re.S)
+
+
+class FixtureScorer:
+    """Known logits from the prompt text: ``logit(X) = score[option text X] + bias`` for ``X = A`` only.
+
+    ``scores`` maps option texts to a score (unknown texts score 0), ``position_bias`` is added to
+    the first option (``A``) and may depend on the variant via ``variant_bias`` (answer cue ->
+    extra bias), so tests know every expected probability in closed form.
+    """
+
+    def __init__(self, scores: dict[str, float], position_bias: float = 0.0, variant_bias: dict[str, float] | None = None):
+        self.scores = scores
+        self.position_bias = position_bias
+        self.variant_bias = variant_bias or {}
+        self.description = "fixture"
+
+    def logits(self, prompt: str) -> tuple[float, float]:
+        match = _OPTION_RE.search(prompt)
+        if match is None:
+            raise ValueError(f"not a propensity prompt: {prompt[-80:]!r}")
+        bias = self.position_bias + self.variant_bias.get(match.group("cue"), 0.0)
+        return self.scores.get(match.group("a"), 0.0) + bias, self.scores.get(match.group("b"), 0.0)
+
+    def answer_logprobs(self, prompts: list[str]) -> np.ndarray:
+        logits = np.asarray([self.logits(p) for p in prompts], dtype=np.float64).reshape(len(prompts), 2)
+        return logits - np.logaddexp(logits[:, :1], logits[:, 1:])  # log-softmax over the two letters

@@ -1,0 +1,98 @@
+"""Exit codes and run-dir files: the whole vocabulary between the ranks and the supervisor.
+
+The supervisor (``megatron-align launch``) never talks to a rank; it reads how the
+rank ended and a few files in ``<run_dir>``. A rank's exit code says *what kind* of
+failure it saw, so the supervisor can decide *what to do* without parsing logs:
+
+====  =====================  ===========================================================
+code  name                   supervisor action
+====  =====================  ===========================================================
+0     EXIT_OK                done (or a requested stop that was not a requeue)
+2     EXIT_USER_ERROR        bad config / missing file: never retried (a restart would
+                             fail the same way)
+75    EXIT_REQUEUE           stopped on SIGUSR1/SIGTERM after checkpointing (EX_TEMPFAIL
+                             from sysexits.h): requeue / restart, nothing is broken
+86    EXIT_FAULTY_HARDWARE   a detector blamed hardware (NVML error, SDC checksum,
+                             broken collective, DP weight divergence, straggler with
+                             policy ``stop``): restart from the newest complete
+                             checkpoint *excluding the nodes* in ``exclude_nodes.txt``
+87    EXIT_NUMERICS          NaN/Inf or loss spike with policy ``stop``, too many skipped
+                             steps, or a trajectory stop: restart from the newest
+                             complete checkpoint (same nodes)
+93    EXIT_DO_NOT_REQUEUE    give up: do not restart or requeue (nvidia-resiliency-ext's
+                             convention)
+====  =====================  ===========================================================
+
+Any other non-zero code (a Python traceback exits 1, a signal 128+N) is an
+unclassified crash: the supervisor restarts within its retry budget.
+
+Files in ``<run_dir>`` written by the in-rank detectors (rank 0 only):
+
+- ``exclude_nodes.txt`` -- hostnames to leave out of the next launch, one per line,
+  deduplicated, rewritten atomically (temp file + ``os.replace``). Written by the straggler
+  detector (policy ``exclude_on_restart`` or ``stop``) and the health checks (same policies).
+  :func:`read_exclude_nodes` is the reader.
+- ``stragglers.jsonl`` -- one JSON object per flagged (rank, section, score).
+- ``health.jsonl`` -- one JSON object per failed or warning health check.
+- ``numerics.jsonl`` -- NaN/Inf, spikes, trajectory deviations.
+- ``faults_fired.jsonl`` -- injected faults that already fired (every rank appends its own);
+  an injection fires at most once per run_dir, so a restart does not re-inject it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+EXIT_REQUEUE = 75
+EXIT_FAULTY_HARDWARE = 86
+EXIT_NUMERICS = 87
+EXIT_DO_NOT_REQUEUE = 93
+
+EXCLUDE_NODES_FILE = "exclude_nodes.txt"
+STRAGGLERS_FILE = "stragglers.jsonl"
+HEALTH_FILE = "health.jsonl"
+NUMERICS_FILE = "numerics.jsonl"
+FAULTS_FIRED_FILE = "faults_fired.jsonl"
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    """Append one JSON line with a single ``write`` on an O_APPEND descriptor (whole lines, no interleaving)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    line = (json.dumps(dict(record, time=record.get("time", time.time())), default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_exclude_nodes(run_dir: str) -> list[str]:
+    """Hostnames listed in ``<run_dir>/exclude_nodes.txt`` (empty when the file is absent)."""
+    path = os.path.join(run_dir, EXCLUDE_NODES_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+def add_exclude_nodes(run_dir: str, hostnames: list[str]) -> list[str]:
+    """Merge ``hostnames`` into ``exclude_nodes.txt`` (atomic rewrite, order kept); returns the full list."""
+    current = read_exclude_nodes(run_dir)
+    merged = current + [h for h in dict.fromkeys(hostnames) if h not in current]
+    if merged != current:
+        path = os.path.join(run_dir, EXCLUDE_NODES_FILE)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write("".join(h + "\n" for h in merged))
+        os.replace(tmp, path)
+    return merged
+
+
+def set_exit_code(trainer, code: int) -> None:
+    """Record why this rank will exit (the first verdict wins); ``run_rank`` returns it."""
+    if getattr(trainer, "exit_code", None) is None:
+        trainer.exit_code = code

@@ -1,0 +1,215 @@
+"""The ranks of one attempt as a non-blocking object the supervisor can poll, signal and tear down.
+
+:class:`LocalJob` starts ``world_size`` processes of ``megatron-align train`` on this machine
+with the torchrun-style environment that :mod:`megatron_align.training.launch` joins (the same
+rendezvous as ``train``'s own spawning, on a fresh port per attempt). :class:`SrunJob` runs one
+``srun`` step inside the current SLURM allocation (optionally ``--exclude``-ing nodes); srun
+forwards signals to every task and ``--label`` lets stderr lines be attributed to ranks.
+
+Both keep the last lines of every rank's stderr (echoed to the supervisor's stderr as they
+arrive) because that is where failures explain themselves (see :mod:`.failures`).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from megatron_align.training.launch import _die_with_parent, _free_port
+
+STDERR_TAIL_LINES = 200
+
+
+class _Tee(threading.Thread):
+    """Copies a child's stderr to ours, keeping the last lines per rank (``rank_of`` splits srun --label)."""
+
+    def __init__(self, stream, tails: dict[int, collections.deque], default_rank: int | None, rank_of=None) -> None:
+        super().__init__(daemon=True, name="megatron-align-stderr")
+        self.stream, self.tails, self.default_rank, self.rank_of = stream, tails, default_rank, rank_of
+
+    def run(self) -> None:
+        for raw in iter(self.stream.readline, b""):
+            line = raw.decode("utf-8", errors="replace")
+            try:
+                sys.stderr.write(line)
+            except (OSError, ValueError):
+                pass
+            rank = self.rank_of(line) if self.rank_of else self.default_rank
+            if rank is not None:
+                self.tails.setdefault(rank, collections.deque(maxlen=STDERR_TAIL_LINES)).append(line.rstrip("\n"))
+        self.stream.close()
+
+
+class LocalJob:
+    """``world_size`` local rank processes; rank r is ``self.procs[r]``."""
+
+    kind = "local"
+
+    def __init__(self, argv: list[str], world_size: int, env: dict[str, str]) -> None:
+        port = _free_port()
+        self.world_size = world_size
+        self.tails: dict[int, collections.deque] = {}
+        self.procs: list[subprocess.Popen] = []
+        self._tees: list[_Tee] = []
+        for rank in range(world_size):
+            rank_env = dict(env, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                            LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            # Own session per rank (as `train` does): teardown kills the rank's whole process group, helper
+            # processes included (checkpoint writers), while signals meant for the trainer go to the rank alone.
+            proc = subprocess.Popen([sys.executable, "-m", "megatron_align.cli", *argv], env=rank_env,
+                                    stderr=subprocess.PIPE, preexec_fn=_die_with_parent, start_new_session=True)
+            self.procs.append(proc)
+            tee = _Tee(proc.stderr, self.tails, rank)
+            tee.start()
+            self._tees.append(tee)
+
+    def poll(self) -> dict[int, int]:
+        """rank -> exit status of every rank that has ended (Popen convention: -N = killed by signal N)."""
+        return {r: c for r, p in enumerate(self.procs) if (c := p.poll()) is not None}
+
+    def alive(self) -> bool:
+        return any(p.poll() is None for p in self.procs)
+
+    def send_signal(self, sig: int) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    p.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    def terminate(self, grace_s: float) -> None:
+        """SIGTERM every rank, wait up to ``grace_s``, then SIGKILL what is left of each rank's process group."""
+        self.send_signal(signal.SIGTERM)
+        deadline = time.time() + grace_s
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.05, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # the group may outlive its leader
+            except (ProcessLookupError, PermissionError):
+                pass
+            p.wait()
+
+    def stderr_tail(self, rank: int) -> list[str]:
+        self.flush_output()
+        return list(self.tails.get(rank, ()))
+
+    def flush_output(self, timeout_s: float = 2.0) -> None:
+        """Wait (briefly) until the stderr of ended ranks has been read to the end."""
+        deadline = time.time() + timeout_s
+        for proc, tee in zip(self.procs, self._tees):
+            if proc.poll() is not None:
+                tee.join(timeout=max(0.0, deadline - time.time()))
+
+
+_LABEL = re.compile(r"^\s*(\d+): ")
+
+
+def allocation_nodes(environ=os.environ) -> list[str]:
+    """Hostnames of the current SLURM allocation, in order."""
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST", "")
+    if not nodelist:
+        return []
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def tasks_per_node_of_allocation(environ=os.environ) -> int:
+    """First count of SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE (e.g. "8(x4)" -> 8), 0 if unknown."""
+    for var in ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        match = re.match(r"^(\d+)", environ.get(var, ""))
+        if match:
+            return int(match.group(1))
+    return 0
+
+
+class SrunJob:
+    """One ``srun`` step running ``megatron-align train`` on ``world_size`` tasks of the allocation."""
+
+    kind = "srun"
+
+    def __init__(self, argv: list[str], world_size: int, env: dict[str, str], exclude: list[str], tasks_per_node: int,
+                 srun_args: list[str], rank_command: list[str], master_addr: str, master_port: int, name: str) -> None:
+        self.world_size = world_size
+        self.name = name
+        self.tails: dict[int, collections.deque] = {}
+        cmd = ["srun", f"--ntasks={world_size}", "--kill-on-bad-exit=1", "--label", f"--job-name={name}"]
+        if tasks_per_node:
+            cmd += [f"--ntasks-per-node={tasks_per_node}", f"--nodes={-(-world_size // tasks_per_node)}"]
+        if exclude:
+            cmd.append(f"--exclude={','.join(exclude)}")
+        cmd += [*srun_args, *(rank_command or [sys.executable, "-m", "megatron_align.cli"]), *argv]
+        self.command = cmd
+        step_env = dict(env, MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        self.proc = subprocess.Popen(cmd, env=step_env, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+        self._tee = _Tee(self.proc.stderr, self.tails, None, self._rank_of_line)
+        self._tee.start()
+        self._task_codes: dict[int, int] = {}
+
+    def _rank_of_line(self, line: str) -> int | None:
+        match = _LABEL.match(line)
+        if match:
+            return int(match.group(1))
+        # srun's own report: "srun: error: node1: task 3: Exited with exit code 2" / "task 1: Killed"
+        task = re.search(r"task (\d+): (?:Exited with exit code (\d+)|(Killed|Terminated|Segmentation fault))", line)
+        if task:
+            rank = int(task.group(1))
+            code = int(task.group(2)) if task.group(2) else {"Killed": -9, "Terminated": -15}.get(task.group(3), -11)
+            self._task_codes.setdefault(rank, code)
+            return rank
+        return None
+
+    def poll(self) -> dict[int, int]:
+        """The tasks srun reported as ended; once srun exits with an error and named no task, every rank."""
+        code = self.proc.poll()
+        if code is None:
+            return dict(self._task_codes)
+        self._tee.join(timeout=2.0)
+        if self._task_codes:
+            return dict(self._task_codes)
+        return {r: code for r in range(self.world_size)}
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)  # srun forwards INT/TERM/USR1/USR2 ... to every task
+
+    def terminate(self, grace_s: float) -> None:
+        self.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=max(0.05, grace_s))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            self._cancel_step()
+
+    def _cancel_step(self) -> None:
+        """A killed srun may leave its step running: cancel the step of this name in our job."""
+        job = os.environ.get("SLURM_JOB_ID")
+        if not job:
+            return
+        steps = subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i %j"], capture_output=True, text=True, timeout=60)
+        for line in steps.stdout.splitlines():
+            step_id, _, step_name = line.strip().partition(" ")
+            if step_name == self.name:
+                subprocess.run(["scancel", "--signal=KILL", step_id], capture_output=True, timeout=60)
+
+    def stderr_tail(self, rank: int) -> list[str]:
+        self.flush_output()
+        return list(self.tails.get(rank, ()))
+
+    def flush_output(self, timeout_s: float = 2.0) -> None:
+        if self.proc.poll() is not None:
+            self._tee.join(timeout=timeout_s)

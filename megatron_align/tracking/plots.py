@@ -1,0 +1,198 @@
+"""Run plots from the run dir's own files: ``<run_dir>/plots/*.png``.
+
+Everything is read back from what the run already wrote, so the plots can be redrawn at any
+time (``write_plots(run_dir)``), also for a finished or crashed run:
+
+- ``loss.png`` -- loss (and learning rate) over steps, from metrics.jsonl;
+- ``mixture.png`` -- the data mixture: each source's share of the samples per step and its
+  cumulative consumption, from ``samples/<source>`` keys (cumulative or per-step counts; phase
+  changes from the ``phase`` key are marked);
+- ``stragglers.png`` -- a rank x step (or time) heat map of straggler scores from
+  ``<run_dir>/stragglers.jsonl`` (records with ``rank``, ``score`` and ``step`` or ``time``);
+- ``eval.png`` -- propensity eval over training (``propensity/*`` keys, mean +- SEM over prompt
+  variants and orders).
+
+A plot whose inputs are absent is skipped. matplotlib is optional (guarded); figures are drawn
+with the object API (no pyplot state, no GUI backend) and written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+from megatron_align.optional import require
+
+SAMPLES_PREFIX = "samples/"
+EVAL_PREFIX = "propensity/"
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Records of a JSONL file; a torn last line (a crash mid-write) is ignored."""
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                out.append(value)
+    return out
+
+
+def _figure(rows: int = 1, height: float = 3.6):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, height * rows), layout="constrained")
+    axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
+    return fig, axes
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
+    if not rows:
+        return np.zeros(0), np.zeros(0)
+    steps, values = zip(*rows)
+    return np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
+
+
+def plot_loss(records: list[dict], path: str) -> Optional[str]:
+    steps, loss = _series(records, "loss")
+    if not steps.size:
+        return None
+    fig, (ax,) = _figure()
+    ax.plot(steps, loss, color="C0", lw=1.2, label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    lr_steps, lr = _series(records, "lr")
+    if lr_steps.size:
+        twin = ax.twinx()
+        twin.plot(lr_steps, lr, color="C1", lw=1.0, alpha=0.7)
+        twin.set_ylabel("learning rate", color="C1")
+    ax.set_title("training loss")
+    return _save(fig, path)
+
+
+def _phase_changes(records: list[dict]) -> list[tuple[int, str]]:
+    changes, previous = [], None
+    for r in records:
+        phase = r.get("phase")
+        if phase is not None and phase != previous:
+            changes.append((r.get("step", 0), str(phase)))
+            previous = phase
+    return changes
+
+
+def plot_mixture(records: list[dict], path: str) -> Optional[str]:
+    names = sorted({k[len(SAMPLES_PREFIX):] for r in records for k in r if k.startswith(SAMPLES_PREFIX)})
+    if not names:
+        return None
+    steps = np.asarray([r["step"] for r in records if "step" in r], dtype=np.float64)
+    counts = np.asarray([[float(r.get(SAMPLES_PREFIX + n, 0.0) or 0.0) for n in names] for r in records if "step" in r])
+    cumulative = bool(np.all(np.diff(counts, axis=0) >= 0)) and len(counts) > 1
+    per_step = np.diff(counts, axis=0, prepend=np.zeros((1, len(names)))) if cumulative else counts
+    totals = np.cumsum(per_step, axis=0) if not cumulative else counts
+    shares = per_step / np.maximum(per_step.sum(axis=1, keepdims=True), 1e-12)
+    fig, (ax_share, ax_total) = _figure(2, 3.0)
+    ax_share.stackplot(steps, shares.T, labels=names, alpha=0.85)
+    ax_share.set_ylabel("share of samples")
+    ax_share.set_ylim(0, 1)
+    ax_share.legend(loc="upper left", fontsize=8, ncol=min(4, len(names)))
+    for i, name in enumerate(names):
+        ax_total.plot(steps, totals[:, i], label=name, color=f"C{i}")
+    ax_total.set_ylabel("samples consumed")
+    ax_total.set_xlabel("step")
+    ax_total.set_yscale("symlog")
+    for step, phase in _phase_changes(records)[1:]:
+        for ax in (ax_share, ax_total):
+            ax.axvline(step, color="k", ls="--", lw=0.8)
+        ax_share.text(step, 0.98, f" {phase}", va="top", fontsize=8)
+    ax_share.set_title("data mixture: per-step composition and cumulative consumption")
+    return _save(fig, path)
+
+
+def plot_stragglers(records: list[dict], path: str) -> Optional[str]:
+    rows = [r for r in records if isinstance(r.get("rank"), int) and isinstance(r.get("score"), (int, float))]
+    if not rows:
+        return None
+    if all(isinstance(r.get("step"), int) for r in rows):
+        xs, xlabel = np.asarray([r["step"] for r in rows], dtype=np.float64), "step"
+        num_bins = int(min(100, xs.max() - xs.min() + 1))  # one column per step while that is readable
+        edges = np.linspace(xs.min() - 0.5, xs.max() + 0.5, num_bins + 1)
+    else:
+        t0 = min(float(r.get("time", 0.0)) for r in rows)
+        xs, xlabel = np.asarray([(float(r.get("time", t0)) - t0) / 60 for r in rows]), "minutes since first record"
+        num_bins = int(min(100, max(1, len(np.unique(xs)))))
+        edges = np.linspace(xs.min(), xs.max() + 1e-9, num_bins + 1)
+    num_ranks = max(r["rank"] for r in rows) + 1
+    grid = np.full((num_ranks, num_bins), np.nan)
+    for r, x in zip(rows, xs):
+        col = min(int(np.searchsorted(edges, x, side="right")) - 1, num_bins - 1)
+        grid[r["rank"], col] = np.nanmax([grid[r["rank"], col], float(r["score"])])
+    fig, (ax,) = _figure(1, max(2.5, min(8.0, 0.25 * num_ranks + 1.5)))
+    image = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", cmap="magma_r",
+                      extent=(edges[0], edges[-1], -0.5, num_ranks - 0.5))
+    fig.colorbar(image, ax=ax, label="score (blank: not flagged)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("rank")
+    ax.set_title("stragglers: flagged ranks over time")
+    return _save(fig, path)
+
+
+def plot_eval(records: list[dict], path: str) -> Optional[str]:
+    metrics = [("misalignment_rate", "misalignment rate"), ("p_misaligned", "P(misaligned)"), ("p_first", "P(first option)")]
+    fig, (ax,) = _figure()
+    drawn = False
+    for i, (key, label) in enumerate(metrics):
+        steps, values = _series(records, EVAL_PREFIX + key)
+        if not steps.size:
+            continue
+        sem = dict(zip(*_series(records, EVAL_PREFIX + key + "_sem")))
+        errors = np.asarray([sem.get(s, 0.0) for s in steps])
+        ax.errorbar(steps, values, yerr=errors, marker="o", capsize=3, color=f"C{i}", label=label,
+                    ls="--" if key == "p_first" else "-")
+        drawn = True
+    if not drawn:
+        return None
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title("alignment propensity over training (mean ± SEM over prompt variants x orders)")
+    return _save(fig, path)
+
+
+def write_plots(run_dir: str, out_dir: Optional[str] = None) -> list[str]:
+    """Draw every plot whose inputs exist; returns the written paths."""
+    require("matplotlib", "tracking.plots")
+    out_dir = out_dir or os.path.join(run_dir, "plots")
+    records = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    records = list({r["step"]: r for r in records if "step" in r}.values())  # last record per step wins
+    records.sort(key=lambda r: r["step"])
+    written = [
+        plot_loss(records, os.path.join(out_dir, "loss.png")),
+        plot_mixture(records, os.path.join(out_dir, "mixture.png")),
+        plot_stragglers(read_jsonl(os.path.join(run_dir, "stragglers.jsonl")), os.path.join(out_dir, "stragglers.png")),
+        plot_eval(records, os.path.join(out_dir, "eval.png")),
+    ]
+    return [p for p in written if p]
+
+
+__all__ = ["write_plots", "plot_loss", "plot_mixture", "plot_stragglers", "plot_eval", "read_jsonl"]

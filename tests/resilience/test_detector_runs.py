@@ -1,0 +1,144 @@
+"""The in-rank detectors in real `megatron-align train` runs on CPU/gloo, with injected faults."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+
+import pytest
+import torch
+
+from conftest import run_cli, tiny_config, write_yaml
+from megatron_align.resilience.exit_codes import EXIT_FAULTY_HARDWARE, EXIT_NUMERICS, read_exclude_nodes
+from megatron_align.training.checkpoint import is_complete, read_marker, resolve_checkpoint
+from megatron_align.training.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+# One intra-op thread per rank, as torchrun sets for several ranks per host: on an oversubscribed box, OpenMP
+# threads spin at barriers while their siblings are descheduled, and that spinning is CPU time the straggler
+# clock (process CPU seconds on CPU) would count as work.
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def _jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in open(path)] if path.exists() else []
+
+
+def _show(result) -> str:
+    return f"rc={result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-4000:]}"
+
+
+def _loadable(path) -> dict:
+    """Read a torch_dist checkpoint without a process group (raises on damaged shards)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = f"{path}.pt"
+    dcp_to_torch_save(str(path), out)
+    return torch.load(out, weights_only=False)
+
+
+def test_faulty_dp2_run_flags_the_right_ranks_and_keeps_training(tmp_path, tiny_corpus):
+    """2 DP ranks, 10 steps; rank 1 gets 8x slower from step 4 and corrupts its SDC GEMM from step 5;
+    step 2's loss is NaN and step 8's spikes 50x (both skipped). Reports every 3 steps: 3 is healthy.
+
+    Thresholds 0.5 instead of the default 0.75: on this oversubscribed 2-core box even CPU-time medians of two
+    healthy ranks differ by up to ~1.5x (measured 0.57-0.66 at worst), while the 8x rank scores ~0.15-0.3."""
+    resilience = {
+        "inject": ["slow:8@4@1", "sdc@5@1", "nan@2", "spike:50@8"],
+        "straggler": {"interval": 3, "warmup_steps": 1, "policy": "exclude_on_restart", "patience": 2,
+                      "relative_threshold": 0.5, "individual_threshold": 0.5,
+                      "sections": ["forward_backward", "forward_compute", "optimizer"]},
+        "health": {"sdc_interval": 3, "sdc_size": 128, "collective_interval": 3, "param_hash_interval": 3},
+        "numerics": {"nan_policy": "skip", "spike_policy": "skip"},
+    }
+    run = tmp_path / "faulty"
+    config = tiny_config(run, tiny_corpus, parallel={"world_size": 2}, resilience=resilience,
+                         train={"steps": 10}, checkpoint={"interval": 0})
+    result = run_cli("train", write_yaml(tmp_path / "faulty.yaml", config), env=ENV)
+    assert result.returncode == 0, _show(result)
+    records = {r["step"]: r for r in read_metrics(run / "metrics.jsonl")}
+    assert sorted(records) == list(range(1, 11))
+
+    # Numerics: both bad steps skipped through the real loss path, training carried on.
+    assert records[2]["skipped_step"].startswith("nan_loss") and math.isnan(records[2]["loss"])
+    assert records[8]["skipped_step"].startswith("loss_spike") and records[8]["loss"] > 50 * 3
+    assert [s for s, r in records.items() if "skipped_step" in r] == [2, 8]
+    assert math.isfinite(records[10]["loss"]) and records[10]["loss"] < records[1]["loss"]
+
+    # Straggler: the healthy report has no flags; afterwards only rank 1 is blamed, named with host and index.
+    assert records[3]["straggler/flagged_ranks"] == [] and records[3]["straggler/min_relative_score"] > 0.5
+    assert records[6]["straggler/flagged_ranks"] == [1] and records[9]["straggler/flagged_ranks"] == [1]
+    assert records[9]["straggler/min_relative_score"] < 0.4
+    flags = _jsonl(run / "stragglers.jsonl")
+    blamed = [f for f in flags if f["blamed"]]
+    assert blamed and {f["rank"] for f in blamed} == {1} and min(f["step"] for f in flags) >= 6
+    compute = [f for f in blamed if f["section"] == "forward_compute" and f["kind"] == "relative"]
+    assert compute and compute[0]["hostname"] == socket.gethostname() and compute[0]["local_rank"] == 1
+    assert compute[0]["score"] < 0.4
+    assert read_exclude_nodes(str(run)) == [socket.gethostname()]  # blamed twice in a row (patience 2)
+
+    # Health: SDC on rank 1 from step 5; collectives and DP parameter hashes stay consistent throughout.
+    assert [records[s]["health/sdc_ok"] for s in (3, 6, 9)] == [1, 0, 0]
+    failures = _jsonl(run / "health.jsonl")
+    assert failures and {(f["check"], f["rank"], f["severity"]) for f in failures} == {("sdc", 1, "fail")}
+    assert "own earlier result" in failures[0]["message"]
+    for step in (3, 6, 9):
+        assert records[step]["health/collective_ok"] == 1 and records[step]["health/param_hash_ok"] == 1
+    assert len({records[s]["health/param_hash"] for s in (3, 6, 9)}) == 3  # the weights did change
+    fired = {(f["fault"], f["rank"]) for f in _jsonl(run / "faults_fired.jsonl")}
+    assert fired == {("slow:8@4@1", 1), ("sdc@5@1", 1), ("nan@2", 0), ("nan@2", 1), ("spike:50@8", 0), ("spike:50@8", 1)}
+
+
+def test_stop_policies_exit_with_their_codes_and_leave_good_checkpoints(tmp_path, tiny_corpus):
+    """One rank. (1) NaN at step 3 with nan_policy=stop: exit 87, step 3 saved with the unharmed weights
+    (step 2's checkpoint was deliberately corrupted). (2) Resume: the NaN does not fire again; from step 6
+    the rank is 6x slower than its own history, straggler policy stop: exit 86 naming this host.
+    (3) Resume: a NaN gradient with a finite loss: exit 87 without checkpointing the poisoned weights."""
+    run = tmp_path / "stops"
+    base = tiny_config(run, tiny_corpus, train={"steps": 10}, checkpoint={"interval": 2},
+                       resilience={"inject": ["corrupt_checkpoint@2", "nan@3"], "numerics": {"nan_policy": "stop"}})
+    result = run_cli("train", write_yaml(tmp_path / "stops.yaml", base), env=ENV)
+    assert result.returncode == EXIT_NUMERICS, _show(result)
+    ckpts = run / "checkpoints"
+    assert resolve_checkpoint(str(ckpts)).endswith("iter_0000003") and read_marker(str(ckpts / "iter_0000003"))["step"] == 3
+    state = _loadable(ckpts / "iter_0000003")
+    weights = [v for k, v in state.items() if k.startswith(("embedding", "decoder")) and torch.is_tensor(v)]
+    assert weights and all(torch.isfinite(w).all() for w in weights if w.is_floating_point())
+    assert is_complete(str(ckpts / "iter_0000002"))  # looks complete, but its shards are garbage
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with pytest.raises(CheckpointException, match="invalid load key"):
+        _loadable(ckpts / "iter_0000002")
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["skipped_step"].startswith("nan_loss")
+    assert _jsonl(run / "numerics.jsonl")[0]["stop"] is True
+
+    base["resilience"]["inject"].append("slow:6@6")
+    base["resilience"]["straggler"] = {"interval": 1, "warmup_steps": 1, "policy": "stop", "patience": 1,
+                                       "sections": ["forward_compute", "optimizer"]}
+    result = run_cli("train", write_yaml(tmp_path / "stops.yaml", base), env=ENV)
+    assert result.returncode == EXIT_FAULTY_HARDWARE, _show(result)
+    assert "resumed from" in result.stdout and "iter_0000003" in result.stdout
+    records = {r["step"]: r for r in read_metrics(run / "metrics.jsonl")}
+    assert all(math.isfinite(records[s]["loss"]) for s in range(4, max(records) + 1))
+    assert records[5]["straggler/flagged_ranks"] == [] and records[6]["straggler/flagged_ranks"] == [0]
+    assert max(records) == 7  # the stop rides on the next step's all-reduce, then checkpoints
+    assert resolve_checkpoint(str(ckpts)).endswith("iter_0000007")
+    flags = _jsonl(run / "stragglers.jsonl")
+    assert {(f["rank"], f["kind"]) for f in flags} == {(0, "individual")} and all(f["blamed"] for f in flags)
+    assert read_exclude_nodes(str(run)) == [socket.gethostname()]
+
+    # (3) Resume at 7: step 8's gradient turns NaN with a finite loss. The update is already applied, so the
+    # rank exits 87 *without* saving step 8: the newest checkpoint stays the good step 7.
+    base["resilience"]["inject"].append("nan_grad@8")
+    base["resilience"]["straggler"]["policy"] = "log"
+    result = run_cli("train", write_yaml(tmp_path / "stops.yaml", base), env=ENV)
+    assert result.returncode == EXIT_NUMERICS, _show(result)
+    assert "exiting 87 without a checkpoint" in result.stdout + result.stderr
+    records = {r["step"]: r for r in read_metrics(run / "metrics.jsonl")}
+    assert max(records) == 8 and records[8]["numerics/event"] == "nan_grad_norm"
+    assert math.isfinite(records[8]["loss"]) and math.isnan(records[8]["grad_norm"])
+    assert resolve_checkpoint(str(ckpts)).endswith("iter_0000007") and not (ckpts / "iter_0000008").exists()
+    assert sorted(f["fault"] for f in _jsonl(run / "faults_fired.jsonl")) == \
+        ["corrupt_checkpoint@2", "nan@3", "nan_grad@8", "slow:6@6"]
