@@ -17,6 +17,7 @@ from megatron_align.errors import ConfigError
 from megatron_align.eval.config import EvalConfig
 from megatron_align.model.fp8 import FP8Config
 from megatron_align.resilience.config import ResilienceConfig
+from megatron_align.slurm import SlurmConfig
 from megatron_align.tracking.config import TrackingConfig
 
 
@@ -294,6 +295,8 @@ class RootConfig:
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """Job-script settings for `megatron-align slurm render` (nodes, partition, account, time, container)."""
     fp8: FP8Config = field(default_factory=FP8Config)
     """FP8 recipe settings, used when precision=fp8 (megatron_align/model/fp8.py)."""
 

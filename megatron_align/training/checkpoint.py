@@ -43,6 +43,28 @@ from megatron_align.training.checkpoint_files import (  # noqa: F401  (re-export
 
 log = logging.getLogger(__name__)
 
+def _start_writer_manager_with_signals_blocked() -> None:
+    """Start dist_checkpointing's writer-results Manager process with SIGUSR1/SIGTERM blocked.
+
+    Megatron-Core starts that Manager lazily, in a fresh process, at the first save. SLURM delivers
+    ``--signal=USR1`` (and TERM at preemption) to every process of the step, so the Manager would die
+    and the very checkpoint the signal asks for would fail with BrokenPipeError. A process inherits the
+    signal mask, so starting it now with both blocked keeps it alive; the rank's own handlers are
+    unaffected once the mask is restored.
+    """
+    import signal
+
+    try:
+        from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
+    except ImportError:  # another megatron-core version: nothing to pre-start
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
+    try:
+        _get_write_results_queue()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class CheckpointManager:
     """Saves and loads sharded checkpoints of one run; every method is called on all ranks."""
 
@@ -59,6 +81,7 @@ class CheckpointManager:
 
             self._queue = AsyncCallsQueue()
         self.last_saved_step: int | None = None
+        _start_writer_manager_with_signals_blocked()
 
     # -- save ---------------------------------------------------------------------------------
     def _save_strategy(self):
