@@ -190,22 +190,7 @@ def load_checkpoint_model(path: str, marker: dict, config) -> tuple[list, object
 
 
 def _load_weights(path: str, sharded_state: dict) -> dict:
-    """dist_checkpointing.load of the model keys only; the checkpoint's optimizer/RNG entries are left alone."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import (
-        get_default_load_sharded_strategy,
-    )
-    from megatron.core.dist_checkpointing.validation import StrictHandling
+    """The model keys only (the trainer's loader); the checkpoint's optimizer/RNG entries are left alone."""
+    from megatron_align.training.checkpoint import load_sharded
 
-    rank = torch.distributed.get_rank()
-    try:
-        loaded, _in_checkpoint_only, not_in_checkpoint = dist_checkpointing.load(
-            sharded_state, path, sharded_strategy=get_default_load_sharded_strategy(path), strict=StrictHandling.RETURN_ALL)
-    except Exception as err:  # corrupt shards, missing files, shape mismatch
-        raise UserError(f"loading weights from {path} failed on rank {rank}: {type(err).__name__}: {err}") from err
-    # TE's `_extra_state` (FP8 metadata) is absent from local-spec checkpoints and initialised fresh.
-    absent = sorted(k for k in not_in_checkpoint if not k.endswith("_extra_state"))
-    if absent:
-        raise UserError(f"{path} lacks {len(absent)} weights this model needs (e.g. {absent[:3]}); was it saved from "
-                        "a different model shape?")
-    return loaded
+    return load_sharded(path, sharded_state)

@@ -43,6 +43,32 @@ from megatron_align.training.checkpoint_files import (  # noqa: F401  (re-export
 
 log = logging.getLogger(__name__)
 
+def load_sharded(path: str, sharded_state_dict: dict) -> dict:
+    """dist_checkpointing.load of exactly the requested keys (collective); clear errors for users.
+
+    Entries the checkpoint holds but the caller did not request (optimizer state for a weights-only
+    load, RNG state of another layout) are simply not read. Requested tensors the checkpoint lacks are
+    an error, except Transformer Engine's ``_extra_state`` (FP8 scaling metadata), which is absent from
+    local/portable-spec checkpoints and which TE initialises fresh.
+    """
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    try:
+        # Megatron's "unexpected" = requested by this model but absent from the checkpoint.
+        state, _missing, unexpected = dist_checkpointing.load(
+            sharded_state_dict, path, sharded_strategy=get_default_load_sharded_strategy(path),
+            strict=StrictHandling.RETURN_UNEXPECTED)
+    except Exception as err:  # corrupt shards, missing files, shape mismatch
+        rank = torch.distributed.get_rank()
+        raise UserError(f"loading checkpoint {path} failed on rank {rank}: {type(err).__name__}: {err}") from err
+    real = sorted(k for k in unexpected if not k.endswith("_extra_state"))
+    if real:
+        raise UserError(f"checkpoint {path} lacks {len(real)} tensors this model needs (e.g. {real[:3]}); "
+                        "was it saved from a different model shape?")
+    return state
+
+
 def _start_writer_manager_with_signals_blocked() -> None:
     """Start dist_checkpointing's writer-results Manager process with SIGUSR1/SIGTERM blocked.
 
@@ -160,21 +186,4 @@ class CheckpointManager:
 
     # -- load ---------------------------------------------------------------------------------
     def load(self, path: str, sharded_state_dict: dict) -> dict:
-        from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
-
-        from megatron.core.dist_checkpointing.validation import StrictHandling
-
-        try:
-            # Megatron's "unexpected" = requested by this model but absent from the checkpoint.
-            state, _missing, unexpected = dist_checkpointing.load(
-                sharded_state_dict, path, sharded_strategy=get_default_load_sharded_strategy(path),
-                strict=StrictHandling.RETURN_UNEXPECTED)
-        except Exception as err:  # corrupt shards, missing files, shape mismatch
-            raise UserError(f"loading checkpoint {path} failed on rank {self.rank}: {type(err).__name__}: {err}") from err
-        # A checkpoint from the local/portable spec has no Transformer Engine `_extra_state` (FP8 scaling
-        # metadata): TE initialises it fresh. Anything else missing is a real mismatch.
-        real = sorted(k for k in unexpected if not k.endswith("_extra_state"))
-        if real:
-            raise UserError(f"checkpoint {path} lacks {len(real)} tensors this model needs (e.g. {real[:3]}); "
-                            "was it saved from a different model shape?")
-        return state
+        return load_sharded(path, sharded_state_dict)
