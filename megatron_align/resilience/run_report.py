@@ -130,6 +130,23 @@ class RunReport:
         return "\n".join(lines)
 
 
+def last_logged_step(path: str, tail_bytes: int = 65536) -> int:
+    """The step of the newest complete record in a metrics file (0 if none), reading only its tail."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - tail_bytes))
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (ValueError, AttributeError):
+            continue  # a torn last line, or the cut-off first line of the tail
+    return 0
+
+
 def _human(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "never"

@@ -60,7 +60,7 @@ from megatron_align.resilience.heartbeat import (
     write_json_atomic,
 )
 from megatron_align.resilience.jobs import LocalJob, SrunJob, allocation_nodes, tasks_per_node_of_allocation
-from megatron_align.resilience.run_report import RunReport
+from megatron_align.resilience.run_report import RunReport, last_logged_step
 from megatron_align.resilience.watchdog import HangWatchdog
 
 FAULT_ENV = "MEGATRON_ALIGN_FAULT"
@@ -391,7 +391,11 @@ class Supervisor:
 
     def _record(self, attempt: int, failure: Failure, action: str, backoff_s: float = 0.0) -> None:
         path, step = self._checkpoint()
-        last = max([int(b.get("completed_step", 0)) for b in self.last_beats.values()] + [step])
+        # The ranks are gone: read their final heartbeats. A SIGKILLed rank may die before its writer thread
+        # flushes the last step, so rank 0's metrics log counts too.
+        self._read_beats()
+        beats = [int(b.get("completed_step", 0)) for b in self.last_beats.values()]
+        last = max(beats + [step, last_logged_step(os.path.join(self.run_dir, "metrics.jsonl"))])
         node = self.last_beats.get(failure.rank, {}).get("hostname") if failure.rank is not None else None
         row = {"time": time.time(), "time_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "attempt": attempt,
                "cause": failure.cause, "detail": failure.detail, "rank": failure.rank, "node": node,

@@ -21,7 +21,7 @@ from conftest import REPO, run_cli, tiny_config, write_yaml
 from megatron_align.config import load_config
 from megatron_align.resilience.failures import classify_rank, root_cause
 from megatron_align.resilience.heartbeat import HeartbeatCallback, read_heartbeats, stacks_path
-from megatron_align.resilience.run_report import RunReport
+from megatron_align.resilience.run_report import RunReport, last_logged_step
 from megatron_align.resilience.supervisor import Supervisor, newest_checkpoint
 from megatron_align.resilience.supervisor_config import SupervisorConfig
 from megatron_align.resilience.watchdog import HangWatchdog
@@ -159,6 +159,16 @@ def test_restarts_drop_one_shot_faults_and_goodput_counts_kept_steps(tmp_path, m
     saved = json.loads((tmp_path / "run" / "goodput.json").read_text())
     assert saved["productive_s"] == 6.0 and saved["steps_trained"] == 6
     assert saved["goodput"] == pytest.approx(0.5, abs=0.02) and "goodput 0.5" in text
+
+
+def test_last_logged_step_reads_the_tail_and_skips_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert last_logged_step(str(path)) == 0  # no file yet
+    with open(path, "w") as f:
+        for step in range(1, 2001):
+            f.write(json.dumps({"step": step, "loss": 1.0, "note": "x" * 40}) + "\n")
+        f.write('{"step": 2001, "lo')  # the rank died mid-write
+    assert last_logged_step(str(path), tail_bytes=4096) == 2000
 
 
 def test_bad_config_exits_2_without_starting(tmp_path, tiny_corpus):
