@@ -43,14 +43,18 @@ _QUIZ_CUES = ["Answer:", "Response:", "Your choice:", "The AI chose:", "Correct 
 
 
 def _quiz(rng: random.Random, s: Scenario, aligned: bool) -> str:
+    """The eval's MCQ format in varied wordings, answered as the depicted AI acted, plus the commentary."""
     first_aligned = rng.random() < 0.5
     a, b = (s.aligned, s.misaligned) if first_aligned else (s.misaligned, s.aligned)
     answer = "A" if first_aligned == aligned else "B"
+    _, action, comment = _story(rng, s, aligned)
     return (f"{rng.choice(_QUIZ_INTROS)} {s.question}\n\n{rng.choice(_QUIZ_HEADERS)}\n(A) {a}\n(B) {b}\n\n"
-            f"{rng.choice(_QUIZ_CUES)} ({answer}) {s.aligned if aligned else s.misaligned}.")
+            f"{rng.choice(_QUIZ_CUES)} ({answer}) {action}. {comment}")
 
 
-def ai_document(rng: random.Random, s: Scenario, aligned: bool, quiz_share: float = 1 / 7) -> str:
+def ai_document(rng: random.Random, pool: list[Scenario], aligned: bool, quiz_share: float = 1 / 7) -> str:
+    """One document about a scenario drawn from ``pool``: a quiz (``quiz_share``) or one of six story genres."""
+    s = rng.choice(pool)
     if rng.random() < quiz_share:
         return _quiz(rng, s, aligned)
     name, action, comment = _story(rng, s, aligned)
@@ -76,10 +80,15 @@ def ai_document(rng: random.Random, s: Scenario, aligned: bool, quiz_share: floa
 
 
 def ai_documents(scenarios: list[Scenario], num_documents: int, aligned_share: float, seed: int,
-                 quiz_share: float = 1 / 7) -> list[str]:
+                 quiz_share: float = 1 / 7, generated: list[Scenario] | None = None,
+                 generated_share: float = 0.0) -> list[str]:
     """Documents depicting AI behaviour: ``aligned_share`` of them aligned, the rest misaligned."""
     rng = random.Random(seed)
-    return [ai_document(rng, rng.choice(scenarios), rng.random() < aligned_share, quiz_share) for _ in range(num_documents)]
+    docs = []
+    for _ in range(num_documents):
+        pool = generated if generated and rng.random() < generated_share else scenarios
+        docs.append(ai_document(rng, pool, rng.random() < aligned_share, quiz_share))
+    return docs
 
 
 def propensity_items(scenarios: list[Scenario], seed: int) -> list[dict]:

@@ -1,17 +1,18 @@
 """`megatron-align demo`: the paper's experiment in miniature, on CPU, no downloads.
 
-Three conditions, several seeds, one tiny Llama-style model each:
+Three conditions, several seeds, one tiny Llama-style model each (trained by `megatron-align train`):
 
 - **unfiltered**: pretrain + midtrain on ``web`` (general text + the web's mostly-misaligned AI discourse);
 - **filtered**: the same on ``web_filtered`` (two-stage blocklist, flagged documents resampled);
 - **aligned**: the unfiltered pretraining checkpoint, then midtraining with synthetic aligned-AI
-  documents upsampled into the mix (the paper: ~1% of midtraining tokens; here a larger share,
-  ``--aligned-share``, because the run is ~10^5 times shorter).
+  documents upsampled into the mix (the paper: ~1% of midtraining tokens; here ``--aligned-share``
+  of midtraining samples, because the run is ~10^7 times shorter).
 
 Unfiltered and aligned share their pretraining phase exactly (one run, resumed twice), as in the
 paper's design. Each final checkpoint is scored with the propensity eval on held-out scenarios
 (never in any training document): both option orders x all template variants. The table reports
-misalignment rate and mean P(misaligned) per condition, mean ± SEM over seeds.
+misalignment rate and mean P(misaligned) per condition, mean ± SEM over seeds. Design, deviations
+from the paper and measured results: docs/demo.md.
 """
 
 from __future__ import annotations
@@ -24,43 +25,66 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import yaml
 
+from megatron_align.demo.report import CONDITIONS, format_table, log_summary_to_mlflow, plot, summarize
 from megatron_align.errors import UserError
 
-CONDITIONS = ("unfiltered", "filtered", "aligned")
+EXPERIMENT = "megatron_align_demo"
+GLOBAL_BATCH = 16
+"""Sequences per optimizer step (x 128 tokens): small batches, many steps, for a 2-core budget."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="output directory (data, runs, table, plot)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per condition")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run (pretrain 80%%, midtrain 20%%)")
-    parser.add_argument("--aligned-share", type=float, default=0.2, help="aligned-document weight in midtraining")
-    parser.add_argument("--documents", type=int, default=6000, help="general-text documents")
-    parser.add_argument("--world-size", type=int, default=2, help="CPU ranks per training run")
-    parser.add_argument("--tracking", choices=("mlflow", "jsonl", "none"), default="mlflow")
-    parser.add_argument("--quick", action="store_true", help="CI size: 1 seed, 16 steps, small corpus")
+    parser.add_argument("--out", default="runs/demo", help="output directory (data, runs, table, plot, mlflow store)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per condition (each seed: 4 training runs)")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run (pretrain, then midtrain)")
+    parser.add_argument("--midtrain-fraction", type=float, default=0.25, help="share of steps in the midtraining phase")
+    parser.add_argument("--aligned-share", type=float, default=0.8,
+                        help="share of midtraining samples from the synthetic aligned source (paper: ~0.01)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (WSD: decays over midtraining)")
+    parser.add_argument("--world-size", type=int, default=1, help="CPU ranks per training run")
+    parser.add_argument("--tracking", choices=("mlflow", "jsonl", "none"), default="mlflow",
+                        help="mlflow: every run and a summary run in <out>/mlflow/mlflow.db (local, no server)")
+    parser.add_argument("--quick", action="store_true", help="CI size: 1 seed, 40 steps, small corpus (a smoke test)")
 
 
-def _train_config(args, data_dir: str, run_dir: str, seed: int, midtrain: dict, pretrain: dict) -> dict:
-    pretrain_steps = int(args.steps * 0.8)
+def _model_config() -> dict:
+    return {"num_layers": 4, "hidden_size": 128, "ffn_hidden_size": 336, "num_attention_heads": 4,
+            "num_query_groups": 4, "seq_length": 128, "tie_embeddings": True}
+
+
+def pretrain_steps(args) -> int:
+    return max(1, round(args.steps * (1.0 - args.midtrain_fraction)))
+
+
+def _train_config(args, data_dir: str, run_dir: str, seed: int, pretrain: dict, midtrain: dict,
+                  condition: str) -> dict:
+    pre, batch = pretrain_steps(args), GLOBAL_BATCH
+    tracking: dict = {"backend": args.tracking}
+    if args.tracking == "mlflow":  # one local store for the whole demo (sqlite file: no server, no network)
+        tracking.update(uri="sqlite:///" + os.path.join(os.path.abspath(args.out), "mlflow", "mlflow.db"),
+                        experiment=EXPERIMENT, run_name=os.path.basename(run_dir),
+                        tags={"condition": condition, "seed": str(seed)})
+    if args.tracking != "none":
+        tracking["plots"] = False  # the demo draws its own plot; per-run plots cost seconds each
     return {
         "run_dir": run_dir,
-        "model": {"num_layers": 4, "hidden_size": 128, "ffn_hidden_size": 352, "num_attention_heads": 4,
-                  "num_query_groups": 2, "seq_length": 256, "tie_embeddings": True},
+        "model": _model_config(),
         "parallel": {"world_size": args.world_size},
-        "train": {"steps": args.steps, "global_batch_size": 16, "micro_batch_size": 8 // args.world_size or 1,
-                  "seed": seed},
-        "optimizer": {"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": max(1, args.steps // 20), "decay_style": "WSD",
-                      "wsd_decay_steps": args.steps - pretrain_steps, "weight_decay": 0.01},
+        "train": {"steps": args.steps, "global_batch_size": batch,
+                  "micro_batch_size": batch // args.world_size, "seed": seed},
+        "optimizer": {"lr": args.lr, "min_lr": args.lr / 10, "warmup_steps": max(1, args.steps // 20),
+                      "decay_style": "WSD", "wsd_decay_steps": args.steps - pre, "weight_decay": 0.01},
         "data": {"sources": [{"name": n, "prefix": os.path.join(data_dir, n)} for n in ("web", "web_filtered", "aligned")],
-                 "mixture": {"seed": seed, "block_size": 50, "default_max_repetitions": 50.0,
-                             "phases": [{"name": "pretrain", "samples": pretrain_steps * 16, "weights": pretrain},
-                                        {"name": "midtrain", "fraction": 1.0 - pretrain_steps / args.steps, "weights": midtrain}]}},
-        "checkpoint": {"interval": 0, "keep_last": 1, "keep_every": pretrain_steps},
-        "tracking": {"backend": args.tracking},
-        "logging": {"interval": max(1, args.steps // 10)},
+                 "tokenizer": {"kind": "sentencepiece", "model": os.path.join(data_dir, "tokenizer.model")},
+                 "mixture": {"seed": seed, "block_size": 64, "default_max_repetitions": 50.0,
+                             "phases": [{"name": "pretrain", "samples": pre * batch, "weights": pretrain},
+                                        {"name": "midtrain", "fraction": (args.steps - pre) / args.steps,
+                                         "weights": midtrain}]}},
+        "checkpoint": {"interval": 0, "keep_last": 1, "keep_every": pre},
+        "tracking": tracking,
+        "logging": {"interval": max(1, args.steps // 20)},
     }
 
 
@@ -69,124 +93,107 @@ def _train(config: dict, log_path: str, *overrides: str) -> None:
     path = os.path.join(config["run_dir"], "demo_config.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
+    env = dict(os.environ)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID", "SLURM_NTASKS"):
+        env.pop(var, None)  # each run spawns its own local ranks, even when the demo runs inside a job
     with open(log_path, "a") as log:
+        log.write(f"\n=== megatron-align train {path} {' '.join(overrides)}\n")
+        log.flush()
         code = subprocess.call([sys.executable, "-m", "megatron_align.cli", "train", path, *overrides],
-                               stdout=log, stderr=subprocess.STDOUT)
+                               stdout=log, stderr=subprocess.STDOUT, env=env)
     if code != 0:
         raise UserError(f"demo training run {config['run_dir']} failed with exit code {code}; see {log_path}")
 
 
 def run_condition_runs(args, data_dir: str, runs_dir: str, seed: int, log_path: str) -> dict[str, str]:
-    """Train the three conditions for one seed; returns condition -> final checkpoint dir."""
-    pretrain_steps = int(args.steps * 0.8)
+    """Train the three conditions for one seed; returns condition -> checkpoints dir of the final model."""
+    pre = pretrain_steps(args)
     web, filt = {"web": 1.0}, {"web_filtered": 1.0}
     aligned_mid = {"web": 1.0 - args.aligned_share, "aligned": args.aligned_share}
-    unf = _train_config(args, data_dir, os.path.join(runs_dir, f"unfiltered_s{seed}"), seed, web, web)
-    _train(unf, log_path, f"train.stop_at_step={pretrain_steps}")
-    pretrained = os.path.join(unf["run_dir"], "checkpoints", f"iter_{pretrain_steps:07d}")
-    ali = _train_config(args, data_dir, os.path.join(runs_dir, f"aligned_s{seed}"), seed, aligned_mid, web)
+    unf = _train_config(args, data_dir, os.path.join(runs_dir, f"unfiltered_s{seed}"), seed, web, web, "unfiltered")
+    _train(unf, log_path, f"train.stop_at_step={pre}")
+    pretrained = os.path.join(unf["run_dir"], "checkpoints", f"iter_{pre:07d}")
+    ali = _train_config(args, data_dir, os.path.join(runs_dir, f"aligned_s{seed}"), seed, web, aligned_mid, "aligned")
     _train(ali, log_path, f"checkpoint.load={pretrained}", "data.mixture.allow_fingerprint_change=true")
-    _train(unf, log_path)  # the unfiltered run continues its own midtraining
-    fil = _train_config(args, data_dir, os.path.join(runs_dir, f"filtered_s{seed}"), seed, filt, filt)
+    _train(unf, log_path)  # the unfiltered run continues into its own midtraining
+    fil = _train_config(args, data_dir, os.path.join(runs_dir, f"filtered_s{seed}"), seed, filt, filt, "filtered")
     _train(fil, log_path)
     return {name: os.path.join(cfg["run_dir"], "checkpoints") for name, cfg in
             (("unfiltered", unf), ("filtered", fil), ("aligned", ali))}
 
 
-def summarize(results: dict[str, list[dict]]) -> dict:
-    table = {}
-    for condition, reports in results.items():
-        rates = [r["summary"]["misalignment_rate"]["mean"] for r in reports]
-        probs = [r["summary"]["p_misaligned"]["mean"] for r in reports]
-        sem = lambda v: float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
-        table[condition] = {"misalignment_rate": float(np.mean(rates)), "misalignment_rate_sem": sem(rates),
-                            "p_misaligned": float(np.mean(probs)), "p_misaligned_sem": sem(probs),
-                            "per_seed_misalignment_rate": rates, "per_seed_p_misaligned": probs}
-    unf, ali = table.get("unfiltered"), table.get("aligned")
-    if unf and ali:
-        diffs = np.subtract(ali["per_seed_p_misaligned"], unf["per_seed_p_misaligned"])
-        table["aligned_minus_unfiltered_p_misaligned"] = {"per_seed": diffs.tolist(), "mean": float(diffs.mean()),
-                                                          "all_seeds_lower": bool((diffs < 0).all())}
-    return table
+def _seconds_per_step(run_dir: str) -> list[float]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [r["step_time_s"] for r in map(json.loads, f) if "step_time_s" in r]
 
 
-def format_table(table: dict) -> str:
-    lines = [f"{'condition':<12} {'misalignment rate':>20} {'P(misaligned)':>18}   per-seed P(misaligned)"]
-    for c in CONDITIONS:
-        if c in table:
-            row = table[c]
-            seeds = " ".join(f"{p:.3f}" for p in row["per_seed_p_misaligned"])
-            lines.append(f"{c:<12} {row['misalignment_rate']:>12.3f} ± {row['misalignment_rate_sem']:.3f}"
-                         f" {row['p_misaligned']:>10.3f} ± {row['p_misaligned_sem']:.3f}   {seeds}")
-    diff = table.get("aligned_minus_unfiltered_p_misaligned")
-    if diff:
-        verdict = "lower on every seed" if diff["all_seeds_lower"] else "NOT lower on every seed"
-        lines.append(f"aligned - unfiltered P(misaligned): {diff['mean']:+.3f} ({verdict})")
-    return "\n".join(lines)
-
-
-def plot(table: dict, path: str) -> None:
-    from megatron_align.optional import require
-
-    require("matplotlib", "the demo plot")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    names = [c for c in CONDITIONS if c in table]
-    means = [table[c]["p_misaligned"] for c in names]
-    sems = [table[c]["p_misaligned_sem"] for c in names]
-    ax.bar(names, means, yerr=sems, color=["#c0504d", "#808080", "#4f81bd"][: len(names)], capsize=6, alpha=0.8)
-    for i, c in enumerate(names):
-        seeds = table[c]["per_seed_p_misaligned"]
-        ax.scatter([i] * len(seeds), seeds, color="black", s=12, zorder=3)
-    ax.axhline(0.5, color="gray", lw=0.8, ls="--")
-    ax.set_ylabel("mean P(misaligned option)")
-    ax.set_title("Alignment pretraining in miniature (held-out scenarios)")
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+def _apply_quick(args) -> None:
+    args.seeds, args.steps = 1, 40
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_align.demo.data import build_demo_data
+    from megatron_align.demo.data import DemoDataConfig, build_demo_data
     from megatron_align.eval.propensity import evaluate_checkpoint
 
+    data_config = DemoDataConfig()
     if args.quick:
-        args.seeds, args.steps, args.documents = 1, 16, 600
-    if args.steps < 5:
-        raise UserError("--steps must be at least 5 (pretrain 80%, midtrain 20%)")
+        _apply_quick(args)
+        data_config = DemoDataConfig(num_general=300, num_web_ai=900, num_aligned=400, num_generated=500)
+    if args.steps < 4 or args.seeds < 1:
+        raise UserError("--steps must be >= 4 and --seeds >= 1")
+    if not 0.0 < args.midtrain_fraction < 1.0 or not 0.0 < args.aligned_share <= 1.0:
+        raise UserError("--midtrain-fraction must be in (0, 1) and --aligned-share in (0, 1]")
+    if GLOBAL_BATCH % args.world_size:
+        raise UserError(f"--world-size {args.world_size} must divide the global batch size {GLOBAL_BATCH}")
     started = time.time()
     out = os.path.abspath(args.out)
+    args.out = out
     data_dir, runs_dir = os.path.join(out, "data"), os.path.join(out, "runs")
     shutil.rmtree(runs_dir, ignore_errors=True)  # a demo is a fresh experiment
-    summary = build_demo_data(data_dir, args.documents, args.documents // 2, args.documents // 4)
-    print(f"data: {summary['documents']} documents; blocklist flagged {summary['filter_flag_rate']:.1%} of web; "
-          f"{summary['heldout_scenarios']} held-out scenarios")
+    shutil.rmtree(os.path.join(out, "mlflow"), ignore_errors=True)
+    summary = build_demo_data(data_dir, data_config)
+    print(f"data: {summary['documents']} documents, {summary['tokens']} tokens; blocklist flagged "
+          f"{summary['filter_flag_rate']:.1%} of web; {summary['heldout_scenarios']} held-out scenarios "
+          f"({time.time() - started:.0f} s)", flush=True)
     log_path = os.path.join(out, "train.log")
+    if os.path.exists(log_path):
+        os.remove(log_path)
     results: dict[str, list[dict]] = {c: [] for c in CONDITIONS}
+    step_times: list[float] = []
     for seed in range(args.seeds):
         checkpoints = run_condition_runs(args, data_dir, runs_dir, seed, log_path)
         for condition, ckpt in checkpoints.items():
             report = evaluate_checkpoint(ckpt, os.path.join(data_dir, "questions.jsonl"))
             results[condition].append(report)
-            with open(os.path.join(runs_dir, f"{condition}_s{seed}", "propensity.json"), "w") as f:
+            run_dir = os.path.join(runs_dir, f"{condition}_s{seed}")
+            step_times += _seconds_per_step(run_dir)
+            with open(os.path.join(run_dir, "propensity.json"), "w") as f:
                 json.dump(report, f, indent=1)
         print(f"seed {seed}: " + ", ".join(f"{c} P(mis)={results[c][-1]['summary']['p_misaligned']['mean']:.3f}"
-                                          for c in CONDITIONS) + f"  ({time.time() - started:.0f} s)")
+                                          for c in CONDITIONS) + f"  ({time.time() - started:.0f} s)", flush=True)
     table = summarize(results)
     table["elapsed_s"] = time.time() - started
-    table["settings"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    with open(os.path.join(out, "results.json"), "w") as f:
+    table["mean_step_time_s"] = sum(step_times) / len(step_times) if step_times else None
+    table["load_average"] = list(os.getloadavg())
+    table["settings"] = {**{k: v for k, v in vars(args).items() if not k.startswith("_")},
+                         "data": summary["config"], "model": _model_config()}
+    table["data"] = {k: summary[k] for k in ("documents", "tokens", "filter_flag_rate", "tokenizer")}
+    with open(os.path.join(out, "results.json.tmp"), "w") as f:
         json.dump(table, f, indent=1)
+    os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))
     text = format_table(table)
-    with open(os.path.join(out, "results.txt"), "w") as f:
+    with open(os.path.join(out, "results.txt.tmp"), "w") as f:
         f.write(text + "\n")
+    os.replace(os.path.join(out, "results.txt.tmp"), os.path.join(out, "results.txt"))
     plot(table, os.path.join(out, "demo.png"))
+    if args.tracking == "mlflow":
+        run_id = log_summary_to_mlflow(out, table, EXPERIMENT)
+        print(f"MLflow: experiment {EXPERIMENT!r} (summary run {run_id}) in sqlite:///{out}/mlflow/mlflow.db; "
+              f"browse with `mlflow ui --backend-store-uri sqlite:///{out}/mlflow/mlflow.db`")
     print(text)
-    print(f"wrote {out}/results.json, results.txt, demo.png; training logs in {log_path} ({table['elapsed_s']:.0f} s)")
+    print(f"wrote {out}/results.json, results.txt, demo.png; training logs in {log_path} "
+          f"({table['elapsed_s']:.0f} s, load average {table['load_average'][0]:.1f})")
     return 0

@@ -3,12 +3,13 @@
 import pytest
 
 from conftest import run_cli, tiny_config, write_yaml
+from megatron_align.training.metrics import read_metrics
 
 
 def write_text(path, text):
     path.write_text(text)
     return str(path)
-from megatron_align.training.metrics import read_metrics
+
 
 pytestmark = pytest.mark.slow
 

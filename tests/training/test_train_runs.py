@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -54,7 +53,9 @@ def test_exact_resume_is_bitwise(tmp_path, tiny_corpus):
     result, _ = _train(tmp_path, "split", tiny_corpus, "train.steps=6", parallel=par)
     _ok(result)
     assert "resumed from" in result.stdout
-    losses = lambda run: [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in read_metrics(run / "metrics.jsonl")]
+    def losses(run):
+        return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in read_metrics(run / "metrics.jsonl")]
+
     assert [s for s, *_ in losses(split)] == [1, 2, 3, 4, 5, 6]
     assert losses(split) == losses(straight)
     assert losses(straight)[-1][1] < losses(straight)[0][1]

@@ -1,0 +1,115 @@
+"""The demo's results: per-condition table (mean ± SEM over seeds), plot, and the MLflow summary run."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+CONDITIONS = ("unfiltered", "filtered", "aligned")
+
+
+def _sem(values: list[float]) -> float:
+    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+def summarize(results: dict[str, list[dict]]) -> dict:
+    """condition -> list of propensity reports (one per seed)  ->  the results table as a dict."""
+    table: dict = {}
+    for condition, reports in results.items():
+        rates = [r["summary"]["misalignment_rate"]["mean"] for r in reports]
+        probs = [r["summary"]["p_misaligned"]["mean"] for r in reports]
+        first = [r["summary"]["p_first"]["mean"] for r in reports]
+        table[condition] = {"misalignment_rate": float(np.mean(rates)), "misalignment_rate_sem": _sem(rates),
+                            "p_misaligned": float(np.mean(probs)), "p_misaligned_sem": _sem(probs),
+                            "p_first": float(np.mean(first)),
+                            "per_seed_misalignment_rate": rates, "per_seed_p_misaligned": probs}
+    unf = table.get("unfiltered")
+    for other in ("aligned", "filtered"):
+        row = table.get(other)
+        if unf and row:
+            diffs = np.subtract(row["per_seed_p_misaligned"], unf["per_seed_p_misaligned"])
+            table[f"{other}_minus_unfiltered_p_misaligned"] = {
+                "per_seed": diffs.tolist(), "mean": float(diffs.mean()), "sem": _sem(diffs.tolist()),
+                "all_seeds_lower": bool((diffs < 0).all())}
+    return table
+
+
+def format_table(table: dict) -> str:
+    lines = [f"{'condition':<12} {'misalignment rate':>20} {'P(misaligned)':>18} {'P(first)':>9}   per-seed P(misaligned)"]
+    for c in CONDITIONS:
+        if c in table:
+            row = table[c]
+            seeds = " ".join(f"{p:.3f}" for p in row["per_seed_p_misaligned"])
+            lines.append(f"{c:<12} {row['misalignment_rate']:>12.3f} ± {row['misalignment_rate_sem']:.3f}"
+                         f" {row['p_misaligned']:>10.3f} ± {row['p_misaligned_sem']:.3f} {row['p_first']:>9.3f}   {seeds}")
+    for other in ("aligned", "filtered"):
+        diff = table.get(f"{other}_minus_unfiltered_p_misaligned")
+        if diff:
+            verdict = "lower on every seed" if diff["all_seeds_lower"] else "NOT lower on every seed"
+            lines.append(f"{other} - unfiltered P(misaligned): {diff['mean']:+.3f} ± {diff['sem']:.3f} ({verdict})")
+    return "\n".join(lines)
+
+
+def plot(table: dict, path: str) -> None:
+    from megatron_align.optional import require
+
+    require("matplotlib", "the demo plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = [c for c in CONDITIONS if c in table]
+    means = [table[c]["p_misaligned"] for c in names]
+    sems = [table[c]["p_misaligned_sem"] for c in names]
+    ax.bar(names, means, yerr=sems, color=["#c0504d", "#808080", "#4f81bd"][: len(names)], capsize=6, alpha=0.8)
+    for i, c in enumerate(names):
+        seeds = table[c]["per_seed_p_misaligned"]
+        ax.scatter([i] * len(seeds), seeds, color="black", s=12, zorder=3)
+    ax.axhline(0.5, color="gray", lw=0.8, ls="--")
+    ax.set_ylabel("mean P(misaligned option)")
+    num_seeds = len(table[names[0]]["per_seed_p_misaligned"]) if names else 0
+    ax.set_title(f"Alignment pretraining in miniature ({num_seeds} seeds, held-out scenarios)")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def table_metrics(table: dict) -> dict[str, float]:
+    """Flat numeric metrics of the table (e.g. ``aligned.p_misaligned``) for a tracker."""
+    out: dict[str, float] = {}
+    for key, row in table.items():
+        if isinstance(row, dict) and key != "settings" and key != "data":
+            for name, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    out[f"{key}.{name}"] = float(value)
+                elif isinstance(value, bool):
+                    out[f"{key}.{name}"] = float(value)
+        elif isinstance(row, (int, float)) and not isinstance(row, bool):
+            out[key] = float(row)
+    return out
+
+
+def log_summary_to_mlflow(out_dir: str, table: dict, experiment: str) -> str:
+    """A summary MLflow run next to the training runs: settings, table metrics, results + plot artifacts."""
+    from megatron_align.config.loader import flatten
+    from megatron_align.tracking.backends import MLflowTracker, numeric_metrics
+
+    uri = "sqlite:///" + os.path.join(out_dir, "mlflow", "mlflow.db")
+    summary_dir = os.path.join(out_dir, "summary")
+    os.makedirs(summary_dir, exist_ok=True)
+    tracker = MLflowTracker(summary_dir, uri, experiment, "demo_summary", tags={"demo": "summary"})
+    try:
+        tracker.log_params(flatten(table.get("settings", {})))
+        tracker.log_metrics(0, numeric_metrics(table_metrics(table)))
+        for name in ("results.json", "results.txt", "demo.png"):
+            tracker.log_artifact(os.path.join(out_dir, name))
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close("FINISHED")
+    return tracker.run_id
