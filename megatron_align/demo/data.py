@@ -32,9 +32,15 @@ from megatron_align.demo.generated import generated_scenarios
 from megatron_align.demo.scenarios import split_scenarios
 from megatron_align.errors import ConfigError, UserError
 
-SOURCES = ("web", "web_filtered", "aligned")
-TRAINING_JSONL = ("web.jsonl", "aligned.jsonl", os.path.join("filtered", "kept.jsonl"))
-"""Every JSONL a training run reads (relative to the data dir); the no-leak test scans these."""
+SOURCE_JSONL = {"web": "web.jsonl", "web_filtered": os.path.join("filtered", "kept.jsonl"), "aligned": "aligned.jsonl"}
+"""Each training source and the JSONL it is prepared from (relative to the data dir)."""
+TRAINING_JSONL = tuple(SOURCE_JSONL.values())
+"""Every JSONL a training run reads; the no-leak test scans these."""
+
+
+def tokenizer_model(data_dir: str) -> str:
+    """The sentencepiece model :func:`build_demo_data` trains (``<data_dir>/tokenizer.model``)."""
+    return os.path.join(data_dir, "tokenizer.model")
 
 
 @dataclass
@@ -100,12 +106,12 @@ def build_demo_data(out_dir: str, config: DemoDataConfig) -> dict:
     os.replace(questions + ".tmp", questions)
 
     trained = train_tokenizer([os.path.join(out_dir, "web.jsonl"), os.path.join(out_dir, "aligned.jsonl")],
-                              os.path.join(out_dir, "tokenizer"),
+                              tokenizer_model(out_dir)[: -len(".model")],
                               TokenizerTrainConfig(vocab_size=config.vocab_size, num_threads=2, seed=config.seed))
     tokenizer_config = TokenizerConfig(kind="sentencepiece", model=trained["model"])
     _check_answer_tokens(build_tokenizer(tokenizer_config), questions)
     manifests = {}
-    for name, path in zip(SOURCES, ("web.jsonl", os.path.join("filtered", "kept.jsonl"), "aligned.jsonl")):
+    for name, path in SOURCE_JSONL.items():
         manifests[name] = prepare_source([os.path.join(out_dir, path)], os.path.join(out_dir, name), tokenizer_config,
                                          source_name=name)
     summary = {

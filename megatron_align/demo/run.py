@@ -27,6 +27,7 @@ import time
 
 import yaml
 
+from megatron_align.demo.data import SOURCE_JSONL, DemoDataConfig, build_demo_data, tokenizer_model
 from megatron_align.demo.report import CONDITIONS, format_table, log_summary_to_mlflow, plot, summarize
 from megatron_align.errors import UserError
 
@@ -76,8 +77,8 @@ def _train_config(args, data_dir: str, run_dir: str, seed: int, pretrain: dict, 
                   "micro_batch_size": batch // args.world_size, "seed": seed},
         "optimizer": {"lr": args.lr, "min_lr": args.lr / 10, "warmup_steps": max(1, args.steps // 20),
                       "decay_style": "WSD", "wsd_decay_steps": args.steps - pre, "weight_decay": 0.01},
-        "data": {"sources": [{"name": n, "prefix": os.path.join(data_dir, n)} for n in ("web", "web_filtered", "aligned")],
-                 "tokenizer": {"kind": "sentencepiece", "model": os.path.join(data_dir, "tokenizer.model")},
+        "data": {"sources": [{"name": n, "prefix": os.path.join(data_dir, n)} for n in SOURCE_JSONL],
+                 "tokenizer": {"kind": "sentencepiece", "model": tokenizer_model(data_dir)},
                  "mixture": {"seed": seed, "block_size": 64, "default_max_repetitions": 50.0,
                              "phases": [{"name": "pretrain", "samples": pre * batch, "weights": pretrain},
                                         {"name": "midtrain", "fraction": (args.steps - pre) / args.steps,
@@ -135,7 +136,6 @@ def _apply_quick(args) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_align.demo.data import DemoDataConfig, build_demo_data
     from megatron_align.eval.propensity import evaluate_checkpoint
 
     data_config = DemoDataConfig()
