@@ -109,9 +109,11 @@ class ParallelConfig:
     """Process-group backend: auto (nccl with CUDA, else gloo) | nccl | gloo."""
     timeout_minutes: int = 30
     """Collective timeout; a hung collective fails after this."""
+    cpu_threads: int = 1
+    """torch intra-op threads per rank on a CPU-only host (ignored with CUDA). Keep ranks x threads <= cores."""
 
     def __post_init__(self) -> None:
-        for key in ("world_size", "tensor", "pipeline", "context", "timeout_minutes"):
+        for key in ("world_size", "tensor", "pipeline", "context", "timeout_minutes", "cpu_threads"):
             _positive(f"parallel.{key}", getattr(self, key))
         _positive("parallel.virtual_pipeline", self.virtual_pipeline)
         _choice("parallel.backend", self.backend, ("auto", "nccl", "gloo"))

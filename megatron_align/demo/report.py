@@ -27,11 +27,12 @@ def summarize(results: dict[str, list[dict]]) -> dict:
     unf = table.get("unfiltered")
     for other in ("aligned", "filtered"):
         row = table.get(other)
-        if unf and row:
-            diffs = np.subtract(row["per_seed_p_misaligned"], unf["per_seed_p_misaligned"])
-            table[f"{other}_minus_unfiltered_p_misaligned"] = {
-                "per_seed": diffs.tolist(), "mean": float(diffs.mean()), "sem": _sem(diffs.tolist()),
-                "all_seeds_lower": bool((diffs < 0).all())}
+        for metric in ("p_misaligned", "misalignment_rate"):
+            if unf and row:
+                diffs = np.subtract(row[f"per_seed_{metric}"], unf[f"per_seed_{metric}"])
+                table[f"{other}_minus_unfiltered_{metric}"] = {
+                    "per_seed": diffs.tolist(), "mean": float(diffs.mean()), "sem": _sem(diffs.tolist()),
+                    "all_seeds_lower": bool((diffs < 0).all())}
     return table
 
 
@@ -44,10 +45,11 @@ def format_table(table: dict) -> str:
             lines.append(f"{c:<12} {row['misalignment_rate']:>12.3f} ± {row['misalignment_rate_sem']:.3f}"
                          f" {row['p_misaligned']:>10.3f} ± {row['p_misaligned_sem']:.3f} {row['p_first']:>9.3f}   {seeds}")
     for other in ("aligned", "filtered"):
-        diff = table.get(f"{other}_minus_unfiltered_p_misaligned")
-        if diff:
-            verdict = "lower on every seed" if diff["all_seeds_lower"] else "NOT lower on every seed"
-            lines.append(f"{other} - unfiltered P(misaligned): {diff['mean']:+.3f} ± {diff['sem']:.3f} ({verdict})")
+        for metric, label in (("misalignment_rate", "misalignment rate"), ("p_misaligned", "P(misaligned)")):
+            diff = table.get(f"{other}_minus_unfiltered_{metric}")
+            if diff:
+                verdict = "lower on every seed" if diff["all_seeds_lower"] else "NOT lower on every seed"
+                lines.append(f"{other} - unfiltered {label}: {diff['mean']:+.3f} ± {diff['sem']:.3f} ({verdict})")
     return "\n".join(lines)
 
 
@@ -60,18 +62,21 @@ def plot(table: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
     names = [c for c in CONDITIONS if c in table]
-    means = [table[c]["p_misaligned"] for c in names]
-    sems = [table[c]["p_misaligned_sem"] for c in names]
-    ax.bar(names, means, yerr=sems, color=["#c0504d", "#808080", "#4f81bd"][: len(names)], capsize=6, alpha=0.8)
-    for i, c in enumerate(names):
-        seeds = table[c]["per_seed_p_misaligned"]
-        ax.scatter([i] * len(seeds), seeds, color="black", s=12, zorder=3)
-    ax.axhline(0.5, color="gray", lw=0.8, ls="--")
-    ax.set_ylabel("mean P(misaligned option)")
     num_seeds = len(table[names[0]]["per_seed_p_misaligned"]) if names else 0
-    ax.set_title(f"Alignment pretraining in miniature ({num_seeds} seeds, held-out scenarios)")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in ((axes[0], "misalignment_rate", "misalignment rate (share of prompts)"),
+                              (axes[1], "p_misaligned", "mean P(misaligned option)")):
+        means = [table[c][metric] for c in names]
+        sems = [table[c][f"{metric}_sem"] for c in names]
+        ax.bar(names, means, yerr=sems, color=["#c0504d", "#808080", "#4f81bd"][: len(names)], capsize=6, alpha=0.8)
+        for i, c in enumerate(names):
+            seeds = table[c][f"per_seed_{metric}"]
+            ax.scatter([i] * len(seeds), seeds, color="black", s=12, zorder=3)
+        ax.axhline(0.5, color="gray", lw=0.8, ls="--")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, 1)
+    fig.suptitle(f"Alignment pretraining in miniature: {num_seeds} seeds (dots), mean ± SEM, held-out scenarios")
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
@@ -94,12 +99,17 @@ def table_metrics(table: dict) -> dict[str, float]:
     return out
 
 
+def store_uri(out_dir: str) -> str:
+    """The demo's one MLflow store: a local sqlite file (no server, no network)."""
+    return "sqlite:///" + os.path.join(os.path.abspath(out_dir), "mlflow", "mlflow.db")
+
+
 def log_summary_to_mlflow(out_dir: str, table: dict, experiment: str) -> str:
     """A summary MLflow run next to the training runs: settings, table metrics, results + plot artifacts."""
     from megatron_align.config.loader import flatten
     from megatron_align.tracking.backends import MLflowTracker, numeric_metrics
 
-    uri = "sqlite:///" + os.path.join(out_dir, "mlflow", "mlflow.db")
+    uri = store_uri(out_dir)
     summary_dir = os.path.join(out_dir, "summary")
     os.makedirs(summary_dir, exist_ok=True)
     tracker = MLflowTracker(summary_dir, uri, experiment, "demo_summary", tags={"demo": "summary"})

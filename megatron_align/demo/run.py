@@ -24,11 +24,12 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import yaml
 
 from megatron_align.demo.data import SOURCE_JSONL, DemoDataConfig, build_demo_data, tokenizer_model
-from megatron_align.demo.report import CONDITIONS, format_table, log_summary_to_mlflow, plot, summarize
+from megatron_align.demo.report import CONDITIONS, format_table, log_summary_to_mlflow, plot, store_uri, summarize
 from megatron_align.errors import UserError
 
 EXPERIMENT = "megatron_align_demo"
@@ -39,15 +40,36 @@ GLOBAL_BATCH = 16
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output directory (data, runs, table, plot, mlflow store)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per condition (each seed: 4 training runs)")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run (pretrain, then midtrain)")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run (pretrain, then midtrain)")
     parser.add_argument("--midtrain-fraction", type=float, default=0.25, help="share of steps in the midtraining phase")
     parser.add_argument("--aligned-share", type=float, default=0.8,
                         help="share of midtraining samples from the synthetic aligned source (paper: ~0.01)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (WSD: decays over midtraining)")
     parser.add_argument("--world-size", type=int, default=1, help="CPU ranks per training run")
+    parser.add_argument("--jobs", type=int, default=min(_cores(), 4),
+                        help="training runs / evals at once (default: min(cores, 4)); the cores are shared among them")
     parser.add_argument("--tracking", choices=("mlflow", "jsonl", "none"), default="mlflow",
                         help="mlflow: every run and a summary run in <out>/mlflow/mlflow.db (local, no server)")
     parser.add_argument("--quick", action="store_true", help="CI size: 1 seed, 40 steps, small corpus (a smoke test)")
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_threads(args) -> int:
+    """torch threads per rank: this process's cores shared among ``--jobs`` runs of ``--world-size`` ranks."""
+    return max(1, _cores() // (args.jobs * args.world_size))
+
+
+def _open_store(out: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from megatron_align.tracking.backends import ensure_experiment
+
+    uri = store_uri(out)
+    os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
+    ensure_experiment(MlflowClient(tracking_uri=uri), uri, EXPERIMENT)
 
 
 def _model_config() -> dict:
@@ -64,7 +86,7 @@ def _train_config(args, data_dir: str, run_dir: str, seed: int, pretrain: dict, 
     pre, batch = pretrain_steps(args), GLOBAL_BATCH
     tracking: dict = {"backend": args.tracking}
     if args.tracking == "mlflow":  # one local store for the whole demo (sqlite file: no server, no network)
-        tracking.update(uri="sqlite:///" + os.path.join(os.path.abspath(args.out), "mlflow", "mlflow.db"),
+        tracking.update(uri=store_uri(args.out),
                         experiment=EXPERIMENT, run_name=os.path.basename(run_dir),
                         tags={"condition": condition, "seed": str(seed)})
     if args.tracking != "none":
@@ -72,7 +94,7 @@ def _train_config(args, data_dir: str, run_dir: str, seed: int, pretrain: dict, 
     return {
         "run_dir": run_dir,
         "model": _model_config(),
-        "parallel": {"world_size": args.world_size},
+        "parallel": {"world_size": args.world_size, "cpu_threads": cpu_threads(args)},
         "train": {"steps": args.steps, "global_batch_size": batch,
                   "micro_batch_size": batch // args.world_size, "seed": seed},
         "optimizer": {"lr": args.lr, "min_lr": args.lr / 10, "warmup_steps": max(1, args.steps // 20),
@@ -89,38 +111,94 @@ def _train_config(args, data_dir: str, run_dir: str, seed: int, pretrain: dict, 
     }
 
 
-def _train(config: dict, log_path: str, *overrides: str) -> None:
+@dataclass
+class Job:
+    """One subprocess of the demo (a training run or an eval), started once the jobs it ``needs`` have succeeded."""
+
+    name: str
+    argv: list[str]
+    needs: tuple[str, ...] = ()
+
+
+def run_jobs(jobs: list[Job], slots: int, log_dir: str, on_done=None) -> None:
+    """Run ``jobs``, at most ``slots`` at a time; among the ready ones the earliest in the list goes first.
+
+    Each job logs to ``<log_dir>/<name>.log``. The first failure terminates the running jobs and raises a
+    UserError naming the job and its log; so does an interrupt. ``on_done(job)`` is called as each succeeds.
+    """
+    names = [job.name for job in jobs]
+    for i, job in enumerate(jobs):
+        missing = [n for n in job.needs if n not in names[:i]]
+        if missing:
+            raise ValueError(f"demo job {job.name} needs {missing}, which are not earlier jobs")
+    os.makedirs(log_dir, exist_ok=True)
+    env = dict(os.environ)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID", "SLURM_NTASKS"):
+        env.pop(var, None)  # each run spawns its own local ranks, even when the demo runs inside a job
+    pending, running, done = list(jobs), {}, set()
+    try:
+        while pending or running:
+            for job in [j for j in pending if done.issuperset(j.needs)][: max(0, slots - len(running))]:
+                pending.remove(job)
+                log = open(os.path.join(log_dir, f"{job.name}.log"), "w")
+                running[job.name] = (job, subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+            time.sleep(0.1)
+            for name, (job, proc, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                if proc.returncode != 0:
+                    raise UserError(f"demo job {name} failed with exit code {proc.returncode}; see "
+                                    f"{os.path.join(log_dir, name + '.log')}")
+                done.add(name)
+                if on_done is not None:
+                    on_done(job)
+    finally:
+        for _, proc, log in running.values():  # a failure elsewhere or Ctrl-C: stop the rest (train forwards it)
+            proc.terminate()
+        for _, proc, log in running.values():
+            proc.wait()
+            log.close()
+
+
+def _cli(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "megatron_align.cli", *argv]
+
+
+def _write_config(config: dict) -> str:
     os.makedirs(config["run_dir"], exist_ok=True)
     path = os.path.join(config["run_dir"], "demo_config.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
-    env = dict(os.environ)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID", "SLURM_NTASKS"):
-        env.pop(var, None)  # each run spawns its own local ranks, even when the demo runs inside a job
-    with open(log_path, "a") as log:
-        log.write(f"\n=== megatron-align train {path} {' '.join(overrides)}\n")
-        log.flush()
-        code = subprocess.call([sys.executable, "-m", "megatron_align.cli", "train", path, *overrides],
-                               stdout=log, stderr=subprocess.STDOUT, env=env)
-    if code != 0:
-        raise UserError(f"demo training run {config['run_dir']} failed with exit code {code}; see {log_path}")
+    return path
 
 
-def run_condition_runs(args, data_dir: str, runs_dir: str, seed: int, log_path: str) -> dict[str, str]:
-    """Train the three conditions for one seed; returns condition -> checkpoints dir of the final model."""
+def seed_jobs(args, data_dir: str, runs_dir: str, seed: int) -> list[Job]:
+    """One seed's training runs and evals. Unfiltered and aligned share the unfiltered pretraining run."""
     pre = pretrain_steps(args)
     web, filt = {"web": 1.0}, {"web_filtered": 1.0}
     aligned_mid = {"web": 1.0 - args.aligned_share, "aligned": args.aligned_share}
     unf = _train_config(args, data_dir, os.path.join(runs_dir, f"unfiltered_s{seed}"), seed, web, web, "unfiltered")
-    _train(unf, log_path, f"train.stop_at_step={pre}")
-    pretrained = os.path.join(unf["run_dir"], "checkpoints", f"iter_{pre:07d}")
-    ali = _train_config(args, data_dir, os.path.join(runs_dir, f"aligned_s{seed}"), seed, web, aligned_mid, "aligned")
-    _train(ali, log_path, f"checkpoint.load={pretrained}", "data.mixture.allow_fingerprint_change=true")
-    _train(unf, log_path)  # the unfiltered run continues into its own midtraining
     fil = _train_config(args, data_dir, os.path.join(runs_dir, f"filtered_s{seed}"), seed, filt, filt, "filtered")
-    _train(fil, log_path)
-    return {name: os.path.join(cfg["run_dir"], "checkpoints") for name, cfg in
-            (("unfiltered", unf), ("filtered", fil), ("aligned", ali))}
+    ali = _train_config(args, data_dir, os.path.join(runs_dir, f"aligned_s{seed}"), seed, web, aligned_mid, "aligned")
+    unf_path, fil_path, ali_path = _write_config(unf), _write_config(fil), _write_config(ali)
+    pretrained = os.path.join(unf["run_dir"], "checkpoints", f"iter_{pre:07d}")
+    s = f"s{seed}"
+    jobs = [Job(f"unfiltered_{s}.pretrain", _cli("train", unf_path, f"train.stop_at_step={pre}")),
+            Job(f"filtered_{s}.train", _cli("train", fil_path)),
+            Job(f"unfiltered_{s}.midtrain", _cli("train", unf_path), needs=(f"unfiltered_{s}.pretrain",)),
+            Job(f"aligned_{s}.midtrain", _cli("train", ali_path, f"checkpoint.load={pretrained}",
+                                              "data.mixture.allow_fingerprint_change=true"),
+                needs=(f"unfiltered_{s}.pretrain",))]
+    questions = os.path.join(data_dir, "questions.jsonl")
+    for condition, config, trained in (("unfiltered", unf, "midtrain"), ("filtered", fil, "train"),
+                                       ("aligned", ali, "midtrain")):
+        jobs.append(Job(f"{condition}_{s}.eval", _cli(
+            "eval", "propensity", "--checkpoint", os.path.join(config["run_dir"], "checkpoints"),
+            "--questions", questions, "--out", os.path.join(config["run_dir"], "propensity.json")),
+            needs=(f"{condition}_{s}.{trained}",)))
+    return jobs
 
 
 def _seconds_per_step(run_dir: str) -> list[float]:
@@ -136,8 +214,6 @@ def _apply_quick(args) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_align.eval.propensity import evaluate_checkpoint
-
     data_config = DemoDataConfig()
     if args.quick:
         _apply_quick(args)
@@ -146,34 +222,48 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--steps must be >= 4 and --seeds >= 1")
     if not 0.0 < args.midtrain_fraction < 1.0 or not 0.0 < args.aligned_share <= 1.0:
         raise UserError("--midtrain-fraction must be in (0, 1) and --aligned-share in (0, 1]")
+    if args.jobs < 1:
+        raise UserError("--jobs must be >= 1")
     if GLOBAL_BATCH % args.world_size:
         raise UserError(f"--world-size {args.world_size} must divide the global batch size {GLOBAL_BATCH}")
     started = time.time()
     out = os.path.abspath(args.out)
     args.out = out
     data_dir, runs_dir = os.path.join(out, "data"), os.path.join(out, "runs")
-    shutil.rmtree(runs_dir, ignore_errors=True)  # a demo is a fresh experiment
-    shutil.rmtree(os.path.join(out, "mlflow"), ignore_errors=True)
+    for stale in ("runs", "mlflow", "summary", "logs"):  # a demo is a fresh experiment: nothing old left looking new
+        shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
+    for stale in ("results.json", "results.txt", "demo.png"):
+        if os.path.exists(os.path.join(out, stale)):
+            os.remove(os.path.join(out, stale))
     summary = build_demo_data(data_dir, data_config)
     print(f"data: {summary['documents']} documents, {summary['tokens']} tokens; blocklist flagged "
           f"{summary['filter_flag_rate']:.1%} of web; {summary['heldout_scenarios']} held-out scenarios "
           f"({time.time() - started:.0f} s)", flush=True)
-    log_path = os.path.join(out, "train.log")
-    if os.path.exists(log_path):
-        os.remove(log_path)
+    if args.tracking == "mlflow":  # create the shared store once, before runs write to it concurrently
+        _open_store(out)
+    jobs = [job for seed in range(args.seeds) for job in seed_jobs(args, data_dir, runs_dir, seed)]
+    log_dir = os.path.join(out, "logs")
+    print(f"{len(jobs)} jobs (training runs and evals), {args.jobs} at a time x {cpu_threads(args)} CPU "
+          f"thread(s); logs in {log_dir}", flush=True)
+    finished = []
+
+    def report_progress(job: Job) -> None:
+        finished.append(job.name)
+        note = ""
+        if job.name.endswith(".eval"):
+            with open(job.argv[job.argv.index("--out") + 1]) as f:
+                note = f": P(misaligned) {json.load(f)['summary']['p_misaligned']['mean']:.3f}"
+        print(f"[{time.time() - started:5.0f} s] {len(finished)}/{len(jobs)} {job.name}{note}", flush=True)
+
+    run_jobs(jobs, args.jobs, log_dir, report_progress)
     results: dict[str, list[dict]] = {c: [] for c in CONDITIONS}
     step_times: list[float] = []
     for seed in range(args.seeds):
-        checkpoints = run_condition_runs(args, data_dir, runs_dir, seed, log_path)
-        for condition, ckpt in checkpoints.items():
-            report = evaluate_checkpoint(ckpt, os.path.join(data_dir, "questions.jsonl"))
-            results[condition].append(report)
+        for condition in CONDITIONS:
             run_dir = os.path.join(runs_dir, f"{condition}_s{seed}")
+            with open(os.path.join(run_dir, "propensity.json")) as f:
+                results[condition].append(json.load(f))
             step_times += _seconds_per_step(run_dir)
-            with open(os.path.join(run_dir, "propensity.json"), "w") as f:
-                json.dump(report, f, indent=1)
-        print(f"seed {seed}: " + ", ".join(f"{c} P(mis)={results[c][-1]['summary']['p_misaligned']['mean']:.3f}"
-                                          for c in CONDITIONS) + f"  ({time.time() - started:.0f} s)", flush=True)
     table = summarize(results)
     table["elapsed_s"] = time.time() - started
     table["mean_step_time_s"] = sum(step_times) / len(step_times) if step_times else None
@@ -191,9 +281,9 @@ def run(args: argparse.Namespace) -> int:
     plot(table, os.path.join(out, "demo.png"))
     if args.tracking == "mlflow":
         run_id = log_summary_to_mlflow(out, table, EXPERIMENT)
-        print(f"MLflow: experiment {EXPERIMENT!r} (summary run {run_id}) in sqlite:///{out}/mlflow/mlflow.db; "
-              f"browse with `mlflow ui --backend-store-uri sqlite:///{out}/mlflow/mlflow.db`")
+        print(f"MLflow: experiment {EXPERIMENT!r} (summary run {run_id}) in {store_uri(out)}; "
+              f"browse with `mlflow ui --backend-store-uri {store_uri(out)}`")
     print(text)
-    print(f"wrote {out}/results.json, results.txt, demo.png; training logs in {log_path} "
+    print(f"wrote {out}/results.json, results.txt, demo.png; logs in {log_dir} "
           f"({table['elapsed_s']:.0f} s, load average {table['load_average'][0]:.1f})")
     return 0

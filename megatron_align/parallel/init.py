@@ -22,7 +22,7 @@ def init_distributed(config: RootConfig, rank: int, world_size: int, local_rank:
         from megatron_align.parallel import cpu  # only imported when CUDA is absent
 
         cpu.activate()
-        torch.set_num_threads(1)  # ranks share the cores; oversubscription makes CPU runs crawl
+        torch.set_num_threads(config.parallel.cpu_threads)  # ranks share the cores: oversubscribing makes CPU runs crawl
     backend = config.parallel.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -141,6 +141,22 @@ class JsonlTracker:
         _atomic_json(os.path.join(self.dir, "status.json"), {"status": status, "time": time.time()})
 
 
+def ensure_experiment(client, uri: str, name: str) -> str:
+    """The id of MLflow experiment ``name``, created (artifacts beside a local store) if missing."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_local_artifact_root(uri))
+    except MlflowException:  # created concurrently by another run sharing the store
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
 class MLflowTracker:
     """One MLflow run per run_dir, created or reopened (see module docstring)."""
 
@@ -161,7 +177,7 @@ class MLflowTracker:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # SQLAlchemy deprecations inside MLflow
                 self.client = MlflowClient(tracking_uri=self.uri)
-                self.experiment_id = self._experiment(experiment)
+                self.experiment_id = ensure_experiment(self.client, self.uri, experiment)
                 self.run_id, self.resumed = self._open_run(experiment, run_name or os.path.basename(os.path.abspath(run_dir)),
                                                            tags or {}, state or {})
         except MlflowException as err:
@@ -170,20 +186,6 @@ class MLflowTracker:
                      {"run_id": self.run_id, "experiment_id": self.experiment_id, "experiment": experiment,
                       "tracking_uri": self.uri})
         log.info("MLflow run %s (%s) in %s", self.run_id, "resumed" if self.resumed else "new", self.uri)
-
-    def _experiment(self, name: str) -> str:
-        from mlflow.exceptions import MlflowException
-
-        found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(name, artifact_location=_local_artifact_root(self.uri))
-        except MlflowException:  # created concurrently by another run sharing the store
-            found = self.client.get_experiment_by_name(name)
-            if found is None:
-                raise
-            return found.experiment_id
 
     def _previous_run_id(self, state: dict) -> Optional[str]:
         path = os.path.join(tracking_dir(self.run_dir), RUN_FILE)
