@@ -32,6 +32,7 @@ def test_contract_keys_exist():
     (["model.spec=fast"], "model.spec='fast'"),
     (["precision=fp16"], "precision='fp16'"),
     (["train.steps=0"], "train.steps=0"),
+    (["parallel.cpu_threads=0"], "parallel.cpu_threads=0"),
     (["model.num_query_groups=3"], "model.num_query_groups=3"),
     (["optimizer.min_lr=1.0"], "optimizer.min_lr"),
     (["train.stop_at_step=99", "train.steps=10"], "train.stop_at_step=99"),
