@@ -63,9 +63,10 @@ def cpu_threads(args) -> int:
 
 
 def _open_store(out: str) -> None:
-    from mlflow.tracking import MlflowClient
+    from megatron_align.tracking.backends import ensure_experiment, import_mlflow
 
-    from megatron_align.tracking.backends import ensure_experiment
+    import_mlflow()  # first: telemetry off and mlflow's INFO chatter quiet before the client exists
+    from mlflow.tracking import MlflowClient
 
     uri = store_uri(out)
     os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
@@ -162,6 +163,38 @@ def run_jobs(jobs: list[Job], slots: int, log_dir: str, on_done=None) -> None:
             log.close()
 
 
+OUT_MARKER = ".megatron_align_demo"
+"""Written into ``--out`` by the demo; only a directory holding it is ever cleared by a later demo."""
+_OUTPUTS = ("data", "runs", "mlflow", "summary", "logs", "results.json", "results.txt", "demo.png")
+
+
+def claim_out_dir(path: str) -> str:
+    """Make ``path`` the demo's output directory and clear what an earlier demo left there; returns it absolute.
+
+    A demo is a fresh experiment, so nothing old may be left looking new. But the demo deletes only what
+    it wrote itself: a non-empty directory without :data:`OUT_MARKER` (``--out .`` in a project with real
+    ``runs/``, say) is refused untouched.
+    """
+    out = os.path.abspath(path)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file; the demo needs a directory")
+    marker = os.path.join(out, OUT_MARKER)
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(marker):
+        raise UserError(f"--out {out} is not empty and was not written by `megatron-align demo` (no {OUT_MARKER}); "
+                        "the demo replaces data/, runs/, mlflow/, logs/ and results.* there, so it only reuses its own "
+                        "directories. Pick a new or empty directory, or delete this one yourself.")
+    os.makedirs(out, exist_ok=True)
+    with open(marker, "w") as f:
+        f.write("output directory of `megatron-align demo`; a later demo with this --out replaces its contents\n")
+    for name in _OUTPUTS:
+        target = os.path.join(out, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        elif os.path.lexists(target):
+            os.remove(target)
+    return out
+
+
 def _cli(*argv: str) -> list[str]:
     return [sys.executable, "-m", "megatron_align.cli", *argv]
 
@@ -227,14 +260,9 @@ def run(args: argparse.Namespace) -> int:
     if GLOBAL_BATCH % args.world_size:
         raise UserError(f"--world-size {args.world_size} must divide the global batch size {GLOBAL_BATCH}")
     started = time.time()
-    out = os.path.abspath(args.out)
+    out = claim_out_dir(args.out)
     args.out = out
     data_dir, runs_dir = os.path.join(out, "data"), os.path.join(out, "runs")
-    for stale in ("runs", "mlflow", "summary", "logs"):  # a demo is a fresh experiment: nothing old left looking new
-        shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
-    for stale in ("results.json", "results.txt", "demo.png"):
-        if os.path.exists(os.path.join(out, stale)):
-            os.remove(os.path.join(out, stale))
     summary = build_demo_data(data_dir, data_config)
     print(f"data: {summary['documents']} documents, {summary['tokens']} tokens; blocklist flagged "
           f"{summary['filter_flag_rate']:.1%} of web; {summary['heldout_scenarios']} held-out scenarios "

@@ -3,7 +3,8 @@
 Everything is read back from what the run already wrote, so the plots can be redrawn at any
 time (``write_plots(run_dir)``), also for a finished or crashed run:
 
-- ``loss.png`` -- loss (and learning rate) over steps, from metrics.jsonl;
+- ``loss.png`` -- training loss, held-out loss per source (``heldout_loss/<source>``) and the
+  learning rate over steps, from metrics.jsonl;
 - ``mixture.png`` -- the data mixture: each source's share of the samples per step and its
   cumulative consumption, from ``samples/<source>`` keys (cumulative or per-step counts; phase
   changes from the ``phase`` key are marked);
@@ -28,6 +29,7 @@ from megatron_align.optional import require
 
 SAMPLES_PREFIX = "samples/"
 EVAL_PREFIX = "propensity/"
+HELDOUT_PREFIX = "heldout_loss/"
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -71,21 +73,37 @@ def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
 
 
+def loss_curves(records: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``loss`` and every ``heldout_loss/<source>`` found in the records: name -> (steps, values)."""
+    names = ["loss"] + sorted({k for r in records for k in r if k.startswith(HELDOUT_PREFIX)})
+    curves = {name: _series(records, name) for name in names}
+    return {name: curve for name, curve in curves.items() if curve[0].size}
+
+
 def plot_loss(records: list[dict], path: str) -> Optional[str]:
-    steps, loss = _series(records, "loss")
-    if not steps.size:
+    curves = loss_curves(records)
+    if "loss" not in curves:
         return None
     fig, (ax,) = _figure()
-    ax.plot(steps, loss, color="C0", lw=1.2, label="loss")
+    for i, (name, (steps, values)) in enumerate(curves.items()):
+        if name == "loss":
+            ax.plot(steps, values, color="C0", lw=1.2, label="train loss")
+        else:  # held-out loss of one source: sparse points, so markers
+            ax.plot(steps, values, color=f"C{i + 1}", lw=1.0, ls="--", marker="o", ms=3,
+                    label=f"held-out {name[len(HELDOUT_PREFIX):]}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
+    top = ax
     lr_steps, lr = _series(records, "lr")
     if lr_steps.size:
-        twin = ax.twinx()
-        twin.plot(lr_steps, lr, color="C1", lw=1.0, alpha=0.7)
-        twin.set_ylabel("learning rate", color="C1")
-    ax.set_title("training loss")
+        top = ax.twinx()
+        top.plot(lr_steps, lr, color="gray", lw=1.0, alpha=0.7, label="learning rate")
+        top.set_ylabel("learning rate", color="gray")
+    if len(curves) > 1:  # on the top axes, so the learning-rate line never draws over it
+        handles = [h for a in dict.fromkeys((ax, top)) for h in a.get_legend_handles_labels()[0]]
+        top.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.9)
+    ax.set_title("training and held-out loss" if len(curves) > 1 else "training loss")
     return _save(fig, path)
 
 

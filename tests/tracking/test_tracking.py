@@ -89,7 +89,7 @@ def test_jsonl_tracker_writes_params_and_indexes_artifacts(tmp_path):
 
 def test_plots_from_run_files(tmp_path):
     pytest.importorskip("matplotlib")
-    from megatron_align.tracking.plots import write_plots
+    from megatron_align.tracking.plots import loss_curves, read_jsonl, write_plots
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -97,6 +97,8 @@ def test_plots_from_run_files(tmp_path):
         for step in range(1, 21):
             record = {"step": step, "loss": 5 - step * 0.1, "lr": 1e-3, "phase": "pretrain" if step <= 15 else "midtrain",
                       "samples/web": step * 8 - (step > 15) * (step - 15), "samples/aligned": (step > 15) * (step - 15)}
+            if step % 4 == 0:
+                record.update({"heldout_loss/web": 6 - step * 0.1, "heldout_loss/aligned": 7 - step * 0.1})
             if step % 5 == 0:
                 record.update({"propensity/misalignment_rate": 0.5 - step / 100, "propensity/misalignment_rate_sem": 0.02,
                                "propensity/p_misaligned": 0.5, "propensity/p_first": 0.6})
@@ -108,6 +110,11 @@ def test_plots_from_run_files(tmp_path):
     written = write_plots(str(run_dir))
     names = sorted(os.path.basename(p) for p in written)
     assert names == ["eval.png", "loss.png", "mixture.png", "stragglers.png"]
+    curves = loss_curves(read_jsonl(str(run_dir / "metrics.jsonl")))  # what loss.png draws
+    assert list(curves) == ["loss", "heldout_loss/aligned", "heldout_loss/web"]
+    assert curves["loss"][0].tolist() == list(range(1, 21))
+    assert curves["heldout_loss/web"][0].tolist() == [4, 8, 12, 16, 20]
+    assert curves["heldout_loss/web"][1][0] == pytest.approx(5.6)
     for path in written:
         with open(path, "rb") as f:
             assert f.read(8) == PNG_MAGIC
