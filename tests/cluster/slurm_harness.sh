@@ -103,9 +103,9 @@ start_munge() {
   if id munge >/dev/null 2>&1; then
     chown munge:munge /etc/munge/munge.key /run/munge /var/log/munge /var/lib/munge
     chmod 0400 /etc/munge/munge.key
-    runuser -u munge -- munged || cannot "munged failed to start (see /var/log/munge/munged.log)"
+    runuser -u munge -- munged 9>&- || cannot "munged failed to start (see /var/log/munge/munged.log)"
   else
-    munged --force || cannot "munged failed to start (see /var/log/munge/munged.log)"
+    munged --force 9>&- || cannot "munged failed to start (see /var/log/munge/munged.log)"
   fi
   for _ in $(seq 1 20); do
     munge -n </dev/null >/dev/null 2>&1 && return
@@ -115,8 +115,8 @@ start_munge() {
 }
 
 start_slurm() {
-  pid_alive "$STATE_DIR/slurmctld.pid" || slurmctld || cannot "slurmctld failed (log: $LOG_DIR/slurmctld.log)"
-  pid_alive "$STATE_DIR/slurmd.pid" || slurmd || cannot "slurmd failed (log: $LOG_DIR/slurmd.log)"
+  pid_alive "$STATE_DIR/slurmctld.pid" || slurmctld 9>&- || cannot "slurmctld failed (log: $LOG_DIR/slurmctld.log)"
+  pid_alive "$STATE_DIR/slurmd.pid" || slurmd 9>&- || cannot "slurmd failed (log: $LOG_DIR/slurmd.log)"
 }
 
 wait_idle() {
@@ -155,6 +155,8 @@ stop_pidfile() {
 case "${1:-up}" in
   up)
     # Two test sessions may bring the cluster up at once: one at a time, the second finds it running.
+    # The daemons are started with fd 9 closed (`9>&-`): a daemon that inherited it would hold this
+    # lock for its whole life, and every later `up` on the machine would wait on it forever.
     mkdir -p "$STATE_DIR"
     exec 9>"$STATE_DIR/harness.lock"
     flock 9

@@ -47,6 +47,29 @@ def cluster():
     return subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def _lock_holders(lock: str) -> list[str]:
+    """Processes with ``lock`` open, as "pid name"."""
+    holders = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == lock for fd in fds):
+                holders.append(f"{pid} {Path(f'/proc/{pid}/comm').read_text().strip()}")
+        except OSError:  # gone, or not ours to read
+            continue
+    return holders
+
+
+def test_harness_up_again_finds_the_running_cluster(cluster):
+    """The daemons must not inherit the harness's lock: when munged did, every later `up` on the machine
+    (a second test session, a second `make test`) waited on it until its timeout."""
+    state_dir = os.environ.get("MA_SLURM_STATE_DIR", "/var/lib/ma-slurm")
+    assert _lock_holders(os.path.join(state_dir, "harness.lock")) == []
+    proc = subprocess.run(["bash", str(HARNESS), "up"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    assert f"node {cluster} is" in proc.stdout
+
+
 def _job_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
