@@ -42,7 +42,7 @@ def main() -> int:
     from megatron_align.config import load_config
     from megatron_align.parallel.init import destroy_distributed, init_distributed
     from megatron_align.resilience import build_callbacks
-    from megatron_align.resilience.health import SdcGemm, param_checksum
+    from megatron_align.resilience.inrank.health import SdcGemm, param_checksum
     from megatron_align.training.callbacks import CallbackList
     from megatron_align.training.trainer import Trainer
 

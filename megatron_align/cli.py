@@ -19,7 +19,7 @@ from megatron_align.errors import UserError
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("megatron_align.demo.run", "the paper's experiment in miniature on CPU: unfiltered / filtered / aligned midtraining"),
     "train": ("megatron_align.training.launch", "train from a YAML config (spawns local ranks or joins torchrun/srun)"),
-    "launch": ("megatron_align.resilience.supervisor", "train under the restart manager: hang watchdog, failure classification, restarts, goodput"),
+    "launch": ("megatron_align.resilience.supervisor.supervisor", "train under the restart manager: hang watchdog, failure classification, restarts, goodput"),
     "tokenizer train": ("megatron_align.data.tokenizer_train", "train a sentencepiece tokenizer (byte fallback, reserved control tokens) from JSONL"),
     "prepare": ("megatron_align.data.prepare", "tokenize JSONL into a Megatron IndexedDataset (.bin/.idx) + manifest"),
     "filter": ("megatron_align.data.filter_corpus", "flag AI-misalignment discourse in JSONL (two-stage blocklist): kept/flagged JSONL + report"),

@@ -8,7 +8,7 @@ Two forms, told apart by the first positional argument:
 The first prints the feasible layouts ranked by estimated step time (memory breakdown in GiB,
 step time, tokens/s/GPU, MFU) and counts the infeasible ones by reason; the second prints the
 Young / Daly / exact optimal checkpoint intervals, the expected goodput and a Monte Carlo check.
-The formulas are in :mod:`megatron_align.parallel.planner` and :mod:`megatron_align.resilience.goodput`.
+The formulas are in :mod:`megatron_align.parallel.planner` and :mod:`megatron_align.resilience.supervisor.goodput`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 from megatron_align.errors import UserError
 from megatron_align.parallel.planner import (GPU_ALIASES, GPUS, PRECISIONS, PlanOptions, PlanResult,
                                              count_parameters, get_gpu, load_plan_inputs, plan)
-from megatron_align.resilience.goodput import DEFAULT_MTBF_HOURS_PER_GPU, FailureModel, goodput_report
+from megatron_align.resilience.supervisor.goodput import DEFAULT_MTBF_HOURS_PER_GPU, FailureModel, goodput_report
 
 GOODPUT = "goodput"
 

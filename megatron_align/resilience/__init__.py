@@ -16,8 +16,8 @@ def build_callbacks(config) -> list:
     model before the straggler clock's), numerics last in ``on_step_end`` (it may end the
     process after writing the step's record).
     """
-    from megatron_align.resilience.heartbeat import heartbeat_callbacks
-    from megatron_align.resilience.inject import FaultPlan, InjectionCallback, faults_from_env, parse_faults
+    from megatron_align.resilience.inrank.heartbeat import heartbeat_callbacks
+    from megatron_align.resilience.faults import FaultPlan, InjectionCallback, faults_from_env, parse_faults
 
     r = config.resilience
     plan = FaultPlan(parse_faults(list(r.inject)) + faults_from_env())
@@ -25,9 +25,9 @@ def build_callbacks(config) -> list:
     callbacks += heartbeat_callbacks(config)  # the supervisor's heartbeats: on under `launch`, whatever `enabled` says
     if not r.enabled:
         return callbacks
-    from megatron_align.resilience.health import HealthMonitor
-    from megatron_align.resilience.numerics import NumericsMonitor, TrajectoryMonitor
-    from megatron_align.resilience.straggler import StragglerDetector
+    from megatron_align.resilience.inrank.health import HealthMonitor
+    from megatron_align.resilience.inrank.numerics import NumericsMonitor, TrajectoryMonitor
+    from megatron_align.resilience.inrank.straggler import StragglerDetector
 
     if r.straggler.interval:
         callbacks.append(StragglerDetector(r.straggler))

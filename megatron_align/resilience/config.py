@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_align.errors import ConfigError
-from megatron_align.resilience.supervisor_config import HeartbeatConfig, SupervisorConfig
+from megatron_align.resilience.supervisor.config import HeartbeatConfig, SupervisorConfig
 
 _POLICIES = ("log", "exclude_on_restart", "stop")
 STRAGGLER_SECTIONS = ("data", "forward_backward", "forward_compute", "optimizer", "checkpoint")
@@ -161,22 +161,22 @@ class ResilienceConfig:
     enabled: bool = True
     """Master switch of the in-rank detectors (straggler, health, numerics, trajectory). `inject` applies regardless."""
     straggler: StragglerConfig = field(default_factory=StragglerConfig)
-    """Per-section timing scores across ranks (see megatron_align.resilience.straggler)."""
+    """Per-section timing scores across ranks (see megatron_align.resilience.inrank.straggler)."""
     health: HealthConfig = field(default_factory=HealthConfig)
-    """Faulty-GPU checks: NVML, SDC GEMM, collectives, DP parameter hash (megatron_align.resilience.health)."""
+    """Faulty-GPU checks: NVML, SDC GEMM, collectives, DP parameter hash (megatron_align.resilience.inrank.health)."""
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
-    """NaN/Inf and loss-spike handling (megatron_align.resilience.numerics)."""
+    """NaN/Inf and loss-spike handling (megatron_align.resilience.inrank.numerics)."""
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
-    """Power-law loss-curve monitor (megatron_align.resilience.numerics)."""
+    """Power-law loss-curve monitor (megatron_align.resilience.inrank.numerics)."""
     inject: list[str] = field(default_factory=list)
-    """Fault injection for drills/tests: "kind[:arg]@step[@rank]" items (megatron_align.resilience.inject);
+    """Fault injection for drills/tests: "kind[:arg]@step[@rank]" items (megatron_align.resilience.faults);
     also read from the MEGATRON_ALIGN_FAULT environment variable."""
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
-    """`megatron-align launch`: restarts, retry budget, hang timeouts (megatron_align.resilience.supervisor_config)."""
+    """`megatron-align launch`: restarts, retry budget, hang timeouts (megatron_align.resilience.supervisor.config)."""
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     """Per-rank heartbeat files + SIGUSR2 stack dumps for the supervisor's hang watchdog (auto: on under `launch`)."""
 
     def __post_init__(self) -> None:
-        from megatron_align.resilience.inject import parse_faults
+        from megatron_align.resilience.faults import parse_faults
 
         parse_faults(list(self.inject), "resilience.inject")

@@ -152,7 +152,7 @@ class CheckpointManager:
             torch.distributed.barrier()
 
     def _commit(self, tmp: str, final: str, marker: dict) -> None:
-        from megatron_align.resilience.inject import fault_point
+        from megatron_align.resilience.faults import fault_point
 
         fault_point("checkpoint.before_commit", marker["step"])
         _fsync_write(os.path.join(tmp, MARKER), json.dumps(marker, indent=1, sort_keys=True, default=str))

@@ -8,7 +8,7 @@ import pytest
 
 from megatron_align.cli import main
 from megatron_align.errors import UserError
-from megatron_align.resilience.goodput import (DEFAULT_MTBF_HOURS_PER_GPU, FailureModel, daly_interval,
+from megatron_align.resilience.supervisor.goodput import (DEFAULT_MTBF_HOURS_PER_GPU, FailureModel, daly_interval,
                                                expected_goodput, optimal_interval, simulate_goodput, young_interval)
 
 

@@ -11,7 +11,7 @@ from conftest import tiny_config, write_yaml
 from megatron_align.config import load_config
 from megatron_align.errors import ConfigError, UserError
 from megatron_align.resilience.exit_codes import FAULTS_FIRED_FILE, add_exclude_nodes, read_exclude_nodes
-from megatron_align.resilience.inject import FaultPlan, damage_checkpoint, faults_from_env, parse_fault, parse_faults
+from megatron_align.resilience.faults import FaultPlan, damage_checkpoint, faults_from_env, parse_fault, parse_faults
 
 
 def test_both_argument_positions_and_optional_rank():

@@ -9,7 +9,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from megatron_align.resilience.config import HealthConfig
-from megatron_align.resilience.health import NvmlProbe
+from megatron_align.resilience.inrank.health import NvmlProbe
 
 
 class NVMLError(Exception):

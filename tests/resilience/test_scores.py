@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from megatron_align.resilience.config import StragglerConfig, TrajectoryConfig
-from megatron_align.resilience.health import SdcGemm, bits_checksum, odd_ones_out
-from megatron_align.resilience.numerics import TrajectoryMonitor, fit_power_law
-from megatron_align.resilience.straggler import score_stragglers
+from megatron_align.resilience.inrank.health import SdcGemm, bits_checksum, odd_ones_out
+from megatron_align.resilience.inrank.numerics import TrajectoryMonitor, fit_power_law
+from megatron_align.resilience.inrank.straggler import score_stragglers
 
 NAN = math.nan
 SECTIONS = ("forward_compute", "optimizer")

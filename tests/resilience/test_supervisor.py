@@ -19,12 +19,12 @@ import pytest
 
 from conftest import REPO, run_cli, tiny_config, write_yaml
 from megatron_align.config import load_config
-from megatron_align.resilience.failures import classify_rank, root_cause
-from megatron_align.resilience.heartbeat import HeartbeatCallback, read_heartbeats, stacks_path
-from megatron_align.resilience.run_report import RunReport, last_logged_step
-from megatron_align.resilience.supervisor import Supervisor, newest_checkpoint
-from megatron_align.resilience.supervisor_config import SupervisorConfig
-from megatron_align.resilience.watchdog import HangWatchdog
+from megatron_align.resilience.supervisor.failures import classify_rank, root_cause
+from megatron_align.resilience.inrank.heartbeat import HeartbeatCallback, read_heartbeats, stacks_path
+from megatron_align.resilience.supervisor.run_report import RunReport, last_logged_step
+from megatron_align.resilience.supervisor.supervisor import Supervisor, newest_checkpoint
+from megatron_align.resilience.supervisor.config import SupervisorConfig
+from megatron_align.resilience.supervisor.watchdog import HangWatchdog
 from megatron_align.training.metrics import read_metrics
 
 _DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_JOBID", "SLURM_STEP_ID",
@@ -237,7 +237,7 @@ def test_kill_and_hang_restart_to_identical_losses(tmp_path, tiny_corpus):
 @pytest.mark.slow
 def test_sigusr1_requeues_then_corrupt_latest_checkpoint_is_set_aside(tmp_path, tiny_corpus):
     """SIGUSR1 -> checkpoint + exit 75; then the newest checkpoint fails to load -> renamed, resume from the one before."""
-    from megatron_align.resilience.inject import damage_checkpoint
+    from megatron_align.resilience.faults import damage_checkpoint
 
     run = tmp_path / "run"
     path = write_yaml(tmp_path / "c.yaml", tiny_config(run, tiny_corpus, train={"steps": 400}))

@@ -48,7 +48,7 @@ from megatron_align.errors import UserError
 from megatron_align.resilience.config import STRAGGLER_SECTIONS, StragglerConfig
 from megatron_align.resilience.exit_codes import (EXIT_FAULTY_HARDWARE, STRAGGLERS_FILE, add_exclude_nodes, append_jsonl,
                                                   set_exit_code)
-from megatron_align.resilience.ranks import RankInfo, all_gather_tensor, gather_rank_infos
+from megatron_align.resilience.inrank.ranks import RankInfo, all_gather_tensor, gather_rank_infos
 from megatron_align.training.callbacks import Callback
 
 if TYPE_CHECKING:

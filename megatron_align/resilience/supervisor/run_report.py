@@ -8,7 +8,7 @@ of the wall clock is start-up, checkpoint saves, lost steps, failure detection, 
 backoff and restarts. Also measured per restart: the time from the failure to the first step the
 next attempt completed (the restart latency).
 
-How it relates to :mod:`megatron_align.resilience.goodput` (the planning model): the report
+How it relates to :mod:`megatron_align.resilience.supervisor.goodput` (the planning model): the report
 feeds the measured checkpoint save time, restart latency and step time into the Young/Daly
 model and prints the goodput-optimal checkpoint interval next to the configured one when they
 differ by more than 2x, at the Llama 3 failure rate for this many GPUs.
@@ -21,8 +21,8 @@ import math
 import os
 import time
 
-from megatron_align.resilience.goodput import FailureModel, expected_goodput, optimal_interval
-from megatron_align.resilience.heartbeat import write_json_atomic
+from megatron_align.resilience.supervisor.goodput import FailureModel, expected_goodput, optimal_interval
+from megatron_align.resilience.inrank.heartbeat import write_json_atomic
 
 
 class RunReport:

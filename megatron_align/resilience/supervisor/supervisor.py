@@ -50,8 +50,8 @@ from megatron_align.config import load_config
 from megatron_align.training.checkpoint_files import resolve_checkpoint
 from megatron_align.errors import UserError
 from megatron_align.resilience import exit_codes
-from megatron_align.resilience.failures import Failure, classify_rank, root_cause
-from megatron_align.resilience.heartbeat import (
+from megatron_align.resilience.supervisor.failures import Failure, classify_rank, root_cause
+from megatron_align.resilience.inrank.heartbeat import (
     ATTEMPT_ENV,
     STOP_REQUEST_FILE,
     SUPERVISED_ENV,
@@ -59,9 +59,9 @@ from megatron_align.resilience.heartbeat import (
     stacks_path,
     write_json_atomic,
 )
-from megatron_align.resilience.jobs import LocalJob, SrunJob, allocation_nodes, tasks_per_node_of_allocation
-from megatron_align.resilience.run_report import RunReport, last_logged_step
-from megatron_align.resilience.watchdog import HangWatchdog
+from megatron_align.resilience.supervisor.jobs import LocalJob, SrunJob, allocation_nodes, tasks_per_node_of_allocation
+from megatron_align.resilience.supervisor.run_report import RunReport, last_logged_step
+from megatron_align.resilience.supervisor.watchdog import HangWatchdog
 
 FAULT_ENV = "MEGATRON_ALIGN_FAULT"
 EXIT_GAVE_UP = exit_codes.EXIT_DO_NOT_REQUEUE

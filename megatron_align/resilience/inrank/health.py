@@ -40,11 +40,11 @@ import torch.distributed as dist
 from megatron_align.resilience.config import HealthConfig
 from megatron_align.resilience.exit_codes import (EXIT_FAULTY_HARDWARE, HEALTH_FILE, add_exclude_nodes, append_jsonl,
                                                   set_exit_code)
-from megatron_align.resilience.ranks import RankInfo, all_gather_tensor, gather_rank_infos, group_ranks
+from megatron_align.resilience.inrank.ranks import RankInfo, all_gather_tensor, gather_rank_infos, group_ranks
 from megatron_align.training.callbacks import Callback
 
 if TYPE_CHECKING:
-    from megatron_align.resilience.inject import FaultPlan
+    from megatron_align.resilience.faults import FaultPlan
     from megatron_align.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
