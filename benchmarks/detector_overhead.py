@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Step time with / without the in-rank resilience detectors: same Trainer, same process, alternating rounds.
 
-"with" = the callbacks `megatron_align.resilience.build_callbacks` makes for the config (straggler
+"with" = the callbacks `megatron_align.resilience.inrank.build_callbacks` makes for the config (straggler
 timing + scores, health checks, numerics, loss trajectory), with the straggler, collective and
 trajectory intervals shortened to --check-interval (defaults are 100/100/50 steps, so this
 overstates the amortised cost). "without" = no callbacks. Steps alternate with/without, so drift
@@ -41,7 +41,7 @@ def main() -> int:
     import torch
     from megatron_align.config import load_config
     from megatron_align.parallel.init import destroy_distributed, init_distributed
-    from megatron_align.resilience import build_callbacks
+    from megatron_align.resilience.inrank import build_callbacks
     from megatron_align.resilience.inrank.health import SdcGemm, param_checksum
     from megatron_align.training.callbacks import CallbackList
     from megatron_align.training.trainer import Trainer

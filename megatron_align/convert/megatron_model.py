@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import warnings
 
 import torch
@@ -28,12 +27,7 @@ import torch
 from megatron_align.config.loader import config_from_dict
 from megatron_align.config.schema import ModelConfig, RootConfig
 from megatron_align.errors import UserError
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_align.parallel.spawn import free_port
 
 
 @contextlib.contextmanager
@@ -45,7 +39,7 @@ def single_rank_group(config: RootConfig):
         raise UserError("the converter forms its own 1-rank process group; run it outside torchrun/srun jobs")
     saved_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
     threads = torch.get_num_threads()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     try:
         init_distributed(config, 0, 1, 0)
         torch.set_num_threads(threads)  # init_distributed pins 1 thread (for many ranks per box); we are alone

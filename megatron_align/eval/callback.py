@@ -16,6 +16,8 @@ import logging
 import os
 import time
 
+from megatron_align.config.schema import RootConfig
+from megatron_align.errors import ConfigError
 from megatron_align.eval.config import EvalConfig
 from megatron_align.eval.items import load_items
 from megatron_align.eval.propensity import evaluate
@@ -65,3 +67,17 @@ class PropensityCallback(Callback):
             log.info("step %d | propensity: misalignment rate %.3f | P(misaligned) %.3f | P(first) %.3f | %.1f s", step,
                      report["summary"]["misalignment_rate"]["mean"], report["summary"]["p_misaligned"]["mean"],
                      report["summary"]["p_first"]["mean"], record["propensity/eval_s"])
+
+
+def build_callbacks(config: RootConfig) -> list[Callback]:
+    """Trainer callbacks for this area, from the root config (empty when disabled)."""
+    cfg = config.eval
+    if not cfg.enabled:
+        return []
+    if config.parallel.context > 1:
+        raise ConfigError("eval.interval > 0 with parallel.context > 1: the in-training propensity eval does not "
+                          "support context parallelism; evaluate checkpoints with `megatron-align eval propensity`")
+    if cfg.interval % config.logging.interval:
+        raise ConfigError(f"eval.interval={cfg.interval} must be a multiple of logging.interval={config.logging.interval}, "
+                          "otherwise the eval results miss metrics.jsonl")
+    return [PropensityCallback(cfg, config.train.steps, config.model.seq_length, config.run_dir)]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 from typing import Optional
 
@@ -27,6 +26,7 @@ import torch
 from megatron_align.errors import UserError
 from megatron_align.eval.items import VARIANTS, Item, build_prompts, load_items
 from megatron_align.eval.report import format_table, summarize, write_report
+from megatron_align.parallel.spawn import free_port
 
 
 def evaluate(scorer, items: list[Item], variants: Optional[list[str]] = None, both_orders: bool = True,
@@ -41,12 +41,6 @@ def evaluate(scorer, items: list[Item], variants: Optional[list[str]] = None, bo
             "num_prompts": len(prompts), "eval_seconds": round(time.time() - started, 3),
             "num_truncated_prompts": int(getattr(scorer, "num_truncated", 0)), **(meta or {})}
     return summarize(items, prompts, logprobs, info)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _checkpoint_report(checkpoint: str, items: list[Item], rank: int, world_size: int, local_rank: int, *,
@@ -92,7 +86,7 @@ def evaluate_checkpoint(checkpoint: str, items: list[Item] | str, *, variants: O
                         "process (during training use eval.interval, which scores trainer.model directly)")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     saved_port = os.environ.get("MASTER_PORT")
-    os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ["MASTER_PORT"] = str(free_port())
     try:
         return _checkpoint_report(checkpoint, items, 0, 1, 0, variants=variants, both_orders=both_orders,
                                   batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, precision=precision,
@@ -148,7 +142,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_align.training.launch import distributed_env, spawn_local
+    from megatron_align.parallel.spawn import distributed_env, spawn_local
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_align.errors import ConfigError
+from megatron_align.resilience.faults import parse_faults
 from megatron_align.resilience.supervisor.config import HeartbeatConfig, SupervisorConfig
 
 _POLICIES = ("log", "exclude_on_restart", "stop")
@@ -177,6 +178,4 @@ class ResilienceConfig:
     """Per-rank heartbeat files + SIGUSR2 stack dumps for the supervisor's hang watchdog (auto: on under `launch`)."""
 
     def __post_init__(self) -> None:
-        from megatron_align.resilience.faults import parse_faults
-
         parse_faults(list(self.inject), "resilience.inject")

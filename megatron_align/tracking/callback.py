@@ -24,6 +24,8 @@ import glob
 import logging
 import os
 
+from megatron_align.config.schema import RootConfig
+from megatron_align.errors import ConfigError
 from megatron_align.training.callbacks import Callback
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ def source_artifacts(config) -> list[tuple[str, str]]:
 class TrackingCallback(Callback):
     name = "tracking"
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: RootConfig) -> None:
         self.config = config
         self.cfg = config.tracking
         self.tracker = None
@@ -193,3 +195,17 @@ def _version() -> str:
     from megatron_align import __version__
 
     return __version__
+
+
+def build_callbacks(config: RootConfig) -> list[Callback]:
+    """Trainer callbacks for this area, from the root config (empty when tracking.backend=none)."""
+    if config.tracking.backend == "none":
+        return []
+    if config.tracking.backend == "mlflow":
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:  # checked without importing it (slow, and telemetry)
+            raise ConfigError("tracking.backend=mlflow but mlflow is not installed: pip install mlflow-skinny "
+                              "sqlalchemy alembic (the embedded SQLite store needs the last two), or use "
+                              "tracking.backend=jsonl")
+    return [TrackingCallback(config)]

@@ -63,13 +63,3 @@ class CallbackList:
             if cb.name in state:
                 cb.load_state_dict(state[cb.name])
 
-
-def build_callbacks(config) -> list[Callback]:
-    """Every callback the run's config asks for. Each area owns its own ``build_callbacks``."""
-    from megatron_align import eval as eval_area
-    from megatron_align import resilience, tracking
-    from megatron_align.training import heldout
-
-    # Tracking last: it logs the record after every other callback has added its keys.
-    return [*resilience.build_callbacks(config), *heldout.build_callbacks(config), *eval_area.build_callbacks(config),
-            *tracking.build_callbacks(config)]

@@ -8,6 +8,7 @@ Logged as ``heldout_loss/<source>`` in metrics.jsonl.
 
 from __future__ import annotations
 
+from megatron_align.config.schema import RootConfig
 from megatron_align.training.callbacks import Callback
 
 
@@ -29,7 +30,7 @@ class HeldoutLossCallback(Callback):
             record[f"heldout_loss/{source.name}"] = loss
 
 
-def build_callbacks(config) -> list[Callback]:
+def build_callbacks(config: RootConfig) -> list[Callback]:
     if config.data.heldout_interval and not config.data.mock:
         return [HeldoutLossCallback(config.data.heldout_interval, config.data.heldout_samples)]
     return []

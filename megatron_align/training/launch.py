@@ -1,28 +1,29 @@
-"""`megatron-align train CONFIG.yaml [key=value ...]`: join a launcher or spawn local ranks.
+"""`megatron-align train CONFIG.yaml [key=value ...]`: join a launcher or spawn local ranks, then assemble one rank.
 
-Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or inside an srun step
-(SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) this process *is* one rank and joins.
-Otherwise it spawns ``parallel.world_size`` copies of itself as ranks, watches
-them, and tears all of them down as soon as one fails (exit code of the first
-failure is returned), so no rank is left hanging in a collective. Ranks die
-with the launcher (PR_SET_PDEATHSIG), so a killed launcher leaves no orphans.
+Under torchrun or inside an srun step this process *is* one rank and joins; otherwise it
+spawns ``parallel.world_size`` copies of itself as ranks (:mod:`megatron_align.parallel.spawn`).
+Each rank is assembled here: process groups, the callbacks the config asks for
+(:func:`build_callbacks`, the one composition root), the trainer, and signal handling.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
-import socket
-import subprocess
 import sys
-import time
 
 from megatron_align.config import load_config
 from megatron_align.config.loader import config_to_yaml
+from megatron_align.config.schema import RootConfig
 from megatron_align.errors import UserError
+from megatron_align.eval import callback as eval_callbacks
+from megatron_align.parallel.spawn import distributed_env, spawn_local
+from megatron_align.resilience import inrank
+from megatron_align.tracking import callback as tracking_callbacks
+from megatron_align.training import heldout
+from megatron_align.training.callbacks import Callback
 
 log = logging.getLogger("megatron_align")
 
@@ -34,86 +35,6 @@ EXIT_STOPPED = 0  # a requested stop (signal) that checkpointed; issue-4 supervi
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 parallel.tensor=2")
-
-
-def distributed_env(environ=os.environ) -> tuple[int, int, int] | None:
-    """(rank, world_size, local_rank) when started by torchrun or inside an srun step, else None."""
-    if "RANK" in environ and "WORLD_SIZE" in environ:
-        return int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ and "SLURM_NTASKS" in environ:
-        return int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]), int(environ.get("SLURM_LOCALID", 0))
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def spawn_local(argv: list[str], world_size: int, env_extra: dict | None = None) -> int:
-    """Start ``world_size`` ranks of ``megatron-align <argv>`` on this machine; return the job's exit code."""
-    port = _free_port()
-    procs: list[subprocess.Popen] = []
-    for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env_extra or {}))
-        # Own session per rank: teardown kills the rank's whole process group, including helper processes it
-        # spawned (e.g. checkpoint writer workers), which would otherwise outlive a SIGKILLed rank.
-        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_align.cli", *argv], env=env,
-                                      preexec_fn=_die_with_parent, start_new_session=True))
-
-    def forward(signum, _frame):
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    try:
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                rank, code = failed[0]
-                print(f"megatron-align: rank {rank} exited with code {code}; stopping the other ranks", file=sys.stderr)
-                _terminate(procs)
-                return code if code > 0 else 128 - code  # negative = killed by signal
-            if all(c == 0 for c in codes):
-                return 0
-            time.sleep(0.2)
-    finally:
-        _terminate(procs)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _terminate(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
-    """SIGTERM every rank's process group, wait up to ``grace_s``, then SIGKILL what is left of each group."""
-    for p in procs:
-        _signal_group(p, signal.SIGTERM)
-    deadline = time.time() + grace_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            pass
-    for p in procs:
-        _signal_group(p, signal.SIGKILL)  # the group may outlive its leader
-        p.wait()
 
 
 def setup_logging(run_dir: str, rank: int, level: str) -> None:
@@ -133,10 +54,16 @@ def setup_logging(run_dir: str, rank: int, level: str) -> None:
         root.addHandler(file_handler)
 
 
-def run_rank(config, rank: int, world_size: int, local_rank: int) -> int:
+def build_callbacks(config: RootConfig) -> list[Callback]:
+    """Every callback the run's config asks for. Each area owns its own ``build_callbacks``."""
+    # Tracking last: it logs the record after every other callback has added its keys.
+    return [*inrank.build_callbacks(config), *heldout.build_callbacks(config), *eval_callbacks.build_callbacks(config),
+            *tracking_callbacks.build_callbacks(config)]
+
+
+def run_rank(config: RootConfig, rank: int, world_size: int, local_rank: int) -> int:
     """Body of one rank: init, train, clean shutdown. Returns the process exit code."""
     from megatron_align.parallel.init import destroy_distributed, init_distributed
-    from megatron_align.training.callbacks import build_callbacks
     from megatron_align.training.trainer import Trainer
 
     setup_logging(config.run_dir, rank, config.logging.level)
@@ -160,7 +87,7 @@ def run_rank(config, rank: int, world_size: int, local_rank: int) -> int:
         destroy_distributed()
 
 
-def _write_config(config) -> None:
+def _write_config(config: RootConfig) -> None:
     os.makedirs(config.run_dir, exist_ok=True)
     path = os.path.join(config.run_dir, "config.yaml")
     tmp = path + ".tmp"

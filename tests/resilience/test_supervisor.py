@@ -20,7 +20,8 @@ import pytest
 from conftest import REPO, run_cli, tiny_config, write_yaml
 from megatron_align.config import load_config
 from megatron_align.resilience.supervisor.failures import classify_rank, root_cause
-from megatron_align.resilience.inrank.heartbeat import HeartbeatCallback, read_heartbeats, stacks_path
+from megatron_align.resilience.heartbeat_files import read_heartbeats, stacks_path
+from megatron_align.resilience.inrank.heartbeat import HeartbeatCallback
 from megatron_align.resilience.supervisor.run_report import RunReport, last_logged_step
 from megatron_align.resilience.supervisor.supervisor import Supervisor, newest_checkpoint
 from megatron_align.resilience.supervisor.config import SupervisorConfig

@@ -19,7 +19,6 @@ hang signal, and the thread itself never makes a hung rank look alive.
 from __future__ import annotations
 
 import faulthandler
-import json
 import os
 import signal
 import socket
@@ -27,41 +26,24 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from megatron_align.config.schema import RootConfig
+from megatron_align.resilience.heartbeat_files import (
+    ATTEMPT_ENV,
+    PHASE_BETWEEN,
+    PHASE_DONE,
+    PHASE_SETUP,
+    PHASE_STEP,
+    STOP_CHECK_INTERVAL_S,
+    STOP_REQUEST_FILE,
+    SUPERVISED_ENV,
+    heartbeat_path,
+    stacks_path,
+    write_json_atomic,
+)
 from megatron_align.training.callbacks import Callback
 
 if TYPE_CHECKING:
     from megatron_align.training.trainer import Trainer
-
-SUPERVISED_ENV = "MEGATRON_ALIGN_SUPERVISED"
-"""Set to 1 by `megatron-align launch` in every rank's environment (heartbeat ``enabled=auto``)."""
-ATTEMPT_ENV = "MEGATRON_ALIGN_ATTEMPT"
-"""The supervisor's attempt number (0 = first start, 1 = first restart, ...)."""
-
-STOP_REQUEST_FILE = "stop_request"
-"""``<run_dir>/stop_request``: written by the supervisor to make every rank checkpoint and stop (the srun path,
-where a signal would reach every process of the step, helper processes included)."""
-STOP_CHECK_INTERVAL_S = 1.0
-
-# phase of a rank, from its last hook: the supervisor picks the hang timeout by phase.
-PHASE_SETUP = "setup"  # process start, model build, checkpoint load, until the first step starts
-PHASE_STEP = "step"  # inside a training step (data, forward/backward, optimizer)
-PHASE_BETWEEN = "between"  # after a step: checkpoint save, eval, logging
-PHASE_DONE = "done"  # training loop returned (or raised)
-
-
-def heartbeat_path(run_dir: str, rank: int) -> str:
-    return os.path.join(run_dir, "heartbeats", f"rank_{rank}.json")
-
-
-def stacks_path(run_dir: str, rank: int) -> str:
-    return os.path.join(run_dir, "stacks", f"rank_{rank}.txt")
-
-
-def write_json_atomic(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
 
 
 class HeartbeatCallback(Callback):
@@ -173,7 +155,7 @@ def heartbeat_enabled(setting: str, environ=os.environ) -> bool:
     return setting == "true" or (setting == "auto" and environ.get(SUPERVISED_ENV) == "1")
 
 
-def heartbeat_callbacks(config) -> list[Callback]:
+def heartbeat_callbacks(config: RootConfig) -> list[Callback]:
     """``[HeartbeatCallback]`` when ``resilience.heartbeat.enabled`` says so (auto: under `launch`)."""
     settings = config.resilience.heartbeat
     if not heartbeat_enabled(settings.enabled):
@@ -183,21 +165,3 @@ def heartbeat_callbacks(config) -> list[Callback]:
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
     return [HeartbeatCallback(config.run_dir, rank, local_rank, settings.min_interval_s)]
-
-
-def read_heartbeats(run_dir: str) -> dict[int, dict]:
-    """rank -> its newest heartbeat (files being replaced or unreadable are skipped this time)."""
-    folder = os.path.join(run_dir, "heartbeats")
-    beats: dict[int, dict] = {}
-    if not os.path.isdir(folder):
-        return beats
-    for name in os.listdir(folder):
-        if not (name.startswith("rank_") and name.endswith(".json")):
-            continue
-        try:
-            with open(os.path.join(folder, name)) as f:
-                beat = json.load(f)
-            beats[int(beat["rank"])] = beat
-        except (OSError, ValueError, KeyError):
-            continue
-    return beats

@@ -1,7 +1,7 @@
 """The ranks of one attempt as a non-blocking object the supervisor can poll, signal and tear down.
 
 :class:`LocalJob` starts ``world_size`` processes of ``megatron-align train`` on this machine
-with the torchrun-style environment that :mod:`megatron_align.training.launch` joins (the same
+with the torchrun-style environment that :mod:`megatron_align.parallel.spawn` joins (the same
 rendezvous as ``train``'s own spawning, on a fresh port per attempt). :class:`SrunJob` runs one
 ``srun`` step inside the current SLURM allocation (optionally ``--exclude``-ing nodes); srun
 forwards signals to every task and ``--label`` lets stderr lines be attributed to ranks.
@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from megatron_align.training.launch import _die_with_parent, _free_port
+from megatron_align.parallel.spawn import die_with_parent, free_port
 
 STDERR_TAIL_LINES = 200
 
@@ -52,7 +52,7 @@ class LocalJob:
     kind = "local"
 
     def __init__(self, argv: list[str], world_size: int, env: dict[str, str]) -> None:
-        port = _free_port()
+        port = free_port()
         self.world_size = world_size
         self.tails: dict[int, collections.deque] = {}
         self.procs: list[subprocess.Popen] = []
@@ -63,7 +63,7 @@ class LocalJob:
             # Own session per rank (as `train` does): teardown kills the rank's whole process group, helper
             # processes included (checkpoint writers), while signals meant for the trainer go to the rank alone.
             proc = subprocess.Popen([sys.executable, "-m", "megatron_align.cli", *argv], env=rank_env,
-                                    stderr=subprocess.PIPE, preexec_fn=_die_with_parent, start_new_session=True)
+                                    stderr=subprocess.PIPE, preexec_fn=die_with_parent, start_new_session=True)
             self.procs.append(proc)
             tee = _Tee(proc.stderr, self.tails, rank)
             tee.start()
@@ -151,7 +151,7 @@ class SrunJob:
         cmd += [*srun_args, *(rank_command or [sys.executable, "-m", "megatron_align.cli"]), *argv]
         self.command = cmd
         step_env = dict(env, MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        self.proc = subprocess.Popen(cmd, env=step_env, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(cmd, env=step_env, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
         self._tee = _Tee(self.proc.stderr, self.tails, None, self._rank_of_line)
         self._tee.start()
         self._task_codes: dict[int, int] = {}

@@ -21,12 +21,13 @@ import math
 import os
 import time
 
+from megatron_align.config.schema import RootConfig
 from megatron_align.resilience.supervisor.goodput import FailureModel, expected_goodput, optimal_interval
-from megatron_align.resilience.inrank.heartbeat import write_json_atomic
+from megatron_align.resilience.heartbeat_files import write_json_atomic
 
 
 class RunReport:
-    def __init__(self, config, start_step: int) -> None:
+    def __init__(self, config: RootConfig, start_step: int) -> None:
         self.config = config
         self.start_step = start_step
         self.started = time.time()

@@ -46,12 +46,14 @@ import sys
 import time
 from dataclasses import dataclass
 
-from megatron_align.config import load_config
+from megatron_align.config import RootConfig, load_config
 from megatron_align.training.checkpoint_files import resolve_checkpoint
 from megatron_align.errors import UserError
+from megatron_align.parallel.spawn import distributed_env
 from megatron_align.resilience import exit_codes
+from megatron_align.resilience.faults import ENV_VAR as FAULT_ENV_VAR
 from megatron_align.resilience.supervisor.failures import Failure, classify_rank, root_cause
-from megatron_align.resilience.inrank.heartbeat import (
+from megatron_align.resilience.heartbeat_files import (
     ATTEMPT_ENV,
     STOP_REQUEST_FILE,
     SUPERVISED_ENV,
@@ -63,7 +65,7 @@ from megatron_align.resilience.supervisor.jobs import LocalJob, SrunJob, allocat
 from megatron_align.resilience.supervisor.run_report import RunReport, last_logged_step
 from megatron_align.resilience.supervisor.watchdog import HangWatchdog
 
-FAULT_ENV = "MEGATRON_ALIGN_FAULT"
+FAULT_ENV = FAULT_ENV_VAR
 EXIT_GAVE_UP = exit_codes.EXIT_DO_NOT_REQUEUE
 _STEP_RE = re.compile(r"iter_(\d+)$")
 
@@ -88,7 +90,7 @@ class Outcome:
 
 
 class Supervisor:
-    def __init__(self, config, config_path: str, overrides: list[str], environ=os.environ) -> None:
+    def __init__(self, config: RootConfig, config_path: str, overrides: list[str], environ=os.environ) -> None:
         self.config = config
         self.cfg = config.resilience.supervisor
         self.world_size = config.parallel.world_size
@@ -453,13 +455,13 @@ def _requeueable(job: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_align.training import launch
-
     config = load_config(args.config, args.overrides)  # a bad config fails here: exit 2, nothing started
-    if launch.distributed_env() is not None:
+    if distributed_env() is not None:
         # Already one task of a torchrun/srun job: supervise nothing, be a rank (as `train` would).
         print("megatron-align launch: started inside a torchrun/srun step: running as a rank like `train`; "
               "run `launch` outside srun (in the batch script) to get restarts", file=sys.stderr)
+        from megatron_align.training import launch
+
         return launch.run(args)
     from megatron_align.parallel.layout import validate_layout
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from megatron_align.resilience.inrank.heartbeat import PHASE_BETWEEN, PHASE_DONE, PHASE_SETUP, PHASE_STEP
+from megatron_align.resilience.heartbeat_files import PHASE_BETWEEN, PHASE_DONE, PHASE_SETUP, PHASE_STEP
 from megatron_align.resilience.supervisor.config import SupervisorConfig
 
 
