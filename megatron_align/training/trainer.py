@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -29,12 +28,12 @@ from megatron_align.config.loader import config_to_dict
 from megatron_align.config.schema import RootConfig
 from megatron_align.data.loader import TrainData
 from megatron_align.errors import UserError
-from megatron_align.model.fp8 import fp8_ddp_kwargs
 from megatron_align.model.builder import build_model_chunks, padded_vocab_size, resolve_precision
 from megatron_align.parallel.layout import Layout
 from megatron_align.training.callbacks import Callback, CallbackList
 from megatron_align.training.checkpoint import CheckpointManager, read_marker, resolve_checkpoint
 from megatron_align.training.metrics import MetricsWriter, flops_per_token, peak_flops_per_gpu
+from megatron_align.training.optim import ddp_config, optimizer_config, scheduler_kwargs, tristate, use_distributed_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -76,34 +75,18 @@ class Trainer:
 
         chunks = build_model_chunks(config, self.vocab_size)
         self.transformer_config = tconfig = chunks[0].config
-        use_dist_opt = {"auto": self.cuda, "true": True, "false": False}[config.optimizer.distributed]
-        if use_dist_opt and not self.cuda:
-            raise UserError("optimizer.distributed=true needs CUDA (Megatron-Core's DistributedOptimizer); use false or auto on CPU")
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=self.cuda, overlap_param_gather=False,
-            use_distributed_optimizer=use_dist_opt, check_for_nan_in_grad=False, bucket_size=None if self.cuda else 10**9,
-            **fp8_ddp_kwargs(config))
-        self.model = [DistributedDataParallel(tconfig, ddp_config, chunk, disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
+        use_dist_opt = use_distributed_optimizer(config, self.cuda)
+        ddp = ddp_config(config, self.cuda, use_dist_opt)
+        self.model = [DistributedDataParallel(tconfig, ddp, chunk, disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
         tconfig.finalize_model_grads_func = finalize_model_grads
-        if ddp_config.overlap_grad_reduce:
+        if ddp.overlap_grad_reduce:
             no_sync = [m.no_sync for m in self.model]
             tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-        o = config.optimizer
         precision = resolve_precision(config)
-        self.optimizer = get_megatron_optimizer(
-            MegatronOptimizerConfig(
-                optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
-                bf16=precision == "bf16", params_dtype=tconfig.params_dtype, use_distributed_optimizer=use_dist_opt),
-            self.model)
-        decay_steps = o.decay_steps or t.steps
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
-            lr_decay_steps=decay_steps, lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-            wd_incr_steps=decay_steps, wd_incr_style="constant",
-            wsd_decay_steps=o.wsd_decay_steps or max(1, decay_steps // 10) if o.decay_style == "WSD" else None,
-            lr_wsd_decay_style=o.wsd_decay_style if o.decay_style == "WSD" else None)
-        async_save = {"auto": self.cuda, "true": True, "false": False}[config.checkpoint.async_save]
+        self.optimizer = get_megatron_optimizer(optimizer_config(config.optimizer, precision, tconfig.params_dtype, use_dist_opt),
+                                                self.model)
+        self.scheduler = OptimizerParamScheduler(self.optimizer, **scheduler_kwargs(config))
+        async_save = tristate(config.checkpoint.async_save, self.cuda)
         self.checkpoints = CheckpointManager(
             self.ckpt_dir, config.checkpoint.keep_last, config.checkpoint.keep_every, async_save,
             dp_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
