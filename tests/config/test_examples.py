@@ -17,8 +17,13 @@ WORLD = {"tiny_cpu.yaml": 2, "llama_1b.yaml": 8, "llama3_8b.yaml": 64, "llama3_7
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
 def test_example_config_is_valid(path):
     config = load_config(path)
-    layout = validate_layout(config, WORLD.get(os.path.basename(path), config.parallel.world_size))
-    assert layout.data >= 1
+    world = WORLD.get(os.path.basename(path), config.parallel.world_size)
+    layout = validate_layout(config, world)  # raises ConfigError naming the key when the layout does not fit
+    p, t = config.parallel, config.train
+    assert (layout.tensor, layout.pipeline, layout.context, layout.virtual_pipeline) == \
+        (p.tensor, p.pipeline, p.context, p.virtual_pipeline)
+    assert layout.tensor * layout.pipeline * layout.context * layout.data == layout.world_size == world
+    assert t.global_batch_size % (t.micro_batch_size * layout.data) == 0
 
 
 def test_preset_parameter_counts():
