@@ -41,3 +41,40 @@ def test_the_graph_sees_function_level_and_type_only_imports(tmp_path):
     assert import_cycles.cycles(import_cycles.import_graph(str(pkg), functions=True, type_checking=False)) == \
         [["pkg.a", "pkg.b"]]
     assert sorted(import_cycles.cycles(import_cycles.import_graph(str(pkg)))) == [["pkg.a", "pkg.b"], ["pkg.c", "pkg.d"]]
+
+
+def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph.get(todo.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_the_ranks_and_the_supervisor_import_nothing_of_each_other():
+    """resilience/inrank and resilience/supervisor share only the top-level vocabulary (module-level imports).
+    The supervisor's config dataclasses are part of the root config, so every rank loads them: that is allowed."""
+    graph = import_cycles.import_graph(PACKAGE, functions=False, type_checking=False)
+    inrank = {m for m in graph if m.startswith("megatron_align.resilience.inrank")}
+    supervisor = {m for m in graph if m.startswith("megatron_align.resilience.supervisor")}
+    assert inrank and supervisor
+    for module in sorted(supervisor):
+        reached = _reach(graph, module)
+        assert not reached & (inrank | {"megatron_align.training.trainer"}), (module, sorted(reached & inrank))
+    supervisor_code = supervisor - {"megatron_align.resilience.supervisor", "megatron_align.resilience.supervisor.config"}
+    for module in sorted(inrank):
+        assert not _reach(graph, module) & supervisor_code, (module, sorted(_reach(graph, module) & supervisor_code))
+
+
+def test_config_fault_grammar_and_supervisor_import_without_torch():
+    import subprocess
+    import sys
+
+    modules = ["megatron_align.config", "megatron_align.resilience.faults",
+               "megatron_align.resilience.supervisor.supervisor", "megatron_align.parallel.spawn"]
+    code = f"import sys\nfor m in {modules!r}:\n    __import__(m)\nprint(sorted(k for k in sys.modules if k == 'torch'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
