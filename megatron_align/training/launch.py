@@ -18,11 +18,7 @@ from megatron_align.config import load_config
 from megatron_align.config.loader import config_to_yaml
 from megatron_align.config.schema import RootConfig
 from megatron_align.errors import UserError
-from megatron_align.eval import callback as eval_callbacks
 from megatron_align.parallel.spawn import distributed_env, spawn_local
-from megatron_align.resilience import inrank
-from megatron_align.tracking import callback as tracking_callbacks
-from megatron_align.training import heldout
 from megatron_align.training.callbacks import Callback
 
 log = logging.getLogger("megatron_align")
@@ -55,7 +51,15 @@ def setup_logging(run_dir: str, rank: int, level: str) -> None:
 
 
 def build_callbacks(config: RootConfig) -> list[Callback]:
-    """Every callback the run's config asks for. Each area owns its own ``build_callbacks``."""
+    """Every callback the run's config asks for. Each area owns its own ``build_callbacks``.
+
+    Imported here, in the rank, not at module level: the process that only spawns ranks stays free of torch.
+    """
+    from megatron_align.eval import callback as eval_callbacks
+    from megatron_align.resilience import inrank
+    from megatron_align.tracking import callback as tracking_callbacks
+    from megatron_align.training import heldout
+
     # Tracking last: it logs the record after every other callback has added its keys.
     return [*inrank.build_callbacks(config), *heldout.build_callbacks(config), *eval_callbacks.build_callbacks(config),
             *tracking_callbacks.build_callbacks(config)]
