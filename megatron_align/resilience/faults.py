@@ -38,6 +38,10 @@ Items whose name contains a dot are *fault points* in the code (``point@step[@ra
 ``fault_point(point, step)`` SIGKILLs the process when it reaches a matching point, e.g.
 ``checkpoint.before_commit@4`` (used by the checkpoint commit-protocol tests). They do not
 have the fire-once rule.
+
+This module is the grammar, the plan and the checkpoint damage; it imports neither torch nor
+the trainer, so the config validates ``resilience.inject`` with it and the supervisor shares its
+names. The trainer callback that applies a plan is :mod:`megatron_align.resilience.inrank.inject`.
 """
 
 from __future__ import annotations
