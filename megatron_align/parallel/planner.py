@@ -14,14 +14,15 @@ Notation: L layers, h hidden, f ffn hidden, a query heads, g query groups (KV he
 d = h/a head dim, q = a*d, kv = g*d, V padded vocab (a multiple of 128*TP, as Megatron
 pads it), s sequence, b micro batch, t = TP, c = CP, T tokens per step.
 
-Parameters (no biases, RMSNorm, SwiGLU, untied by default):
-    per layer   P_layer = h*(q + 2*kv) + q*h + 3*h*f + 2*h        (QKV, proj, fc1 gate+up, fc2, 2 norms)
-    model       N = L*P_layer + V*h*(2 if untied else 1) + h     (Llama-3-8B: 8.03e9, 70B: 70.6e9)
-    per GPU     layers L/PP, linear weights / TP (norms replicated), embedding on the first
+The model's shape, parameter count, FLOPs per token and the GPU peaks are not defined here:
+they come from :mod:`megatron_align.model.arithmetic`, which the trainer's measured MFU uses too.
+
+Parameters per GPU: layers L/PP, linear weights / TP (norms replicated), embedding on the first
                 stage, output layer on the last (a tied embedding is copied there when PP > 1).
 
 Weights, gradients, optimizer (bytes per parameter, Megatron mixed precision, Adam):
-    bf16/fp8: 2 (bf16 weight) + 4 (fp32 main grad) + 12 (fp32 master + m + v)     = 18
+    bf16/fp8: 2 (bf16 weight) + 4 (fp32 main grad; 2 when grad_reduce_in_fp32=False, as
+              Megatron-Bridge's recipes run) + 12 (fp32 master + m + v)            = 18
     with the distributed optimizer the 12 are sharded over DP*CP: 6 + 12/(DP*CP)
     fp32 (CPU runs): 4 + 4 + 8 (no master copy).
     FP8 (Transformer Engine): + 2 bytes per linear weight (FP8 copy + its transpose, cached
@@ -42,6 +43,11 @@ Derived here for Llama (bytes per s*b*h, with r_q = q/h, r_kv = kv/h, r_f = f/h)
     core attention: fused/flash kernels keep only a fp32 log-sum-exp (4*a/h); unfused keeps
               the softmax 2*a*s/h (+3*a*s/h with attention dropout, giving Korthikanti's 5).
     => Llama-3-8B: 12 + 4*g/a + 6*f/h = 12 + 1 + 21 = 34 (by coincidence the GPT-3 constant).
+    FP8 (TE, current or delayed scaling): each FP8 GEMM saves the FP8 cast of its input, not the
+              bf16 tensor: QKV and fc1 inputs 1 each, fc2 input 1*r_f, and linear_proj keeps a 1*r_q
+              FP8 cast beside the bf16 attention output that flash attention keeps for its backward:
+              6 + 5*r_q + 4*r_kv + 5*r_f (Llama-3-70B: 29 instead of 33.5). The BF16 first and last
+              layers (fp8.first_last_layers_bf16) are counted as FP8; the difference is 2 layers.
 Sequence parallel divides every term by TP (without it, the norm inputs, QKV/fc1 inputs and
 dropout masks -- 8 of them for Llama -- stay replicated). CP divides s. Selective recompute
 (core attention) drops the a*s/h term; full recompute keeps only each layer's input (2*s*b*h
@@ -53,19 +59,20 @@ L*(1 + (PP-1)/(PP*VPP)) layers' worth. The last stage also holds the logits: s*b
 (2 bf16 + 4 fp32 for the cross entropy). Plus a fixed overhead (CUDA context, NCCL and
 cuBLAS workspaces, allocator fragmentation): PlanOptions.overhead_gib.
 
-FLOPs (Megatron's formula; the PaLM MFU convention): one token costs, forward,
-2 FLOPs per linear weight plus 4*s*q for QK^T and attention x V (counted non-causal), so
-    model FLOPs/step = 6*N_lin*T + 12*L*s*q*T,   N_lin = L*(h*(q+2*kv) + q*h + 3*h*f) + V*h
-  = 12*T*L*h^2*[(1 + g/a + s/h)*(q/h) + 1.5*f/h] + 6*T*h*V   (SwiGLU: the 1.5; GQA: the g/a).
-Recompute adds hardware FLOPs (full: one more forward; selective: the core-attention forward)
+FLOPs: model FLOPs/step = T x ModelShape.flops_per_token = T x (6*N_lin + 6*h*V + 6*L*s*q),
+causal attention counted once (what Megatron-Bridge publishes; within 0.1% of its H100 table).
+Compute time uses the same causal attention FLOPs (flash attention skips the masked blocks);
+recompute adds hardware FLOPs (full: one more forward; selective: the core-attention forward)
 but not model FLOPs. Compute time = FLOPs / (peak x efficiency); FP8 runs the linear layers at
-the FP8 peak, attention and the output layer at the BF16 peak.
+the FP8 peak, attention and the output layer at the BF16 peak; fp32 runs at the FP32 peak.
 
 Communication (ring collectives move 2*(n-1)/n of the buffer per GPU for an all-reduce,
 (n-1)/n for a reduce-scatter or all-gather; bandwidth NVLink inside a node, the per-GPU NIC
 across nodes, both times PlanOptions.comm_efficiency):
     TP (SP): 4 all-reduce equivalents of s*b*h*2 bytes per layer per micro batch (2 forward,
-         2 backward; +2 with full recompute), not overlapped.
+         2 backward; +2 with full recompute), not overlapped (the trainer does not enable TE's
+         userbuffer TP overlap; Megatron-Bridge's recipes do, which is most of the gap in
+         docs/benchmarks.md).
     CP (ring attention): 3*(CP-1) exchanges of a K,V chunk per layer per micro batch,
          hidden behind core-attention compute where it fits.
     PP: send activations forward and gradients back at every chunk boundary, and the bubble:
@@ -73,7 +80,8 @@ across nodes, both times PlanOptions.comm_efficiency):
     DP: gradients (fp32) all-reduced, or reduce-scattered + bf16 weights all-gathered with the
          distributed optimizer, over DP*CP ranks; overlapped with the last micro batch's backward
          (and the first one's forward for the all-gather); only the excess is exposed.
-Ranking by estimated step time; MFU = model FLOPs / (step time x GPUs x dense peak of the
+Candidates: TP up to a node, PP dividing the rest, VPP every divisor of the layers per stage
+(80 layers on PP8: 1, 2, 5, 10), CP in 1/2/4/8. Ranking by estimated step time; MFU = model FLOPs / (step time x GPUs x dense peak of the
 training precision), so it is at most the efficiency factor.
 """
 

@@ -15,7 +15,7 @@ from megatron_align.errors import ConfigError
 from megatron_align.model.arithmetic import ModelShape
 from megatron_align.parallel.planner import (GIB, Candidate, PlanOptions, count_parameters, estimate_memory,
                                              evaluate_layout, get_gpu, layer_activation_bytes, load_plan_inputs,
-                                             model_flops_per_step, plan)
+                                             enumerate_layouts, model_flops_per_step, plan)
 
 LLAMA3_8B = ModelShape(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
                        num_query_groups=8, vocab_size=128256, seq_length=8192, tie_embeddings=False)
@@ -268,3 +268,52 @@ def test_cli_plan_end_to_end(tmp_path, capsys):
     assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []
     assert main(["plan", str(tmp_path / "missing.yaml"), "--gpus", "8"]) == 2
     assert main(["plan", str(cfg), "--gpus", "8", "--gpu", "tpu-v9"]) == 2
+
+
+def test_vpp_candidates_are_every_divisor_of_the_layers_per_stage():
+    vpps = {c.vpp for c in enumerate_layouts(64, LLAMA3_70B) if (c.tp, c.pp) == (4, 8)}
+    assert vpps == {1, 2, 5, 10}  # 80 layers / PP8 = 10 per stage; {1,2,4,8} would miss Megatron-Bridge's VP5
+    assert {c.vpp for c in enumerate_layouts(64, LLAMA3_70B) if c.pp == 1} == {1}
+
+
+def test_megatron_bridge_70b_fp8_layout_fits_an_h100():
+    """Megatron-Bridge runs Llama-3-70B FP8 at TP4 PP8 VP5, MBS 1, GBS 128 on 64 H100-80GB (no recompute)."""
+    opts = PlanOptions(precision="fp8")
+    bridge = evaluate_layout(LLAMA3_70B, Candidate(4, 8, 5, 1, 2, 1), H100, opts, 128)
+    assert bridge.feasible, bridge.reasons
+    assert 60 * GIB < bridge.memory.total <= H100.memory_gib * GIB  # it runs, and not with room to spare
+    assert any(r.layout == bridge.layout and r.feasible for r in plan(LLAMA3_70B, 64, H100, 128, opts))
+    # Interleaving with fewer, bigger chunks holds more activations: VP2 warms up 23 chunks of 5 layers.
+    vp2 = evaluate_layout(LLAMA3_70B, Candidate(4, 8, 2, 1, 2, 1), H100, opts, 128)
+    assert vp2.memory.activations > bridge.memory.activations
+
+
+def test_fp8_activations_keep_fp8_gemm_inputs():
+    s, b, h, t = 8192, 1, 8192, 4
+    r_q, r_kv, r_f, a = 1.0, 1024 / 8192, 28672 / 8192, 64
+    bf16, _ = layer_activation_bytes(LLAMA3_70B, Candidate(t, 8, 1, 1, 2, b), PlanOptions())
+    fp8, _ = layer_activation_bytes(LLAMA3_70B, Candidate(t, 8, 1, 1, 2, b), PlanOptions(precision="fp8"))
+    assert bf16 == pytest.approx(s * b * h * (8 + 4 * r_q + 4 * r_kv + 6 * r_f + 4 * a / h) / t)
+    # QKV/fc1/fc2 inputs in FP8 (1 byte), the proj input's FP8 cast beside the bf16 attention output.
+    assert fp8 == pytest.approx(s * b * h * (6 + 5 * r_q + 4 * r_kv + 5 * r_f + 4 * a / h) / t)
+
+
+def test_grad_buffer_bytes_follow_the_reduction_dtype():
+    params = count_parameters(LLAMA3_8B)
+    fp32 = estimate_memory(LLAMA3_8B, Candidate(1, 1, 1, 1, 8, 1), PlanOptions(), 1)
+    bf16 = estimate_memory(LLAMA3_8B, Candidate(1, 1, 1, 1, 8, 1), PlanOptions(grad_reduce_in_fp32=False), 1)
+    assert (fp32.grads, bf16.grads) == (4 * params, 2 * params)
+
+
+def test_cli_plan_takes_overrides_like_train(tmp_path, capsys):
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text("model:\n  num_layers: 16\n  hidden_size: 2048\n  num_attention_heads: 16\n  num_query_groups: 4\n"
+                   "  vocab_size: 32000\n  seq_length: 4096\nparallel:\n  tensor: 2\ntrain:\n  global_batch_size: 64\n")
+    assert main(["plan", str(cfg), "train.global_batch_size=32", "parallel.pipeline=2", "--gpus", "8", "--top", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "global batch 32" in text
+    assert "the config's own layout (TP2 PP2 VPP1 CP1 DP2, micro batch 1, recompute none): rank" in text
+    assert main(["plan", str(cfg), "model.hiden_size=4096", "--gpus", "8"]) == 2
+    assert "model.hiden_size" in capsys.readouterr().err
+    assert main(["plan", "goodput", "train.steps=3", "--gpus", "8", "--save-s", "1", "--restore-s", "1",
+                 "--restart-s", "1"]) == 2
