@@ -84,8 +84,10 @@ def _run_layouts(args: argparse.Namespace) -> int:
     if inputs.configured is not None:
         own = evaluate_layout(model, inputs.configured, gpu, options, inputs.global_batch_size)
         rank = next((i for i, r in enumerate(feasible, 1) if r.layout == own.layout), None)
+        verdict = (f"rank {rank} of {len(feasible)} feasible" if rank else
+                   "feasible, outside the searched candidates" if own.feasible else "infeasible")
         print(f"the config's own layout ({own.layout.label}, micro batch {own.layout.micro_batch_size}, recompute "
-              f"{own.layout.recompute}): " + (f"rank {rank} of {len(feasible)} feasible" if rank else "infeasible"))
+              f"{own.layout.recompute}): {verdict}")
         if not rank or rank > args.top:  # a row of the table above is not printed twice
             print(_table([own], start=rank or 0))
     counts = collections.Counter(_reason_kind(reason) for r in infeasible for reason in r.reasons)
@@ -95,7 +97,7 @@ def _run_layouts(args: argparse.Namespace) -> int:
         closest = sorted(infeasible, key=lambda r: (len(r.reasons), r.memory.total))[: args.show_infeasible]
         print(_table(closest, start=1))
     if args.json_path:
-        payload = {"config": os.path.abspath(args.target), "gpus": args.gpus, "gpu": gpu.name,
+        payload = {"config": os.path.abspath(args.target), "overrides": args.overrides, "gpus": args.gpus, "gpu": gpu.name,
                    "global_batch_size": inputs.global_batch_size, "parameters": count_parameters(model),
                    "options": vars(options), "results": [r.to_dict() for r in results]}
         _write_json_atomic(args.json_path, payload)

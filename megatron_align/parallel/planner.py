@@ -90,11 +90,14 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megatron_align.errors import ConfigError, UserError
 from megatron_align.model.arithmetic import (GIB, GPU_ALIASES, GPUS, PRECISIONS, GpuSpec,  # noqa: F401 (re-exported)
                                              ModelShape, count_parameters, get_gpu)
+
+if TYPE_CHECKING:
+    from megatron_align.config.schema import RootConfig
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 
@@ -109,7 +112,7 @@ class PlanInputs:
     """The layout the config itself asks for (parallel.*, micro batch, recompute) on ``world_size`` GPUs."""
 
 
-def configured_candidate(config, world_size: int) -> Candidate | None:
+def configured_candidate(config: RootConfig, world_size: int) -> Candidate | None:
     """The config's own layout as a planner candidate; None if its TP x PP x CP does not divide the world."""
     p = config.parallel
     model_parallel = p.tensor * p.pipeline * p.context
