@@ -26,22 +26,32 @@ def _parse_overrides(overrides: list[str]) -> list[str]:
     return list(overrides)
 
 
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of config keys")
+    return raw
+
+
+def explicit_keys(path: str | None, overrides: list[str] | None = None) -> set[str]:
+    """Dotted keys the file or the overrides set, as opposed to schema defaults (``plan`` requires some)."""
+    keys = set(flatten(_read_yaml(path))) if path is not None else set()
+    return keys | {item.split("=", 1)[0] for item in _parse_overrides(overrides or [])}
+
+
 def load_config(path: str | None, overrides: list[str] | None = None) -> RootConfig:
     """YAML file (optional) + dotted overrides -> validated RootConfig."""
     schema = OmegaConf.structured(RootConfig)
     layers = []
     where = path or "<defaults>"
     if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of config keys")
-        layers.append(OmegaConf.create(raw))
+        layers.append(OmegaConf.create(_read_yaml(path)))
     layers.append(OmegaConf.from_dotlist(_parse_overrides(overrides or [])))
     try:
         merged = OmegaConf.merge(schema, *layers)

@@ -27,11 +27,11 @@ back.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 
 from megatron_align.errors import UserError
+from megatron_align.model.arithmetic import ModelShape
 
 EMBEDDING = "embedding.word_embeddings.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
@@ -54,26 +54,8 @@ _STATE_DICT_ALIASES = {"input_layernorm.weight": INPUT_NORM, "pre_mlp_layernorm.
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-@dataclass(frozen=True)
-class LlamaDims:
-    """The shapes a conversion needs (from our ModelConfig or an HF config.json)."""
-
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    vocab_size: int
-    """The tokenizer's vocabulary (embedding rows beyond it are padding)."""
-    tie_embeddings: bool
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def heads_per_group(self) -> int:
-        return self.num_attention_heads // self.num_query_groups
+# The shapes a conversion needs (from our ModelConfig or an HF config.json): the shared model shape.
+LlamaDims = ModelShape
 
 
 def is_model_key(key: str) -> bool:

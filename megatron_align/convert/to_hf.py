@@ -62,10 +62,7 @@ def tokenizer_of(ckpt: DistCheckpoint, tokenizer_model: str | None = None):
 
 def checkpoint_dims(ckpt: DistCheckpoint, model: ModelConfig, vocab_size: int) -> LlamaDims:
     """Dims from the saved config, cross-checked against the tensor shapes in .metadata."""
-    dims = LlamaDims(num_layers=model.num_layers, hidden_size=model.hidden_size, ffn_hidden_size=model.ffn_size,
-                     num_attention_heads=model.num_attention_heads,
-                     num_query_groups=model.num_query_groups or model.num_attention_heads,
-                     vocab_size=vocab_size, tie_embeddings=model.tie_embeddings)
+    dims = LlamaDims.from_config(model, vocab_size)
     keys = set(ckpt.model_keys)
     unknown = sorted(keys - KNOWN_KEYS)
     if unknown:

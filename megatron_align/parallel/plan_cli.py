@@ -2,11 +2,12 @@
 
 Two forms, told apart by the first positional argument:
 
-    megatron-align plan CONFIG.yaml --gpus 64 --gpu h100-80gb [--top 10] [--json plan.json]
+    megatron-align plan CONFIG.yaml [key=value ...] --gpus 64 --gpu h100-80gb [--top 10] [--json plan.json]
     megatron-align plan goodput --gpus 16384 --save-s 60 --restore-s 300 --restart-s 600 [--interval-s 1800]
 
-The first prints the feasible layouts ranked by estimated step time (memory breakdown in GiB,
-step time, tokens/s/GPU, MFU) and counts the infeasible ones by reason; the second prints the
+The first reads the config exactly as ``train`` does (YAML + ``key=value`` overrides), prints the
+feasible layouts ranked by estimated step time (memory breakdown in GiB, step time, tokens/s/GPU,
+MFU), the config's own layout with its rank, and counts the infeasible ones by reason; the second prints the
 Young / Daly / exact optimal checkpoint intervals, the expected goodput and a Monte Carlo check.
 The formulas are in :mod:`megatron_align.parallel.planner` and :mod:`megatron_align.resilience.supervisor.goodput`.
 """
@@ -20,7 +21,7 @@ import os
 
 from megatron_align.errors import UserError
 from megatron_align.parallel.planner import (GPU_ALIASES, GPUS, PRECISIONS, PlanOptions, PlanResult,
-                                             count_parameters, get_gpu, load_plan_inputs, plan)
+                                             count_parameters, evaluate_layout, get_gpu, load_plan_inputs, plan)
 from megatron_align.resilience.supervisor.goodput import DEFAULT_MTBF_HOURS_PER_GPU, FailureModel, goodput_report
 
 GOODPUT = "goodput"
@@ -29,6 +30,7 @@ GOODPUT = "goodput"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="CONFIG|goodput",
                         help="a training YAML to plan layouts for, or the word 'goodput' for the checkpoint model")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, as for train (e.g. train.global_batch_size=128)")
     parser.add_argument("--gpus", type=int, required=True, help="total GPUs in the job")
     layout = parser.add_argument_group("layout planning (plan CONFIG)")
     layout.add_argument("--gpu", default="h100-80gb", help=f"GPU type: {', '.join([*GPUS, *GPU_ALIASES])}")
@@ -54,13 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.target == GOODPUT:
+        if args.overrides:
+            raise UserError(f"plan goodput takes no key=value overrides (got {' '.join(args.overrides)})")
         return _run_goodput(args)
     return _run_layouts(args)
 
 
 # ---------------------------------------------------------------- layouts
 def _run_layouts(args: argparse.Namespace) -> int:
-    inputs = load_plan_inputs(args.target)
+    inputs = load_plan_inputs(args.target, args.overrides, world_size=args.gpus)
     gpu = get_gpu(args.gpu)
     overrides = {"compute_efficiency": args.efficiency, "overhead_gib": args.overhead_gib}
     options = PlanOptions(precision=args.precision or inputs.precision or "bf16", gpus_per_node=args.gpus_per_node,
@@ -77,6 +81,15 @@ def _run_layouts(args: argparse.Namespace) -> int:
         print(_table(feasible[: max(args.top, 0)], start=1))
     else:
         print("no feasible layout: add GPUs, use a GPU with more memory, or shrink the model / micro batch")
+    if inputs.configured is not None:
+        own = evaluate_layout(model, inputs.configured, gpu, options, inputs.global_batch_size)
+        rank = next((i for i, r in enumerate(feasible, 1) if r.layout == own.layout), None)
+        verdict = (f"rank {rank} of {len(feasible)} feasible" if rank else
+                   "feasible, outside the searched candidates" if own.feasible else "infeasible")
+        print(f"the config's own layout ({own.layout.label}, micro batch {own.layout.micro_batch_size}, recompute "
+              f"{own.layout.recompute}): {verdict}")
+        if not rank or rank > args.top:  # a row of the table above is not printed twice
+            print(_table([own], start=rank or 0))
     counts = collections.Counter(_reason_kind(reason) for r in infeasible for reason in r.reasons)
     if counts:
         print("infeasible: " + ", ".join(f"{kind} x{n}" for kind, n in counts.most_common()))
@@ -84,7 +97,7 @@ def _run_layouts(args: argparse.Namespace) -> int:
         closest = sorted(infeasible, key=lambda r: (len(r.reasons), r.memory.total))[: args.show_infeasible]
         print(_table(closest, start=1))
     if args.json_path:
-        payload = {"config": os.path.abspath(args.target), "gpus": args.gpus, "gpu": gpu.name,
+        payload = {"config": os.path.abspath(args.target), "overrides": args.overrides, "gpus": args.gpus, "gpu": gpu.name,
                    "global_batch_size": inputs.global_batch_size, "parameters": count_parameters(model),
                    "options": vars(options), "results": [r.to_dict() for r in results]}
         _write_json_atomic(args.json_path, payload)

@@ -14,14 +14,15 @@ Notation: L layers, h hidden, f ffn hidden, a query heads, g query groups (KV he
 d = h/a head dim, q = a*d, kv = g*d, V padded vocab (a multiple of 128*TP, as Megatron
 pads it), s sequence, b micro batch, t = TP, c = CP, T tokens per step.
 
-Parameters (no biases, RMSNorm, SwiGLU, untied by default):
-    per layer   P_layer = h*(q + 2*kv) + q*h + 3*h*f + 2*h        (QKV, proj, fc1 gate+up, fc2, 2 norms)
-    model       N = L*P_layer + V*h*(2 if untied else 1) + h     (Llama-3-8B: 8.03e9, 70B: 70.6e9)
-    per GPU     layers L/PP, linear weights / TP (norms replicated), embedding on the first
+The model's shape, parameter count, FLOPs per token and the GPU peaks are not defined here:
+they come from :mod:`megatron_align.model.arithmetic`, which the trainer's measured MFU uses too.
+
+Parameters per GPU: layers L/PP, linear weights / TP (norms replicated), embedding on the first
                 stage, output layer on the last (a tied embedding is copied there when PP > 1).
 
 Weights, gradients, optimizer (bytes per parameter, Megatron mixed precision, Adam):
-    bf16/fp8: 2 (bf16 weight) + 4 (fp32 main grad) + 12 (fp32 master + m + v)     = 18
+    bf16/fp8: 2 (bf16 weight) + 4 (fp32 main grad; 2 when grad_reduce_in_fp32=False, as
+              Megatron-Bridge's recipes run) + 12 (fp32 master + m + v)            = 18
     with the distributed optimizer the 12 are sharded over DP*CP: 6 + 12/(DP*CP)
     fp32 (CPU runs): 4 + 4 + 8 (no master copy).
     FP8 (Transformer Engine): + 2 bytes per linear weight (FP8 copy + its transpose, cached
@@ -42,6 +43,11 @@ Derived here for Llama (bytes per s*b*h, with r_q = q/h, r_kv = kv/h, r_f = f/h)
     core attention: fused/flash kernels keep only a fp32 log-sum-exp (4*a/h); unfused keeps
               the softmax 2*a*s/h (+3*a*s/h with attention dropout, giving Korthikanti's 5).
     => Llama-3-8B: 12 + 4*g/a + 6*f/h = 12 + 1 + 21 = 34 (by coincidence the GPT-3 constant).
+    FP8 (TE, current or delayed scaling): each FP8 GEMM saves the FP8 cast of its input, not the
+              bf16 tensor: QKV and fc1 inputs 1 each, fc2 input 1*r_f, and linear_proj keeps a 1*r_q
+              FP8 cast beside the bf16 attention output that flash attention keeps for its backward:
+              6 + 5*r_q + 4*r_kv + 5*r_f (Llama-3-70B: 29 instead of 33.5). The BF16 first and last
+              layers (fp8.first_last_layers_bf16) are counted as FP8; the difference is 2 layers.
 Sequence parallel divides every term by TP (without it, the norm inputs, QKV/fc1 inputs and
 dropout masks -- 8 of them for Llama -- stay replicated). CP divides s. Selective recompute
 (core attention) drops the a*s/h term; full recompute keeps only each layer's input (2*s*b*h
@@ -53,19 +59,20 @@ L*(1 + (PP-1)/(PP*VPP)) layers' worth. The last stage also holds the logits: s*b
 (2 bf16 + 4 fp32 for the cross entropy). Plus a fixed overhead (CUDA context, NCCL and
 cuBLAS workspaces, allocator fragmentation): PlanOptions.overhead_gib.
 
-FLOPs (Megatron's formula; the PaLM MFU convention): one token costs, forward,
-2 FLOPs per linear weight plus 4*s*q for QK^T and attention x V (counted non-causal), so
-    model FLOPs/step = 6*N_lin*T + 12*L*s*q*T,   N_lin = L*(h*(q+2*kv) + q*h + 3*h*f) + V*h
-  = 12*T*L*h^2*[(1 + g/a + s/h)*(q/h) + 1.5*f/h] + 6*T*h*V   (SwiGLU: the 1.5; GQA: the g/a).
-Recompute adds hardware FLOPs (full: one more forward; selective: the core-attention forward)
+FLOPs: model FLOPs/step = T x ModelShape.flops_per_token = T x (6*N_lin + 6*h*V + 6*L*s*q),
+causal attention counted once (what Megatron-Bridge publishes; within 0.1% of its H100 table).
+Compute time uses the same causal attention FLOPs (flash attention skips the masked blocks);
+recompute adds hardware FLOPs (full: one more forward; selective: the core-attention forward)
 but not model FLOPs. Compute time = FLOPs / (peak x efficiency); FP8 runs the linear layers at
-the FP8 peak, attention and the output layer at the BF16 peak.
+the FP8 peak, attention and the output layer at the BF16 peak; fp32 runs at the FP32 peak.
 
 Communication (ring collectives move 2*(n-1)/n of the buffer per GPU for an all-reduce,
 (n-1)/n for a reduce-scatter or all-gather; bandwidth NVLink inside a node, the per-GPU NIC
 across nodes, both times PlanOptions.comm_efficiency):
     TP (SP): 4 all-reduce equivalents of s*b*h*2 bytes per layer per micro batch (2 forward,
-         2 backward; +2 with full recompute), not overlapped.
+         2 backward; +2 with full recompute), not overlapped (the trainer does not enable TE's
+         userbuffer TP overlap; Megatron-Bridge's recipes do, which is most of the gap in
+         docs/benchmarks.md).
     CP (ring attention): 3*(CP-1) exchanges of a K,V chunk per layer per micro batch,
          hidden behind core-attention compute where it fits.
     PP: send activations forward and gradients back at every chunk boundary, and the bubble:
@@ -73,7 +80,8 @@ across nodes, both times PlanOptions.comm_efficiency):
     DP: gradients (fp32) all-reduced, or reduce-scattered + bf16 weights all-gathered with the
          distributed optimizer, over DP*CP ranks; overlapped with the last micro batch's backward
          (and the first one's forward for the all-gather); only the excess is exposed.
-Ranking by estimated step time; MFU = model FLOPs / (step time x GPUs x dense peak of the
+Candidates: TP up to a node, PP dividing the rest, VPP every divisor of the layers per stage
+(80 layers on PP8: 1, 2, 5, 10), CP in 1/2/4/8. Ranking by estimated step time; MFU = model FLOPs / (step time x GPUs x dense peak of the
 training precision), so it is at most the efficiency factor.
 """
 
@@ -81,185 +89,59 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from megatron_align.errors import ConfigError, UserError
+from megatron_align.model.arithmetic import (GIB, GPU_ALIASES, GPUS, PRECISIONS, GpuSpec,  # noqa: F401 (re-exported)
+                                             ModelShape, count_parameters, get_gpu)
 
-GIB = 1024**3
+if TYPE_CHECKING:
+    from megatron_align.config.schema import RootConfig
+
 RECOMPUTE_CHOICES = ("none", "selective", "full")
-PRECISIONS = ("bf16", "fp8", "fp32")
-
-
-@dataclass(frozen=True)
-class GpuSpec:
-    name: str
-    memory_gib: float
-    """Usable HBM as the driver reports it (GiB)."""
-    bf16_tflops: float
-    """Dense BF16 tensor-core peak (no sparsity)."""
-    fp8_tflops: float | None
-    """Dense FP8 peak; None where the GPU has no FP8 tensor cores."""
-    nvlink_gb_s: float
-    """NVLink bandwidth per GPU per direction (GB/s)."""
-    network_gb_s: float
-    """Inter-node bandwidth per GPU (one NIC per GPU; 400 Gb/s = 50 GB/s)."""
-    hbm_tb_s: float
-    """HBM bandwidth (TB/s), for the memory-bound optimizer step."""
-
-
-GPUS: dict[str, GpuSpec] = {
-    "h100-80gb": GpuSpec("h100-80gb", 79.6, 989.0, 1979.0, 450.0, 50.0, 3.35),
-    "h200": GpuSpec("h200", 140.4, 989.0, 1979.0, 450.0, 50.0, 4.8),
-    "a100-80gb": GpuSpec("a100-80gb", 80.0, 312.0, None, 300.0, 25.0, 2.0),
-}
-GPU_ALIASES = {"h100-sxm": "h100-80gb", "h100": "h100-80gb", "h200-141gb": "h200", "a100": "a100-80gb"}
-
-
-def get_gpu(name: str) -> GpuSpec:
-    key = GPU_ALIASES.get(name.lower(), name.lower())
-    if key not in GPUS:
-        raise UserError(f"unknown GPU {name!r}: choose one of {', '.join(sorted([*GPUS, *GPU_ALIASES]))}")
-    return GPUS[key]
-
-
-@dataclass
-class PlanModel:
-    """The model dimensions the planner needs (Llama-style: RMSNorm, SwiGLU, RoPE, GQA, no biases)."""
-
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    vocab_size: int
-    seq_length: int
-    untie_embeddings_and_output_weights: bool = True
-    """Separate output layer (Llama 3); False shares the input embedding."""
-    kv_channels: int | None = None
-    """Head dim; None = hidden_size / num_attention_heads."""
-    gated_linear_unit: bool = True
-    """SwiGLU (3 MLP matrices); False = a 2-matrix GELU MLP (GPT-3, for checking Korthikanti's 34)."""
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    make_vocab_size_divisible_by: int = 128
-    """Megatron pads the vocabulary to a multiple of this x TP."""
-
-    def __post_init__(self) -> None:
-        for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                    "vocab_size", "seq_length", "make_vocab_size_divisible_by"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"model.{key}={value!r}: must be a positive integer")
-        if self.num_attention_heads % self.num_query_groups:
-            raise ConfigError(f"model.num_attention_heads={self.num_attention_heads} must be divisible by "
-                              f"model.num_query_groups={self.num_query_groups}")
-        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by "
-                              f"model.num_attention_heads={self.num_attention_heads} (or set model.kv_channels)")
-
-    @property
-    def head_dim(self) -> int:
-        return self.kv_channels or self.hidden_size // self.num_attention_heads
-
-    @property
-    def q_size(self) -> int:
-        return self.num_attention_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.num_query_groups * self.head_dim
-
-    def padded_vocab(self, tp: int = 1) -> int:
-        multiple = self.make_vocab_size_divisible_by * tp
-        return -(-self.vocab_size // multiple) * multiple
-
-    def linear_params_per_layer(self) -> int:
-        h, f = self.hidden_size, self.ffn_hidden_size
-        mlp = (3 if self.gated_linear_unit else 2) * h * f
-        return h * (self.q_size + 2 * self.kv_size) + self.q_size * h + mlp
-
-    def params_per_layer(self) -> int:
-        return self.linear_params_per_layer() + 2 * self.hidden_size
-
-    @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any], source: str = "config") -> "PlanModel":
-        """Build from a (nested or dotted) config mapping; accepts the keys listed in load_plan_inputs."""
-        h = _required(cfg, "model.hidden_size", source)
-        heads = _required(cfg, "model.num_attention_heads", source)
-        ffn = _lookup(cfg, "model.ffn_hidden_size")
-        if ffn is None:  # the Llama default the root config also uses: 8h/3 rounded up to 64
-            ffn = -(-(8 * h // 3) // 64) * 64
-        untie = _lookup(cfg, "model.untie_embeddings_and_output_weights")
-        if untie is None:
-            tie = _lookup(cfg, "model.tie_embeddings")
-            untie = True if tie is None else not tie
-        extras = {k: _lookup(cfg, f"model.{k}") for k in ("kv_channels", "hidden_dropout", "attention_dropout",
-                                                           "make_vocab_size_divisible_by")}
-        return cls(
-            num_layers=_required(cfg, "model.num_layers", source), hidden_size=h, ffn_hidden_size=ffn,
-            num_attention_heads=heads, num_query_groups=_lookup(cfg, "model.num_query_groups") or heads,
-            vocab_size=_required(cfg, "model.vocab_size", source), seq_length=_required(cfg, "model.seq_length", source),
-            untie_embeddings_and_output_weights=bool(untie), **{k: v for k, v in extras.items() if v is not None})
-
-
-def count_parameters(model: PlanModel, tp: int = 1) -> int:
-    """Total parameters of the GPTModel Megatron builds (vocabulary padded for ``tp``)."""
-    embeddings = model.padded_vocab(tp) * model.hidden_size * (2 if model.untie_embeddings_and_output_weights else 1)
-    return model.num_layers * model.params_per_layer() + embeddings + model.hidden_size
-
-
-def _lookup(cfg: Mapping[str, Any], dotted: str) -> Any:
-    if dotted in cfg:
-        return cfg[dotted]
-    node: Any = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _required(cfg: Mapping[str, Any], dotted: str, source: str) -> Any:
-    value = _lookup(cfg, dotted)
-    if value is None:
-        raise ConfigError(f"{source}: {dotted} is required by the planner (set it in the YAML)")
-    return value
 
 
 @dataclass
 class PlanInputs:
-    model: PlanModel
+    model: ModelShape
     global_batch_size: int
     precision: str | None
     """From the config's top-level ``precision`` when it is bf16/fp8/fp32; None otherwise (auto)."""
+    configured: Candidate | None = None
+    """The layout the config itself asks for (parallel.*, micro batch, recompute) on ``world_size`` GPUs."""
 
 
-def plan_inputs_from_dict(cfg: Mapping[str, Any], source: str = "config") -> PlanInputs:
-    gbs = _required(cfg, "train.global_batch_size", source)
-    if not isinstance(gbs, int) or gbs <= 0:
-        raise ConfigError(f"{source}: train.global_batch_size={gbs!r}: must be a positive integer")
-    precision = _lookup(cfg, "precision")
-    return PlanInputs(PlanModel.from_dict(cfg, source), gbs, precision if precision in PRECISIONS else None)
+def configured_candidate(config: RootConfig, world_size: int) -> Candidate | None:
+    """The config's own layout as a planner candidate; None if its TP x PP x CP does not divide the world."""
+    p = config.parallel
+    model_parallel = p.tensor * p.pipeline * p.context
+    if world_size % model_parallel:
+        return None
+    return Candidate(p.tensor, p.pipeline, p.virtual_pipeline or 1, p.context, world_size // model_parallel,
+                     config.train.micro_batch_size, config.model.recompute, config.optimizer.distributed != "false")
 
 
-def load_plan_inputs(path: str) -> PlanInputs:
-    """Read model.num_layers, hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups,
-    vocab_size, seq_length, untie_embeddings_and_output_weights (or tie_embeddings) and
-    train.global_batch_size from a YAML file (interpolations resolved)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+# Keys a plan must be given: the schema's defaults describe a 2-layer test model, not the one to plan.
+REQUIRED_KEYS = ("model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.vocab_size",
+                 "model.seq_length", "train.global_batch_size")
 
-    if not os.path.isfile(path):
-        raise UserError(f"config file {path} does not exist")
-    try:
-        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except (OmegaConfBaseException, ValueError) as err:
-        raise ConfigError(f"{path}: cannot read YAML: {err}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of config keys")
-    return plan_inputs_from_dict(cfg, source=path)
+
+def load_plan_inputs(path: str | None, overrides: list[str] | None = None, world_size: int | None = None) -> PlanInputs:
+    """The model and batch of a training config: YAML + ``key=value`` overrides, loaded and validated
+    exactly as ``train`` loads them (:func:`megatron_align.config.loader.load_config`)."""
+    from megatron_align.config.loader import explicit_keys, load_config
+
+    config = load_config(path, overrides)
+    given = explicit_keys(path, overrides)
+    missing = [key for key in REQUIRED_KEYS if key not in given]
+    if missing:
+        also = f"; also missing: {', '.join(missing[1:])}" if missing[1:] else ""
+        raise ConfigError(f"{path or '<overrides>'}: {missing[0]} is required by the planner (set it in the YAML or "
+                          f"pass {missing[0]}=...){also}")
+    precision = config.precision if config.precision in PRECISIONS else None
+    configured = configured_candidate(config, world_size) if world_size else None
+    return PlanInputs(ModelShape.from_config(config.model), config.train.global_batch_size, precision, configured)
 
 
 @dataclass
@@ -302,7 +184,9 @@ class PlanOptions:
 
 
 @dataclass(frozen=True)
-class Layout:
+class Candidate:
+    """One point of the search: a parallel layout plus micro batch, recompute and optimizer sharding."""
+
     tp: int
     pp: int
     vpp: int
@@ -344,7 +228,7 @@ class MemoryBreakdown:
 
 @dataclass
 class PlanResult:
-    layout: Layout
+    layout: Candidate
     memory: MemoryBreakdown
     step_time_s: float
     tokens_per_s_per_gpu: float
@@ -365,14 +249,14 @@ class PlanResult:
 
 
 # ---------------------------------------------------------------- memory
-def _weight_bytes(precision: str, distributed: bool, shard: int) -> tuple[float, float, float]:
-    """(weights, grads, optimizer) bytes per parameter."""
-    if precision == "fp32":
+def _weight_bytes(options: PlanOptions, distributed: bool, shard: int) -> tuple[float, float, float]:
+    """(weights, grads, optimizer) bytes per parameter; DDP's grad buffer has the dtype of the reduction."""
+    if options.precision == "fp32":
         return 4.0, 4.0, 8.0 / (shard if distributed else 1)
-    return 2.0, 4.0, 12.0 / (shard if distributed else 1)
+    return 2.0, 4.0 if options.grad_reduce_in_fp32 else 2.0, 12.0 / (shard if distributed else 1)
 
 
-def stage_parameters(model: PlanModel, layout: Layout, last: bool) -> float:
+def stage_parameters(model: ModelShape, layout: Candidate, last: bool) -> float:
     """Parameters held by one GPU of the first (last=False) or last pipeline stage."""
     t, h = layout.tp, model.hidden_size
     layers = math.ceil(model.num_layers / layout.pp)
@@ -383,12 +267,12 @@ def stage_parameters(model: PlanModel, layout: Layout, last: bool) -> float:
         params += embedding
     if last or layout.pp == 1:
         params += h  # final norm
-        if model.untie_embeddings_and_output_weights or layout.pp > 1:
+        if not model.tie_embeddings or layout.pp > 1:
             params += embedding  # output layer (a tied one is copied to the last stage when PP > 1)
     return params
 
 
-def layer_activation_bytes(model: PlanModel, layout: Layout, options: PlanOptions) -> tuple[float, float]:
+def layer_activation_bytes(model: ModelShape, layout: Candidate, options: PlanOptions) -> tuple[float, float]:
     """(bytes one layer keeps for backward, bytes of a fully materialised layer) for one micro batch."""
     h, t = model.hidden_size, layout.tp
     s, b = model.seq_length / layout.cp, layout.micro_batch_size
@@ -397,8 +281,12 @@ def layer_activation_bytes(model: PlanModel, layout: Layout, options: PlanOption
     scale = act / 2  # coefficients below are for 2-byte activations
     mask = 1.0 if model.hidden_dropout > 0 else 0.0
     r_q, r_kv, r_f = model.q_size / h, model.kv_size / h, model.ffn_hidden_size / h
-    replicated = scale * 8 + 2 * mask  # norm inputs 4, QKV input 2, fc1 input 2, dropout masks
-    split = scale * (2 * r_q + 4 * r_kv + 2 * r_q + (6 if model.gated_linear_unit else 4) * r_f)
+    fp8 = options.precision == "fp8"
+    gemm_input = 1.0 if fp8 else 2 * scale  # TE saves the FP8 cast of an FP8 GEMM's input, not the bf16 tensor
+    replicated = scale * 4 + 2 * gemm_input + 2 * mask  # norm inputs; QKV and fc1 inputs (norm outputs); masks
+    attention = scale * (2 * r_q + 4 * r_kv + 2 * r_q) + (r_q if fp8 else 0.0)  # Q, K, V, output; FP8 proj input
+    mlp = scale * (4 if model.gated_linear_unit else 2) * r_f + gemm_input * r_f  # activation input, fc2 input
+    split = attention + mlp
     if options.flash_attention:
         split += 4 * model.num_attention_heads / h  # fp32 log-sum-exp per (token, head)
         quadratic = 0.0
@@ -412,7 +300,7 @@ def layer_activation_bytes(model: PlanModel, layout: Layout, options: PlanOption
     return s * b * h * act / sp, full  # full recompute: keep the layer input only
 
 
-def _chunks_in_flight(layout: Layout, rank: int, num_microbatches: int) -> int:
+def _chunks_in_flight(layout: Candidate, rank: int, num_microbatches: int) -> int:
     pp, vpp = layout.pp, layout.vpp
     if vpp == 1:
         return max(1, min(num_microbatches, pp - rank))
@@ -420,10 +308,10 @@ def _chunks_in_flight(layout: Layout, rank: int, num_microbatches: int) -> int:
     return max(1, min(num_microbatches * vpp, warmup + 1))
 
 
-def estimate_memory(model: PlanModel, layout: Layout, options: PlanOptions, num_microbatches: int) -> MemoryBreakdown:
+def estimate_memory(model: ModelShape, layout: Candidate, options: PlanOptions, num_microbatches: int) -> MemoryBreakdown:
     """Peak bytes on the worst GPU: the first and the last pipeline stage are both evaluated."""
     t = layout.tp
-    w_b, g_b, o_b = _weight_bytes(options.precision, layout.distributed_optimizer, layout.dp * layout.cp)
+    w_b, g_b, o_b = _weight_bytes(options, layout.distributed_optimizer, layout.dp * layout.cp)
     kept, materialised = layer_activation_bytes(model, layout, options)
     layers_per_chunk = model.num_layers / (layout.pp * layout.vpp)
     layers_per_rank = math.ceil(model.num_layers / layout.pp)
@@ -447,11 +335,9 @@ def estimate_memory(model: PlanModel, layout: Layout, options: PlanOptions, num_
 
 
 # ---------------------------------------------------------------- time
-def model_flops_per_step(model: PlanModel, tokens: float, tp: int = 1) -> float:
-    """6*N_lin*T + 12*L*s*q*T (see module docstring); vocabulary padded as for ``tp``."""
-    linear = model.num_layers * model.linear_params_per_layer() + model.padded_vocab(tp) * model.hidden_size
-    attention = model.num_layers * 4 * model.seq_length * model.q_size
-    return 3 * tokens * (2 * linear + attention)
+def model_flops_per_step(model: ModelShape, tokens: float, tp: int = 1) -> float:
+    """Model FLOPs of ``tokens`` trained tokens: the one count (:meth:`ModelShape.flops_per_token`)."""
+    return model.flops_per_token(tp) * tokens
 
 
 def _bandwidth(options: PlanOptions, gpu: GpuSpec, span_gpus: int) -> float:
@@ -460,21 +346,18 @@ def _bandwidth(options: PlanOptions, gpu: GpuSpec, span_gpus: int) -> float:
     return link * 1e9 * options.comm_efficiency
 
 
-def estimate_step_time(model: PlanModel, layout: Layout, gpu: GpuSpec, options: PlanOptions,
+def estimate_step_time(model: ModelShape, layout: Candidate, gpu: GpuSpec, options: PlanOptions,
                        global_batch_size: int) -> tuple[float, dict[str, float]]:
     t, pp, vpp, cp, dp = layout.tp, layout.pp, layout.vpp, layout.cp, layout.dp
     m = max(1, global_batch_size // (layout.micro_batch_size * dp))
     tokens_mb = layout.micro_batch_size * model.seq_length
-    bf16 = gpu.bf16_tflops * 1e12 * options.compute_efficiency
+    bf16 = gpu.peak_flops("fp32" if options.precision == "fp32" else "bf16") * options.compute_efficiency
     if options.precision == "fp8" and gpu.fp8_tflops:
-        linear_rate = gpu.fp8_tflops * 1e12 * options.fp8_compute_efficiency
-    elif options.precision == "fp32":
-        linear_rate = bf16 / 2  # TF32 tensor cores: half the BF16 rate
-        bf16 = linear_rate
+        linear_rate = gpu.peak_flops("fp8") * options.fp8_compute_efficiency
     else:
         linear_rate = bf16
     lin_fwd = 2 * model.linear_params_per_layer() * tokens_mb / (t * cp)
-    attn_fwd = 4 * model.seq_length * model.q_size * tokens_mb / (t * cp)
+    attn_fwd = 2 * model.seq_length * model.q_size * tokens_mb / (t * cp)  # causal: flash skips masked blocks
     passes = {"none": 3, "selective": 3, "full": 4}[layout.recompute]
     attn_passes = 3 if layout.recompute == "none" else 4
     layer_compute = passes * lin_fwd / linear_rate + attn_passes * attn_fwd / bf16
@@ -528,7 +411,7 @@ def estimate_step_time(model: PlanModel, layout: Layout, gpu: GpuSpec, options: 
 
 
 # ---------------------------------------------------------------- layouts
-def layout_problems(model: PlanModel, layout: Layout, gpu: GpuSpec, options: PlanOptions,
+def layout_problems(model: ModelShape, layout: Candidate, gpu: GpuSpec, options: PlanOptions,
                     global_batch_size: int) -> list[str]:
     """Why a layout cannot run, before memory is considered (empty list: it can)."""
     t, pp, vpp, cp, dp, mbs = layout.tp, layout.pp, layout.vpp, layout.cp, layout.dp, layout.micro_batch_size
@@ -560,7 +443,7 @@ def layout_problems(model: PlanModel, layout: Layout, gpu: GpuSpec, options: Pla
     return problems
 
 
-def evaluate_layout(model: PlanModel, layout: Layout, gpu: GpuSpec, options: PlanOptions,
+def evaluate_layout(model: ModelShape, layout: Candidate, gpu: GpuSpec, options: PlanOptions,
                     global_batch_size: int) -> PlanResult:
     reasons = layout_problems(model, layout, gpu, options, global_batch_size)
     m = max(1, global_batch_size // (layout.micro_batch_size * layout.dp))
@@ -571,8 +454,7 @@ def evaluate_layout(model: PlanModel, layout: Layout, gpu: GpuSpec, options: Pla
     world = layout.world_size
     tokens = global_batch_size * model.seq_length
     flops = model_flops_per_step(model, tokens, layout.tp)
-    peak = (gpu.fp8_tflops if options.precision == "fp8" and gpu.fp8_tflops else
-            gpu.bf16_tflops / (2 if options.precision == "fp32" else 1)) * 1e12
+    peak = gpu.peak_flops(options.precision) or gpu.peak_flops("bf16")
     achieved = flops / (step * world)
     return PlanResult(layout, memory, step, tokens / step / world, achieved / peak, achieved / 1e12, breakdown, reasons)
 
@@ -581,23 +463,25 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def enumerate_layouts(world_size: int, model: PlanModel, micro_batch_sizes: tuple[int, ...] = (1, 2, 4),
-                      max_tp: int = 8) -> list[Layout]:
-    """TP in the divisors of the world up to ``max_tp``, then PP, VPP in {1,2,4,8}, CP in {1,2,4,8}, DP the rest."""
+def enumerate_layouts(world_size: int, model: ModelShape, micro_batch_sizes: tuple[int, ...] = (1, 2, 4),
+                      max_tp: int = 8) -> list[Candidate]:
+    """TP in the divisors of the world up to ``max_tp``, then PP; VPP in the divisors of the layers per stage
+    (80 layers on PP8: 1, 2, 5, 10); CP in {1,2,4,8}; DP the rest."""
     layouts = []
     for tp in (d for d in _divisors(world_size) if d <= max_tp):
         for pp in (d for d in _divisors(world_size // tp) if d <= model.num_layers):
-            vpps = [1] if pp == 1 else [v for v in (1, 2, 4, 8) if pp * v <= model.num_layers]
+            even = pp > 1 and model.num_layers % pp == 0
+            vpps = _divisors(model.num_layers // pp) if even else [1]
             for vpp, cp in itertools.product(vpps, (1, 2, 4, 8)):
                 if (world_size // (tp * pp)) % cp:
                     continue
                 dp = world_size // (tp * pp * cp)
                 for mbs, rc, dopt in itertools.product(micro_batch_sizes, RECOMPUTE_CHOICES, (False, True)):
-                    layouts.append(Layout(tp, pp, vpp, cp, dp, mbs, rc, dopt))
+                    layouts.append(Candidate(tp, pp, vpp, cp, dp, mbs, rc, dopt))
     return layouts
 
 
-def plan(model: PlanModel, world_size: int, gpu: GpuSpec, global_batch_size: int,
+def plan(model: ModelShape, world_size: int, gpu: GpuSpec, global_batch_size: int,
          options: PlanOptions | None = None, micro_batch_sizes: tuple[int, ...] = (1, 2, 4)) -> list[PlanResult]:
     """Every candidate layout, feasible ones first ranked by step time, then infeasible ones by memory."""
     if world_size <= 0:

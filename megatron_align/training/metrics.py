@@ -1,10 +1,9 @@
-"""metrics.jsonl and the throughput / MFU arithmetic.
+"""metrics.jsonl and the measured throughput / MFU.
 
-FLOPs per token follow the usual dense-transformer count (Narayanan et al.
-2021; Kaplan et al. 2020): 6 x (non-embedding parameters) for the matmuls of
-forward + backward, plus 6 x h x V for the output layer, plus attention scores
-and values 6 x L x s x h (causal: half of 12 L s h). MFU = achieved FLOP/s /
-the GPU's dense peak for the training precision.
+FLOPs per token and GPU peaks come from :mod:`megatron_align.model.arithmetic`, the module the
+planner reads too, so a run's measured MFU and ``megatron-align plan``'s predicted MFU are the same
+quantity: model FLOPs per token (6 x linear weights + 6 h V + causal attention 6 L s q) x tokens/s,
+over the GPU's dense peak for the training precision.
 """
 
 from __future__ import annotations
@@ -15,32 +14,19 @@ import os
 import torch
 
 from megatron_align.config.schema import RootConfig
-
-# Dense peak FLOP/s per GPU (no sparsity), by training precision.
-_PEAK = {
-    "H100": {"bf16": 989e12, "fp8": 1979e12, "fp32": 67e12},
-    "H200": {"bf16": 989e12, "fp8": 1979e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "fp32": 19.5e12},
-    "B200": {"bf16": 2250e12, "fp8": 4500e12, "fp32": 80e12},
-}
+from megatron_align.model.arithmetic import ModelShape, gpu_for_device
 
 
 def peak_flops_per_gpu(precision: str) -> float | None:
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, peaks in _PEAK.items():
-        if key in name:
-            return peaks.get(precision)
-    return None
+    gpu = gpu_for_device(torch.cuda.get_device_name())
+    return gpu.peak_flops(precision) if gpu else None
 
 
-def flops_per_token(config: RootConfig, padded_vocab: int) -> float:
-    m = config.model
-    h, L, s = m.hidden_size, m.num_layers, m.seq_length
-    kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * m.ffn_size  # qkv, proj, SwiGLU (gate, up, down)
-    return 6.0 * L * per_layer + 6.0 * h * padded_vocab + 6.0 * L * s * h
+def flops_per_token(config: RootConfig, vocab_size: int) -> float:
+    """Model FLOPs per token of this config's model; ``vocab_size`` padded or not (padding is idempotent)."""
+    return ModelShape.from_config(config.model, vocab_size).flops_per_token(tp=config.parallel.tensor)
 
 
 class MetricsWriter:
