@@ -63,7 +63,8 @@ class MegatronScorer:
 
     def loglikelihoods(self, requests: list[tuple[str, str]]) -> np.ndarray:
         """``log P(continuation | context)`` per request, summed over tokens (vocab-parallel, any layout)."""
-        inputs = continuation_inputs(self.encoder.encode, requests, self.encoder.max_prompt_tokens)
+        inputs, truncated = continuation_inputs(self.encoder.encode, requests, self.encoder.max_prompt_tokens)
+        self.encoder.num_truncated += truncated
         targets = [ids[1:] + tail[-1:] for (ids, _), (_, tail) in
                    zip(inputs, (split_pair(self.encoder.encode, c, x) for c, x in requests))]
         counts = [num for _, num in inputs]

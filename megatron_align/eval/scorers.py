@@ -50,18 +50,25 @@ def split_pair(encode: Callable[[str], list[int]], context: str, continuation: s
 
 
 def continuation_inputs(encode: Callable[[str], list[int]], requests: list[tuple[str, str]],
-                        max_tokens: Optional[int] = None) -> list[tuple[list[int], int]]:
-    """Per request: the model input (context + continuation minus its last token) and the continuation length."""
-    out = []
+                        max_tokens: Optional[int] = None) -> tuple[list[tuple[list[int], int]], int]:
+    """Per request: the model input (context + continuation minus its last token) and the continuation length.
+
+    Longer inputs keep their last ``max_tokens`` (the end of the context and the whole continuation);
+    also returns how many were cut. A continuation that alone does not fit is an error.
+    """
+    out, truncated = [], 0
     for context, continuation in requests:
         head, tail = split_pair(encode, context, continuation)
         if not tail:
             raise UserError(f"continuation {continuation!r} encodes to no tokens after {context[-30:]!r}")
         ids = (head + tail)[:-1]
         if max_tokens and len(ids) > max_tokens:
-            ids = ids[-max_tokens:]
+            if len(tail) > max_tokens:
+                raise UserError(f"continuation {continuation[:40]!r} is {len(tail)} tokens, more than the prompt limit "
+                                f"{max_tokens} (--max-prompt-tokens / the model's seq_length)")
+            ids, truncated = ids[-max_tokens:], truncated + 1
         out.append((ids, len(tail)))
-    return out
+    return out, truncated
 
 
 def continuation_sums(logp_rows: list[torch.Tensor], inputs: list[tuple[list[int], int]], full: list[list[int]]) -> np.ndarray:
@@ -179,7 +186,8 @@ class BatchedLMScorer:
     @torch.no_grad()
     def loglikelihoods(self, requests: list[tuple[str, str]]) -> np.ndarray:
         """``log P(continuation | context)`` per request (summed over the continuation's tokens)."""
-        inputs = continuation_inputs(self.encode, requests, self.max_prompt_tokens)
+        inputs, truncated = continuation_inputs(self.encode, requests, self.max_prompt_tokens)
+        self.num_truncated += truncated
         full = [split_pair(self.encode, c, x)[1] for c, x in requests]
         out = np.zeros(len(requests), dtype=np.float64)
         for start in range(0, len(inputs), self.batch_size):
