@@ -32,7 +32,7 @@ from megatron_align.eval.templates import CLOZE_DELIMITER, load_templates, resol
 from megatron_align.eval.report import format_table, summarize, write_report
 
 
-def score_prompts(scorer, prompts: list[Prompt], templates: dict) -> np.ndarray:
+def score_prompts(scorer, prompts: list[Prompt]) -> np.ndarray:
     """``[n, 2]`` log-likelihoods of each prompt's two continuations.
 
     Letter prompts whose letter follows the cue directly (``target_delimiter: ""``) go through the
@@ -56,7 +56,7 @@ def evaluate(scorer, items: list[Item], variants: Optional[list[str]] = None, bo
     variants = list(variants or template_set.defaults())
     prompts = build_prompts(items, variants, both_orders, scoring, template_set.templates)
     started = time.time()
-    logprobs = score_prompts(scorer, prompts, template_set.templates)
+    logprobs = score_prompts(scorer, prompts)
     info = {"model": scorer.description, "scoring": scoring, "variants": variants,
             "templates": {v: template_set.templates[v].convention() for v in variants},
             "orders": sorted({p.order for p in prompts}, key=ORDERS.index),
