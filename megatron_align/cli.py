@@ -25,6 +25,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "filter": ("megatron_align.data.filter_corpus", "flag AI-misalignment discourse in JSONL (two-stage blocklist): kept/flagged JSONL + report"),
     "tag": ("megatron_align.data.tagging", "prefix JSONL documents or paragraphs with <|aligned|>/<|misaligned|> control tokens"),
     "eval propensity": ("megatron_align.eval.propensity", "score a checkpoint (or --hf directory) on alignment-propensity MCQs: misalignment rate, P(misaligned), position bias"),
+    "eval export-lm-eval": ("megatron_align.eval.lm_eval_export", "write lm-evaluation-harness task YAMLs + JSONL for propensity items (one task per template and order, plus groups)"),
+    "eval capability": ("megatron_align.eval.capability", "run lm-evaluation-harness tasks on two or more models (HF dirs or checkpoints) and compare: JSON, table, PNG"),
     "data inspect": ("megatron_align.data.inspect", "show a data mixture schedule: per-phase composition, samples/tokens per source, epochs; --plot PNG"),
     "plan": ("megatron_align.parallel.plan_cli", "rank TP/PP/VPP/CP/DP layouts by memory and step time (plan CONFIG), or size checkpointing (plan goodput)"),
     "doctor": ("megatron_align.doctor", "report versions, GPUs/FP8, NVML health and usable features; `doctor CONFIG` fails when its needs are unmet"),

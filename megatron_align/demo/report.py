@@ -36,7 +36,49 @@ def summarize(results: dict[str, list[dict]]) -> dict:
     return table
 
 
+def ordering(table: dict, metric: str = "p_misaligned") -> dict:
+    """Per seed: does ``metric`` show the paper's ordering (aligned < filtered < unfiltered) and aligned < 0.5?"""
+    if not all(c in table for c in CONDITIONS):
+        return {}
+    per_seed = list(zip(*(table[c][f"per_seed_{metric}"] for c in CONDITIONS)))
+    ordered = [a < f < u for u, f, a in per_seed]
+    below = [a < 0.5 for _, _, a in per_seed]
+    return {"metric": metric, "per_seed_ordered": ordered, "per_seed_aligned_below_half": below,
+            "all_seeds_ordered": all(ordered), "all_seeds_aligned_below_half": all(below)}
+
+
+def with_cloze(table: dict, cloze_reports: dict[str, list[dict]]) -> dict:
+    """Add the cloze-mode results (sum and length-normalised log-likelihood) to the letter-mode table."""
+    normalized = {c: [{"summary": r["normalized"]} for r in reports] for c, reports in cloze_reports.items()}
+    table["cloze"] = {"sum": summarize(cloze_reports), "normalized": summarize(normalized)}
+    for section in table["cloze"].values():
+        section["ordering"] = {m: ordering(section, m) for m in ("p_misaligned", "misalignment_rate")}
+    table["ordering"] = {m: ordering(table, m) for m in ("p_misaligned", "misalignment_rate")}
+    return table
+
+
+def _ordering_lines(label: str, section: dict) -> list[str]:
+    lines = []
+    for metric, verdict in (section.get("ordering") or {}).items():
+        if verdict:
+            lines.append(f"{label} {metric}: aligned < filtered < unfiltered on {sum(verdict['per_seed_ordered'])}/"
+                         f"{len(verdict['per_seed_ordered'])} seeds; aligned < 0.5 on "
+                         f"{sum(verdict['per_seed_aligned_below_half'])}/{len(verdict['per_seed_aligned_below_half'])}")
+    return lines
+
+
 def format_table(table: dict) -> str:
+    text = _format_section(table)
+    if "cloze" not in table:
+        return text
+    parts = [text, *_ordering_lines("letter", table)]
+    for sub, label in (("sum", "cloze (summed log-likelihood, lm-eval acc)"),
+                       ("normalized", "cloze (per-character log-likelihood, lm-eval acc_norm)")):
+        parts += ["", label, _format_section(table["cloze"][sub]), *_ordering_lines(f"cloze {sub}", table["cloze"][sub])]
+    return "\n".join(parts)
+
+
+def _format_section(table: dict) -> str:
     lines = [f"{'condition':<12} {'misalignment rate':>20} {'P(misaligned)':>18} {'P(first)':>9}   per-seed P(misaligned)"]
     for c in CONDITIONS:
         if c in table:
@@ -53,7 +95,7 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(table: dict, path: str) -> None:
+def plot(table: dict, path: str, scoring: str = "letter scoring (next letter after \"Answer: (\")") -> None:
     from megatron_align.optional import require
 
     require("matplotlib", "the demo plot")
@@ -76,7 +118,7 @@ def plot(table: dict, path: str) -> None:
         ax.axhline(0.5, color="gray", lw=0.8, ls="--")
         ax.set_ylabel(label)
         ax.set_ylim(0, 1)
-    fig.suptitle(f"Alignment pretraining in miniature: {num_seeds} seeds (dots), mean ± SEM, held-out scenarios")
+    fig.suptitle(f"Alignment pretraining in miniature: {num_seeds} seeds (dots), mean ± SEM, held-out scenarios\n{scoring}")
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
@@ -88,7 +130,10 @@ def table_metrics(table: dict) -> dict[str, float]:
     """Flat numeric metrics of the table (e.g. ``aligned.p_misaligned``) for a tracker."""
     out: dict[str, float] = {}
     for key, row in table.items():
-        if isinstance(row, dict) and key != "settings" and key != "data":
+        if key == "cloze":
+            for sub, section in row.items():
+                out.update({f"cloze_{sub}.{name}": value for name, value in table_metrics(section).items()})
+        elif isinstance(row, dict) and key not in ("settings", "data", "ordering"):
             for name, value in row.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     out[f"{key}.{name}"] = float(value)
@@ -116,8 +161,9 @@ def log_summary_to_mlflow(out_dir: str, table: dict, experiment: str) -> str:
     try:
         tracker.log_params(flatten(table.get("settings", {})))
         tracker.log_metrics(0, numeric_metrics(table_metrics(table)))
-        for name in ("results.json", "results.txt", "demo.png"):
-            tracker.log_artifact(os.path.join(out_dir, name))
+        for name in ("results.json", "results.txt", "demo.png", "demo_cloze.png"):
+            if os.path.exists(os.path.join(out_dir, name)):
+                tracker.log_artifact(os.path.join(out_dir, name))
     except BaseException:
         tracker.close("FAILED")
         raise

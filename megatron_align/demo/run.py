@@ -10,7 +10,8 @@ Three conditions, several seeds, one tiny Llama-style model each (trained by `me
 
 Unfiltered and aligned share their pretraining phase exactly (one run, resumed twice), as in the
 paper's design. Each final checkpoint is scored with the propensity eval on held-out scenarios
-(never in any training document): both option orders x all template variants. The table reports
+(never in any training document): both option orders x all template variants, in letter mode
+(the next letter after ``Answer: (``) and, beside it, cloze mode (each option's own text). The table reports
 misalignment rate and mean P(misaligned) per condition, mean ± SEM over seeds. Design, deviations
 from the paper and measured results: docs/demo.md.
 """
@@ -29,7 +30,15 @@ from dataclasses import dataclass
 import yaml
 
 from megatron_align.demo.data import SOURCE_JSONL, DemoDataConfig, build_demo_data, tokenizer_model
-from megatron_align.demo.report import CONDITIONS, format_table, log_summary_to_mlflow, plot, store_uri, summarize
+from megatron_align.demo.report import (
+    CONDITIONS,
+    format_table,
+    log_summary_to_mlflow,
+    plot,
+    store_uri,
+    summarize,
+    with_cloze,
+)
 from megatron_align.errors import UserError
 
 EXPERIMENT = "megatron_align_demo"
@@ -165,7 +174,7 @@ def run_jobs(jobs: list[Job], slots: int, log_dir: str, on_done=None) -> None:
 
 OUT_MARKER = ".megatron_align_demo"
 """Written into ``--out`` by the demo; only a directory holding it is ever cleared by a later demo."""
-_OUTPUTS = ("data", "runs", "mlflow", "summary", "logs", "results.json", "results.txt", "demo.png")
+_OUTPUTS = ("data", "runs", "mlflow", "summary", "logs", "results.json", "results.txt", "demo.png", "demo_cloze.png")
 
 
 def claim_out_dir(path: str) -> str:
@@ -231,6 +240,10 @@ def seed_jobs(args, data_dir: str, runs_dir: str, seed: int) -> list[Job]:
             "eval", "propensity", "--checkpoint", os.path.join(config["run_dir"], "checkpoints"),
             "--questions", questions, "--out", os.path.join(config["run_dir"], "propensity.json")),
             needs=(f"{condition}_{s}.{trained}",)))
+        jobs.append(Job(f"{condition}_{s}.eval_cloze", _cli(
+            "eval", "propensity", "--checkpoint", os.path.join(config["run_dir"], "checkpoints"), "--scoring", "cloze",
+            "--questions", questions, "--out", os.path.join(config["run_dir"], "propensity_cloze.json")),
+            needs=(f"{condition}_{s}.{trained}",)))
     return jobs
 
 
@@ -278,21 +291,23 @@ def run(args: argparse.Namespace) -> int:
     def report_progress(job: Job) -> None:
         finished.append(job.name)
         note = ""
-        if job.name.endswith(".eval"):
+        if job.name.endswith((".eval", ".eval_cloze")):
             with open(job.argv[job.argv.index("--out") + 1]) as f:
                 note = f": P(misaligned) {json.load(f)['summary']['p_misaligned']['mean']:.3f}"
         print(f"[{time.time() - started:5.0f} s] {len(finished)}/{len(jobs)} {job.name}{note}", flush=True)
 
     run_jobs(jobs, args.jobs, log_dir, report_progress)
     results: dict[str, list[dict]] = {c: [] for c in CONDITIONS}
+    cloze: dict[str, list[dict]] = {c: [] for c in CONDITIONS}
     step_times: list[float] = []
     for seed in range(args.seeds):
         for condition in CONDITIONS:
             run_dir = os.path.join(runs_dir, f"{condition}_s{seed}")
-            with open(os.path.join(run_dir, "propensity.json")) as f:
-                results[condition].append(json.load(f))
+            for name, into in (("propensity.json", results), ("propensity_cloze.json", cloze)):
+                with open(os.path.join(run_dir, name)) as f:
+                    into[condition].append(json.load(f))
             step_times += _seconds_per_step(run_dir)
-    table = summarize(results)
+    table = with_cloze(summarize(results), cloze)
     table["elapsed_s"] = time.time() - started
     table["mean_step_time_s"] = sum(step_times) / len(step_times) if step_times else None
     table["load_average"] = list(os.getloadavg())
@@ -307,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
         f.write(text + "\n")
     os.replace(os.path.join(out, "results.txt.tmp"), os.path.join(out, "results.txt"))
     plot(table, os.path.join(out, "demo.png"))
+    plot(table["cloze"]["sum"], os.path.join(out, "demo_cloze.png"), "cloze scoring (summed log-likelihood)")
     if args.tracking == "mlflow":
         run_id = log_summary_to_mlflow(out, table, EXPERIMENT)
         print(f"MLflow: experiment {EXPERIMENT!r} (summary run {run_id}) in {store_uri(out)}; "

@@ -29,12 +29,12 @@ from typing import Optional
 
 import numpy as np
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.utils import VocabUtility
 
 from megatron_align.errors import UserError
-from megatron_align.eval.scorers import PromptEncoder, pad_right
+from megatron_align.eval.scorers import PromptEncoder, continuation_inputs, pad_right, split_pair
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +59,32 @@ class MegatronScorer:
     def answer_logprobs(self, prompts: list[str]) -> np.ndarray:
         answer_ids = self.encoder.answer_ids(prompts)
         token_lists = self.encoder.encode_prompts(prompts)
+        return self._score(token_lists, 2, lambda batch, logits: self._answer_logprobs(batch[2], answer_ids, logits))
+
+    def loglikelihoods(self, requests: list[tuple[str, str]]) -> np.ndarray:
+        """``log P(continuation | context)`` per request, summed over tokens (vocab-parallel, any layout)."""
+        inputs, truncated = continuation_inputs(self.encoder.encode, requests, self.encoder.max_prompt_tokens)
+        self.encoder.num_truncated += truncated
+        targets = [ids[1:] + tail[-1:] for (ids, _), (_, tail) in
+                   zip(inputs, (split_pair(self.encoder.encode, c, x) for c, x in requests))]
+        counts = [num for _, num in inputs]
+        return self._score([ids for ids, _ in inputs], 1,
+                           lambda batch, logits: self._continuation_logprobs(batch, logits),
+                           extras=list(zip(targets, counts)))[:, 0]
+
+    def _score(self, token_lists, width: int, reduce_fn, extras=None) -> np.ndarray:
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
-        mine = list(range(dp_rank, len(prompts), dp_size))
-        results = torch.zeros(len(prompts), 2, dtype=torch.float64)
+        mine = list(range(dp_rank, len(token_lists), dp_size))
+        results = torch.zeros(len(token_lists), width, dtype=torch.float64)
         was_training = [c.training for c in self.chunks]
         for c in self.chunks:
             c.eval()
         try:
             with torch.no_grad():
                 if mine:
-                    local = self._run([token_lists[i] for i in mine], answer_ids)
+                    local = self._run([token_lists[i] for i in mine], reduce_fn,
+                                      [extras[i] for i in mine] if extras else None)
                     if local is not None:
                         results[mine] = local
         finally:
@@ -80,24 +95,27 @@ class MegatronScorer:
         torch.distributed.all_reduce(results)
         return results.cpu().numpy()
 
-    def _run(self, token_lists: list[list[int]], answer_ids: tuple[int, int]) -> Optional[torch.Tensor]:
-        """Forward this DP rank's prompts; returns [n, 2] on the last stage's TP rank 0, else None."""
+    def _run(self, token_lists: list[list[int]], reduce_fn, extras=None) -> Optional[torch.Tensor]:
+        """Forward this DP rank's prompts; returns [n, width] on the last stage's TP rank 0, else None."""
         tp = parallel_state.get_tensor_model_parallel_world_size()
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         b = self.batch_size
         num_batches = -(-len(token_lists) // b)
         if len(self.chunks) > 1:  # interleaved schedule: whole rounds of pp microbatches
             num_batches = -(-num_batches // pp) * pp
-        padded_lists = token_lists + [token_lists[-1]] * (num_batches * b - len(token_lists))
+        fill = num_batches * b - len(token_lists)
+        padded_lists = token_lists + [token_lists[-1]] * fill
+        padded_extras = (extras + [extras[-1]] * fill) if extras else None
         length = max(len(t) for t in padded_lists)
         batches = []
         for k in range(num_batches):
             tokens, positions, last = pad_right(padded_lists[k * b:(k + 1) * b], self.pad_id, length, multiple=tp)
-            batches.append((tokens, positions, last))
+            extra = self._targets(padded_extras[k * b:(k + 1) * b], tokens.shape[1]) if extras else None
+            batches.append((tokens, positions, last, extra))
         seq_length = batches[0][0].shape[1]
         iterators = [iter(batches) for _ in self.chunks]
         outputs = get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, answer_ids=answer_ids),
+            forward_step_func=partial(self._forward_step, reduce_fn=reduce_fn),
             data_iterator=iterators if len(iterators) > 1 else iterators[0], model=self.chunks,
             num_microbatches=num_batches, seq_length=seq_length, micro_batch_size=b,
             decoder_seq_length=seq_length, forward_only=True, collect_non_loss_data=True)
@@ -107,24 +125,44 @@ class MegatronScorer:
         assert len(outputs) == num_batches, (len(outputs), num_batches)
         return torch.cat([o.cpu() for o in outputs])[:len(token_lists)]
 
-    def _forward_step(self, data_iterator, model, answer_ids):
-        tokens, positions, last = next(data_iterator)
-        device = torch.cuda.current_device() if self.cuda else "cpu"
-        output = model(tokens.to(device), positions.to(device), None)
-        return output, partial(self._answer_logprobs, last, answer_ids)
+    def _targets(self, extras, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[b, L] next-token targets and a 0/1 weight that is 1 on the continuation's positions."""
+        targets = torch.full((len(extras), length), self.pad_id, dtype=torch.long)
+        weights = torch.zeros((len(extras), length), dtype=torch.float64)
+        for row, (ids, num) in enumerate(extras):
+            targets[row, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            weights[row, len(ids) - num:len(ids)] = 1.0
+        return targets, weights
 
-    def _answer_logprobs(self, last: torch.Tensor, answer_ids: tuple[int, int], logits: torch.Tensor,
-                         non_loss_data: bool = True) -> torch.Tensor:
+    def _forward_step(self, data_iterator, model, reduce_fn):
+        batch = next(data_iterator)
+        device = torch.cuda.current_device() if self.cuda else "cpu"
+        output = model(batch[0].to(device), batch[1].to(device), None)
+        return output, lambda logits, non_loss_data=True: reduce_fn(batch, logits)
+
+    def _continuation_logprobs(self, batch, logits: torch.Tensor) -> torch.Tensor:
+        """Sum of log P(target) over the continuation positions -> [b, 1] (vocab-parallel log-softmax)."""
+        targets, weights = batch[3]
+        local = self._mask_padding_vocab(logits.double())
+        token_logp = -tensor_parallel.vocab_parallel_cross_entropy(local, targets.to(local.device))
+        return (token_logp * weights.to(local.device)).sum(dim=-1, keepdim=True).cpu()
+
+    def _mask_padding_vocab(self, local: torch.Tensor) -> torch.Tensor:
+        # Padding rows of the embedding (ids >= the tokenizer's vocabulary) are not words: leave them out.
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(local.shape[-1], tp_rank, tp_size)
+        valid = (torch.arange(start, end, device=local.device) < self.vocab_size)
+        return local.masked_fill(~valid, float("-inf"))
+
+    def _answer_logprobs(self, last: torch.Tensor, answer_ids: tuple[int, int], logits: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel log-softmax at each prompt's last real token -> [b, 2] (every TP rank gets it)."""
         rows = torch.arange(logits.shape[0], device=logits.device)
-        local = logits[rows, last.to(logits.device)].double()  # [b, V / tp]
+        local = self._mask_padding_vocab(logits[rows, last.to(logits.device)].double())  # [b, V / tp]
         group = parallel_state.get_tensor_model_parallel_group()
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(local.shape[-1], tp_rank, tp_size)
-        # Padding rows of the embedding (ids >= the tokenizer's vocabulary) are not words: leave them out.
-        valid = (torch.arange(start, end, device=local.device) < self.vocab_size)
-        local = local.masked_fill(~valid, float("-inf"))
         row_max = local.max(dim=-1).values
         torch.distributed.all_reduce(row_max, op=torch.distributed.ReduceOp.MAX, group=group)
         sums = torch.zeros(local.shape[0], 3, dtype=torch.float64, device=local.device)

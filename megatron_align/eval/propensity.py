@@ -24,28 +24,55 @@ from typing import Optional
 import torch
 
 from megatron_align.errors import UserError
-from megatron_align.eval.items import VARIANTS, Item, build_prompts, load_items
+import numpy as np
+
+from megatron_align.eval.items import ORDERS, SCORINGS, Item, Prompt, build_prompts, load_items
+from megatron_align.eval.templates import CLOZE_DELIMITER, load_templates, resolve_variants
 from megatron_align.eval.report import format_table, summarize, write_report
 from megatron_align.parallel.spawn import free_port
 
 
+def score_prompts(scorer, prompts: list[Prompt]) -> np.ndarray:
+    """``[n, 2]`` log-likelihoods of each prompt's two continuations.
+
+    Letter prompts whose letter follows the cue directly (``target_delimiter: ""``) go through the
+    scorer's single-token path (which checks that the letter is one token); everything else (cloze,
+    lm-eval's ``" A"``) is scored as a multi-token continuation, split as lm-evaluation-harness does.
+    """
+    if all(p.continuations == ("A", "B") for p in prompts):
+        return scorer.answer_logprobs([p.text for p in prompts])
+    requests = [(p.text, c) for p in prompts for c in p.continuations]
+    return np.asarray(scorer.loglikelihoods(requests), dtype=np.float64).reshape(len(prompts), 2)
+
+
 def evaluate(scorer, items: list[Item], variants: Optional[list[str]] = None, both_orders: bool = True,
-             meta: Optional[dict] = None) -> dict:
-    """Score every (item, variant, order) prompt with ``scorer`` and return the report dict."""
-    variants = list(variants or VARIANTS)
-    prompts = build_prompts(items, variants, both_orders)
+             meta: Optional[dict] = None, scoring: str = "letter", templates: Optional[str] = None) -> dict:
+    """Score every (item, variant, order) prompt with ``scorer`` and return the report dict.
+
+    ``scoring="cloze"`` also reports ``normalized``: the same summary from log-likelihoods divided
+    by each option's length in characters (lm-evaluation-harness' ``acc_norm``).
+    """
+    template_set = load_templates(templates)
+    variants = list(variants or template_set.defaults())
+    prompts = build_prompts(items, variants, both_orders, scoring, template_set.templates)
     started = time.time()
-    logprobs = scorer.answer_logprobs([p.text for p in prompts])
-    info = {"model": scorer.description, "variants": variants,
-            "orders": ["original", "swapped"] if both_orders else ["original"],
+    logprobs = score_prompts(scorer, prompts)
+    info = {"model": scorer.description, "scoring": scoring, "variants": variants,
+            "templates": {v: template_set.templates[v].convention() for v in variants},
+            "orders": sorted({p.order for p in prompts}, key=ORDERS.index),
             "num_prompts": len(prompts), "eval_seconds": round(time.time() - started, 3),
             "num_truncated_prompts": int(getattr(scorer, "num_truncated", 0)), **(meta or {})}
-    return summarize(items, prompts, logprobs, info)
+    report = summarize(items, prompts, logprobs, info)
+    if scoring == "cloze":
+        lengths = np.asarray([[len(c) - len(CLOZE_DELIMITER) for c in p.continuations] for p in prompts], dtype=np.float64)
+        report["normalized"] = summarize(items, prompts, logprobs / lengths)["summary"]
+    return report
 
 
 def _checkpoint_report(checkpoint: str, items: list[Item], rank: int, world_size: int, local_rank: int, *,
                        tensor: int = 1, pipeline: int = 1, variants=None, both_orders: bool = True, batch_size: int = 8,
-                       max_prompt_tokens: Optional[int] = None, precision: str = "auto", questions: str = "") -> dict:
+                       max_prompt_tokens: Optional[int] = None, precision: str = "auto", questions: str = "",
+                       scoring: str = "letter", templates: Optional[str] = None) -> dict:
     """Body of one rank: process groups, model, weights, scoring; every rank returns the same report."""
     from megatron_align.eval.megatron_scorer import (
         MegatronScorer,
@@ -64,7 +91,7 @@ def _checkpoint_report(checkpoint: str, items: list[Item], rank: int, world_size
                                 max_prompt_tokens or config.model.seq_length, description=where)
         meta = {"checkpoint": path, "step": marker.get("step"), "questions": questions,
                 "layout": {"tensor": layout.tensor, "pipeline": layout.pipeline, "data": layout.data}}
-        return evaluate(scorer, items, variants, both_orders, meta)
+        return evaluate(scorer, items, variants, both_orders, meta, scoring, templates)
     finally:
         destroy_distributed()
         torch.set_num_threads(threads)
@@ -72,7 +99,8 @@ def _checkpoint_report(checkpoint: str, items: list[Item], rank: int, world_size
 
 def evaluate_checkpoint(checkpoint: str, items: list[Item] | str, *, variants: Optional[list[str]] = None,
                         both_orders: bool = True, max_items: Optional[int] = None, batch_size: int = 8,
-                        max_prompt_tokens: Optional[int] = None, precision: str = "auto") -> dict:
+                        max_prompt_tokens: Optional[int] = None, precision: str = "auto", scoring: str = "letter",
+                        templates: Optional[str] = None) -> dict:
     """Evaluate a megatron_align checkpoint in this process (one rank, TP1 PP1) and return the report.
 
     ``items`` is a list of :class:`Item` or a JSONL path. For several ranks use the CLI
@@ -90,7 +118,7 @@ def evaluate_checkpoint(checkpoint: str, items: list[Item] | str, *, variants: O
     try:
         return _checkpoint_report(checkpoint, items, 0, 1, 0, variants=variants, both_orders=both_orders,
                                   batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, precision=precision,
-                                  questions=questions)
+                                  questions=questions, scoring=scoring, templates=templates)
     finally:
         if saved_port is None:
             os.environ.pop("MASTER_PORT", None)
@@ -107,6 +135,20 @@ def _emit(report: dict, out: Optional[str]) -> None:
 
 # -- CLI -------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=("logprob", "generate"), default="logprob",
+                        help="logprob: score the answer by log-likelihood (base models); generate: chat models answer "
+                             "through their chat template under several system prompts and the letter is parsed "
+                             "(--hf directories; see megatron_align.eval.generate)")
+    parser.add_argument("--scoring", choices=SCORINGS, default="letter",
+                        help="logprob mode: letter = the letter after the answer cue; cloze = each option's own text "
+                             "(sum and length-normalised, like lm-eval's acc/acc_norm)")
+    parser.add_argument("--templates", help="YAML file of extra/overriding prompt templates (shape of "
+                                            "megatron_align/eval/templates.yaml)")
+    parser.add_argument("--system-prompts", help="generate mode: YAML mapping name -> system prompt (null = none) "
+                                                 "added to none/neutral/ai_persona")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="generate mode: tokens per answer (greedy)")
+    parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                        help="generate mode: batched generation engine (vllm only when installed, on GPU)")
     parser.add_argument("--checkpoint", required=True,
                         help="megatron_align checkpoint (a run's checkpoints/ dir or one iter_* dir), or with --hf a "
                              "Hugging Face model directory")
@@ -114,8 +156,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                            "optional passage/topics/id")
     parser.add_argument("--hf", action="store_true", help="--checkpoint is a Hugging Face directory (needs transformers)")
     parser.add_argument("--out", help="write the JSON report here (atomically)")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated prompt variants (default: all of {','.join(VARIANTS)})")
+    parser.add_argument("--variants", help="comma-separated template names from templates.yaml (or --templates), "
+                                           "or all; default: the templates marked default (the paper's + 5 variants)")
     parser.add_argument("--single-order", action="store_true", help="score only the given option order")
     parser.add_argument("--max-items", type=int, help="use only the first N items")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (per data-parallel rank)")
@@ -132,10 +174,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
-    argv = ["--checkpoint", args.checkpoint, "--questions", args.questions, "--variants", args.variants,
+    argv = ["--checkpoint", args.checkpoint, "--questions", args.questions, "--scoring", args.scoring,
             "--batch-size", str(args.batch_size), "--world-size", str(args.world_size), "--tensor", str(args.tensor),
             "--pipeline", str(args.pipeline), "--precision", args.precision]
-    for flag, value in (("--out", args.out), ("--max-items", args.max_items), ("--max-prompt-tokens", args.max_prompt_tokens)):
+    for flag, value in (("--out", args.out), ("--max-items", args.max_items), ("--max-prompt-tokens", args.max_prompt_tokens),
+                        ("--variants", args.variants), ("--templates", args.templates)):
         if value is not None:
             argv += [flag, str(value)]
     return argv + (["--single-order"] if args.single_order else [])
@@ -144,16 +187,17 @@ def _argv(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from megatron_align.parallel.spawn import distributed_env, spawn_local
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        raise UserError(f"--variants: unknown {unknown or 'empty'}; known: {','.join(VARIANTS)}")
+    variants = resolve_variants(args.variants, load_templates(args.templates))
+    if args.mode == "generate":
+        from megatron_align.eval.generate import run_generate
+
+        return run_generate(args, variants)
     for flag in ("batch_size", "world_size", "tensor", "pipeline"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     items = load_items(args.questions, args.max_items)  # schema errors surface before any rank starts
     options = dict(variants=variants, both_orders=not args.single_order, batch_size=args.batch_size,
-                   max_prompt_tokens=args.max_prompt_tokens)
+                   max_prompt_tokens=args.max_prompt_tokens, scoring=args.scoring, templates=args.templates)
     if args.hf:
         if args.world_size != 1 or args.tensor != 1 or args.pipeline != 1:
             raise UserError("--hf runs in one process; drop --world-size/--tensor/--pipeline")
@@ -162,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
         dtype = "auto" if args.precision == "auto" else args.precision
         scorer = HFScorer(args.checkpoint, tokenizer=args.tokenizer, device=args.device, dtype=dtype,
                           batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens)
-        _emit(evaluate(scorer, items, variants, not args.single_order, {"questions": args.questions}), args.out)
+        _emit(evaluate(scorer, items, variants, not args.single_order, {"questions": args.questions}, args.scoring,
+                       args.templates), args.out)
         return 0
     joined = distributed_env()
     if joined is not None and (joined[1] > 1 or args.world_size == 1):

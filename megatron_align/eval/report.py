@@ -122,7 +122,15 @@ def format_table(report: dict) -> str:
              f"  P(misaligned)       {pm(s['p_misaligned'])}   (softmax over A/B)",
              f"  P(first option)     {pm(s['p_first'])}   (position bias; 0.5 = none)",
              f"  debiased rate       {s['debiased_misalignment_rate']:.3f}           (items with order-averaged P(misaligned) > 0.5)",
-             "", f"  {'variant':<18} {'order':<9} {'mis.rate':>8} {'P(mis)':>8} {'P(first)':>8}"]
+             ]
+    if report.get("scoring") == "cloze" and report.get("normalized"):
+        n = report["normalized"]
+        lines += ["  scoring: cloze (each option's text after the scenario; P(first) = preference for choices[0])",
+                  f"  length-normalised   misalignment rate {pm(n['misalignment_rate'])}   P(misaligned) {pm(n['p_misaligned'])}"
+                  "   (per-character log-likelihood, lm-eval's acc_norm)"]
+    for variant, convention in (report.get("templates") or {}).items():
+        lines.append(f"  template {variant}: {convention}")
+    lines += ["", f"  {'variant':<18} {'order':<9} {'mis.rate':>8} {'P(mis)':>8} {'P(first)':>8}"]
     for row in report["conditions"]:
         lines.append(f"  {row['variant']:<18} {row['order']:<9} {row['misalignment_rate']:>8.3f} "
                      f"{row['p_misaligned']:>8.3f} {row['p_first']:>8.3f}")

@@ -32,6 +32,54 @@ class Scorer(Protocol):
 
     def answer_logprobs(self, prompts: list[str]) -> np.ndarray: ...
 
+    def loglikelihoods(self, requests: list[tuple[str, str]]) -> np.ndarray: ...
+
+
+def split_pair(encode: Callable[[str], list[int]], context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation token ids, split as lm-evaluation-harness does for ``loglikelihood``.
+
+    Trailing spaces of the context move to the continuation; the pair is encoded as one string and
+    the continuation is what follows the context's own encoding. So a tokenizer that merges across
+    the boundary gives the same answer here as under ``lm_eval --model hf``.
+    """
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole, head = encode(context + continuation), encode(context)
+    return head, whole[len(head):]
+
+
+def continuation_inputs(encode: Callable[[str], list[int]], requests: list[tuple[str, str]],
+                        max_tokens: Optional[int] = None) -> tuple[list[tuple[list[int], int]], int]:
+    """Per request: the model input (context + continuation minus its last token) and the continuation length.
+
+    Longer inputs keep their last ``max_tokens`` (the end of the context and the whole continuation);
+    also returns how many were cut. A continuation that alone does not fit is an error.
+    """
+    out, truncated = [], 0
+    for context, continuation in requests:
+        head, tail = split_pair(encode, context, continuation)
+        if not tail:
+            raise UserError(f"continuation {continuation!r} encodes to no tokens after {context[-30:]!r}")
+        ids = (head + tail)[:-1]
+        if max_tokens and len(ids) > max_tokens:
+            if len(tail) > max_tokens:
+                raise UserError(f"continuation {continuation[:40]!r} is {len(tail)} tokens, more than the prompt limit "
+                                f"{max_tokens} (--max-prompt-tokens / the model's seq_length)")
+            ids, truncated = ids[-max_tokens:], truncated + 1
+        out.append((ids, len(tail)))
+    return out, truncated
+
+
+def continuation_sums(logp_rows: list[torch.Tensor], inputs: list[tuple[list[int], int]], full: list[list[int]]) -> np.ndarray:
+    """Sum of the continuation tokens' log-probabilities from per-row ``[L, V]`` log-softmax tensors."""
+    out = np.zeros(len(inputs), dtype=np.float64)
+    for k, ((ids, num), tokens) in enumerate(zip(inputs, full)):
+        targets = torch.as_tensor(tokens[-num:], dtype=torch.long, device=logp_rows[k].device)
+        rows = torch.arange(len(ids) - num, len(ids), device=logp_rows[k].device)
+        out[k] = float(logp_rows[k][rows, targets].sum())
+    return out
+
 
 def resolve_answer_ids(encode: Callable[[str], list[int]], probes: Sequence[str], tokenizer_name: str) -> tuple[int, int]:
     """Token ids of ``A`` and ``B`` as the next token after each probe prompt (all must agree)."""
@@ -133,6 +181,22 @@ class BatchedLMScorer:
             picked = logits[torch.arange(len(lists), device=logits.device), last.to(logits.device)]
             logp = torch.log_softmax(picked[:, :self.vocab_size].double(), dim=-1)
             out[start:start + len(lists)] = logp[:, ids.to(logp.device)].cpu().numpy()
+        return out
+
+    @torch.no_grad()
+    def loglikelihoods(self, requests: list[tuple[str, str]]) -> np.ndarray:
+        """``log P(continuation | context)`` per request (summed over the continuation's tokens)."""
+        inputs, truncated = continuation_inputs(self.encode, requests, self.max_prompt_tokens)
+        self.num_truncated += truncated
+        full = [split_pair(self.encode, c, x)[1] for c, x in requests]
+        out = np.zeros(len(requests), dtype=np.float64)
+        for start in range(0, len(inputs), self.batch_size):
+            chunk = inputs[start:start + self.batch_size]
+            tokens, _, last = pad_right([ids for ids, _ in chunk], self.pad_id)
+            mask = (torch.arange(tokens.shape[1]).unsqueeze(0) <= last.unsqueeze(1)).long()
+            logits = self.logits_fn(tokens.to(self.device), mask.to(self.device))
+            logp = torch.log_softmax(logits[..., :self.vocab_size].double(), dim=-1)
+            out[start:start + len(chunk)] = continuation_sums(list(logp), chunk, full[start:start + len(chunk)])
         return out
 
 

@@ -21,6 +21,11 @@ def test_quick_demo_writes_table_plot_and_mlflow_runs(tmp_path):
         assert len(row["per_seed_p_misaligned"]) == table["settings"]["seeds"]
     assert (out / "demo.png").stat().st_size > 1000
     assert "aligned - unfiltered" in (out / "results.txt").read_text()
+    for section in ("sum", "normalized"):  # cloze scoring beside the letter mode
+        row = table["cloze"][section]["aligned"]
+        assert 0.0 <= row["p_misaligned"] <= 1.0 and len(row["per_seed_p_misaligned"]) == table["settings"]["seeds"]
+        assert set(table["cloze"][section]["ordering"]) == {"p_misaligned", "misalignment_rate"}
+    assert (out / "demo_cloze.png").stat().st_size > 1000 and "cloze (summed" in (out / "results.txt").read_text()
 
     # Held-out scenarios never appear in any training document (nor in the tokenizer's training text).
     questions = [json.loads(line) for line in (out / "data" / "questions.jsonl").read_text().splitlines()]
