@@ -34,6 +34,7 @@ from megatron_align.model.builder import build_model_chunks, padded_vocab_size, 
 from megatron_align.parallel.layout import Layout
 from megatron_align.training.callbacks import Callback, CallbackList
 from megatron_align.training.checkpoint import CheckpointManager, read_marker, resolve_checkpoint
+from megatron_align.training.schedule import resolve_schedule, schedule_changes
 from megatron_align.training.metrics import MetricsWriter, flops_per_token, peak_flops_per_gpu
 
 log = logging.getLogger(__name__)
@@ -96,13 +97,11 @@ class Trainer:
                 adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
                 bf16=precision == "bf16", params_dtype=tconfig.params_dtype, use_distributed_optimizer=use_dist_opt),
             self.model)
-        decay_steps = o.decay_steps or t.steps
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
-            lr_decay_steps=decay_steps, lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-            wd_incr_steps=decay_steps, wd_incr_style="constant",
-            wsd_decay_steps=o.wsd_decay_steps or max(1, decay_steps // 10) if o.decay_style == "WSD" else None,
-            lr_wsd_decay_style=o.wsd_decay_style if o.decay_style == "WSD" else None)
+        schedule, notes = resolve_schedule(o, t.steps)
+        for note in notes if self.rank == 0 else []:
+            log.warning("%s", note)
+        self.scheduler = OptimizerParamScheduler(self.optimizer, **schedule)
+        self._schedule = schedule
         async_save = {"auto": self.cuda, "true": True, "false": False}[config.checkpoint.async_save]
         self.checkpoints = CheckpointManager(
             self.ckpt_dir, config.checkpoint.keep_last, config.checkpoint.keep_every, async_save,
@@ -181,7 +180,7 @@ class Trainer:
             return
         self.data.check_resume(marker.get("data", {}), path)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self._load_scheduler(state["scheduler"], path)
         self.callbacks.load_state_dict(state.get("callbacks", {}))
         if same_layout:
             self._set_rng_state(state["rng_state"])
@@ -191,6 +190,19 @@ class Trainer:
         self.consumed_samples = int(state["consumed_samples"])
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d (%d samples consumed)", path, self.step, self.consumed_samples)
+
+    def _load_scheduler(self, saved: dict, path: str) -> None:
+        """The checkpoint's step count; the schedule itself from this config (logged) unless override_scheduler=false."""
+        changes = schedule_changes(saved, self._schedule)
+        if changes and not self.config.optimizer.override_scheduler:
+            raise UserError(f"checkpoint {path} was trained with another LR schedule ({'; '.join(changes)}); "
+                            "restore those values, or set optimizer.override_scheduler=true to follow this config")
+        self.scheduler.override_opt_param_scheduler = bool(changes)
+        self.scheduler.use_checkpoint_opt_param_scheduler = not changes
+        self.scheduler.load_state_dict(saved)
+        if changes and self.rank == 0:
+            log.warning("LR schedule follows this config, not checkpoint %s (optimizer.override_scheduler=true): %s",
+                        path, "; ".join(changes))
 
     # -- loop -----------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
