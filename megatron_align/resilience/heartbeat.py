@@ -59,9 +59,16 @@ def stacks_path(run_dir: str, rank: int) -> str:
 
 def write_json_atomic(path: str, data: dict) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError:  # a full disk: leave no temp file behind
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 class HeartbeatCallback(Callback):
@@ -126,10 +133,7 @@ class HeartbeatCallback(Callback):
         try:
             self._flush()
         except OSError:
-            try:
-                os.remove(f"{self.path}.tmp-{os.getpid()}")  # don't keep a half temp file on a full disk
-            except OSError:
-                pass
+            pass
 
     def _writer(self) -> None:
         while not self._closed:

@@ -299,7 +299,6 @@ class Supervisor:
                 if failure.cause == "storage":
                     self._record(attempt, failure, "stop")
                     code, outcome_text = exit_codes.EXIT_STORAGE, self._storage_verdict()
-                    self.say(outcome_text)
                     break
                 if not failure.retryable:
                     self._record(attempt, failure, "stop")
@@ -385,10 +384,11 @@ class Supervisor:
                   else "no checkpoint was written yet")
         todo = {errno.EROFS: "the filesystem is read-only (remounted after errors?): have it fixed",
                 errno.EIO: "the filesystem reports I/O errors: have it checked (dmesg)"}.get(
-            code, "free space or lower checkpoint.keep_last")
-        return (f"run_dir {self.run_dir}: {storage.STORAGE_ERRNOS.get(code, os.strerror(code))} at {record.get('path')} "
+            code, "free space or lower checkpoint.keep_last" if path else "free space")
+        where = "" if os.path.abspath(str(record.get("path"))) == os.path.abspath(self.run_dir) else f" at {record.get('path')}"
+        return (f"run_dir {self.run_dir}: {storage.STORAGE_ERRNOS.get(code, os.strerror(code))}{where} "
                 f"(free {storage.human(record.get('free_bytes'))}{needed}); {intact}; {todo}, then run the same command "
-                f"(not restarted: a restart meets the same filesystem; exit {exit_codes.EXIT_STORAGE})")
+                f"(not restarted: a restart meets the same filesystem)")
 
     def _quarantine(self, failure: Failure) -> bool:
         """Rename a corrupt checkpoint of this run out of the way (never delete it); False if not ours."""

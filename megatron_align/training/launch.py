@@ -206,9 +206,14 @@ def _write_config(config) -> None:
     os.makedirs(config.run_dir, exist_ok=True)
     path = os.path.join(config.run_dir, "config.yaml")
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(config_to_yaml(config))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(config_to_yaml(config))
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def run(args: argparse.Namespace) -> int:
