@@ -250,6 +250,9 @@ class DataConfig:
             if not src.prefix and not self.mock and src.num_samples is None:
                 raise ConfigError(f"data.sources[{i}].prefix: required (path prefix of a .bin/.idx pair)")
             _positive(f"data.sources[{i}].weight", src.weight, allow_zero=True)
+        if self.sources and not self.mixture.phases and not any(s.weight for s in self.sources):
+            # Megatron-Core's blend normalises by the sum: all zero would give NaN weights
+            raise ConfigError("data.sources[*].weight: all zero; give at least one source a weight > 0")
 
 
 @dataclass
