@@ -89,6 +89,23 @@ def append_jsonl(path: str, record: dict) -> None:
         os.close(fd)
 
 
+def read_jsonl(path: str, since: float = 0.0) -> list[dict]:
+    """Records of a run-dir ``.jsonl`` file with ``time >= since`` (torn or unreadable lines skipped; [] if absent)."""
+    found = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    item = json.loads(line)
+                except ValueError:
+                    continue
+                if float(item.get("time", 0)) >= since:
+                    found.append(item)
+    except OSError:
+        pass
+    return found
+
+
 def read_exclude_nodes(run_dir: str) -> list[str]:
     """Hostnames listed in ``<run_dir>/exclude_nodes.txt`` (empty when the file is absent)."""
     path = os.path.join(run_dir, EXCLUDE_NODES_FILE)

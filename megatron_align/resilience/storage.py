@@ -12,8 +12,10 @@ The one idea: decide from the ``errno`` (ENOSPC, EDQUOT, EROFS, EIO), never from
 text. Libraries wrap the ``OSError`` (Megatron-Core's checkpoint writer raises
 ``RuntimeError("Worker failure: ...") from err`` and torch's ``CheckpointException`` keeps
 per-rank failures in ``.failures``), so :func:`storage_errno` walks the cause/context chain and
-those containers. A rank that only sees a peer's failure (no errno of its own) is classified by
-the free space of the filesystem it was writing to (:func:`looks_full`).
+those containers. Some writers lose the errno altogether: torch.save's zip writer, which
+dist_checkpointing uses for every shard, reports a short write on a full disk only as
+``unexpected pos 704 vs 598``; and a rank may only see a peer's failure. Those are classified by
+the free space left on the filesystem they were writing to (:func:`looks_full`), still not by text.
 
 Torch-free: the supervisor and the CLI import it.
 """
@@ -28,7 +30,7 @@ import sys
 import time
 
 from megatron_align.errors import UserError
-from megatron_align.resilience.exit_codes import STORAGE_FAILURES_FILE, append_jsonl
+from megatron_align.resilience.exit_codes import STORAGE_FAILURES_FILE, append_jsonl, read_jsonl
 
 STORAGE_ERRNOS = {errno_module.ENOSPC: "no space left", errno_module.EDQUOT: "disk quota exceeded",
                   errno_module.EROFS: "read-only filesystem", errno_module.EIO: "I/O error"}
@@ -152,17 +154,4 @@ def report_storage_failure(run_dir: str, rank: int, error: StorageError) -> None
 
 
 def read_storage_failures(run_dir: str, since: float = 0.0) -> list[dict]:
-    path = os.path.join(run_dir, STORAGE_FAILURES_FILE)
-    found = []
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    item = json.loads(line)
-                except ValueError:
-                    continue
-                if float(item.get("time", 0)) >= since:
-                    found.append(item)
-    except OSError:
-        pass
-    return found
+    return read_jsonl(os.path.join(run_dir, STORAGE_FAILURES_FILE), since)

@@ -259,17 +259,8 @@ class Supervisor:
 
     def _note_injected(self, failure: Failure) -> Failure:
         """Name the drill: faults the ranks recorded in faults_fired.jsonl during this attempt."""
-        path = os.path.join(self.run_dir, exit_codes.FAULTS_FIRED_FILE)
-        fired = []
-        if os.path.isfile(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        item = json.loads(line)
-                    except ValueError:
-                        continue
-                    if float(item.get("time", 0)) >= self.attempt_started:
-                        fired.append(f"{item.get('fault')} on rank {item.get('rank')}")
+        fired = [f"{item.get('fault')} on rank {item.get('rank')}" for item in
+                 exit_codes.read_jsonl(os.path.join(self.run_dir, exit_codes.FAULTS_FIRED_FILE), self.attempt_started)]
         if fired:
             failure.detail += f" [injected fault: {', '.join(fired)}]"
         return failure

@@ -38,6 +38,7 @@ import time
 
 import torch
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint import CheckpointException
 
 from megatron_align.errors import UserError
 from megatron_align.resilience import storage
@@ -55,6 +56,9 @@ from megatron_align.training.checkpoint_files import (  # noqa: F401  (re-export
 )
 
 log = logging.getLogger(__name__)
+# torch.distributed.checkpoint's CheckpointException (how dist_checkpointing reports any rank's failed write or
+# read) derives from BaseException, so `except Exception` would let it through as a traceback.
+_WRITE_ERRORS = (Exception, CheckpointException)
 SPACE_FACTOR = 1.1  # the next checkpoint is assumed up to 10 % larger than the last one
 
 
@@ -100,7 +104,7 @@ def load_sharded(path: str, sharded_state_dict: dict) -> dict:
         state, _missing, unexpected = dist_checkpointing.load(
             sharded_state_dict, path, sharded_strategy=get_default_load_sharded_strategy(path),
             strict=StrictHandling.RETURN_UNEXPECTED)
-    except Exception as err:  # corrupt shards, missing files, shape mismatch
+    except _WRITE_ERRORS as err:  # corrupt shards, missing files, shape mismatch
         rank = torch.distributed.get_rank()
         raise CheckpointLoadError(path, f"loading checkpoint {path} failed on rank {rank}: {type(err).__name__}: {err}") from err
     real = sorted(k for k in unexpected if not k.endswith("_extra_state"))
@@ -192,7 +196,7 @@ class CheckpointManager:
             torch.distributed.barrier()
             request = dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy=self._save_strategy(),
                                               async_sharded_save=self.async_save)
-        except Exception as err:
+        except _WRITE_ERRORS as err:
             self._raise_storage(err)
             raise
         marker = dict(marker, step=step, saved_at=time.time())
@@ -317,7 +321,7 @@ class CheckpointManager:
         if self._queue is not None:
             try:
                 self._queue.maybe_finalize_async_calls(blocking=blocking)
-            except Exception as err:  # a background write failed: ENOSPC & co. become the storage verdict
+            except _WRITE_ERRORS as err:  # a background write failed: ENOSPC & co. become the storage verdict
                 self._raise_storage(err)
                 raise
 

@@ -176,3 +176,34 @@ def test_bitflip_is_caught_by_verify_and_resume_falls_back_to_identical_metrics(
     assert bad.returncode == 1 and f"{quarantined}/__0_0.distcp: content changed since the save" in bad.stderr
     good = run_cli("checkpoint", "verify", str(run / "checkpoints"))
     assert good.returncode == 0 and "iter_0000008: ok" in good.stdout, good.stdout + good.stderr
+
+
+def test_enospc_inside_megatrons_writer_becomes_the_storage_verdict(tmp_path, small_fs, monkeypatch):
+    """The space check is fooled (as if another job filled the disk after it), so Megatron-Core's writer really fails
+    on a 2 MiB tmpfs. torch.save's zip writer loses the errno there ("unexpected pos 704 vs 598"), so the verdict
+    comes from the filesystem being full; the partial save is removed and the earlier checkpoint stays."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megatron_align.parallel import cpu
+    from megatron_align.training.checkpoint import CheckpointManager
+
+    root = small_fs(2)
+    if not torch.cuda.is_available():
+        cpu.activate()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(20000 + os.getpid() % 20000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        manager = CheckpointManager(os.path.join(root, "ckpt"), keep_last=5, keep_every=None, async_save=False)
+        small = {"w": ShardedTensor.from_rank_offsets("w", torch.ones(1000), replica_id=0)}
+        manager.save(1, small, {})
+        monkeypatch.setattr(manager, "_check_space", lambda step, estimate: (estimate, None, None))
+        big = {"w": ShardedTensor.from_rank_offsets("w", torch.ones(2_000_000), replica_id=0)}  # 8 MB > 2 MiB
+        with pytest.raises(storage.StorageError) as err:
+            manager.save(2, big, {})
+        assert err.value.errno == errno.ENOSPC and "latest good checkpoint iter_0000001 is intact" in str(err.value)
+        assert sorted(os.listdir(os.path.join(root, "ckpt"))) == ["iter_0000001", "latest"]
+        assert verify_checkpoint(os.path.join(root, "ckpt", "iter_0000001")) == []
+    finally:
+        dist.destroy_process_group()
