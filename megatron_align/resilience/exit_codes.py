@@ -89,6 +89,12 @@ def append_jsonl(path: str, record: dict) -> None:
         os.close(fd)
 
 
+def record_checkpoint_load_failure(run_dir: str, rank: int, checkpoint: str, error: str) -> None:
+    """A rank's note, before it exits ``EXIT_CHECKPOINT_LOAD``, of the checkpoint directory it could not load."""
+    append_jsonl(os.path.join(run_dir, CHECKPOINT_LOAD_FAILURES_FILE),
+                 {"rank": rank, "checkpoint": os.path.abspath(checkpoint), "error": error})
+
+
 def read_jsonl(path: str, since: float = 0.0) -> list[dict]:
     """Records of a run-dir ``.jsonl`` file with ``time >= since`` (torn or unreadable lines skipped; [] if absent)."""
     found = []

@@ -46,6 +46,7 @@ from megatron_align.training.checksums import ALGORITHM, digest_files, verify_ch
 from megatron_align.training.checkpoint_files import (  # noqa: F401  (re-exported: the public checkpoint API)
     LATEST,
     MARKER,
+    CheckpointLoadError,
     _fsync_write,
     complete_checkpoints,
     is_complete,
@@ -60,14 +61,6 @@ log = logging.getLogger(__name__)
 # read) derives from BaseException, so `except Exception` would let it through as a traceback.
 _WRITE_ERRORS = (Exception, CheckpointException)
 SPACE_FACTOR = 1.1  # the next checkpoint is assumed up to 10 % larger than the last one
-
-
-class CheckpointLoadError(UserError):
-    """A rank could not load checkpoint ``path`` (exit 88; the supervisor quarantines it and restarts)."""
-
-    def __init__(self, path: str, message: str) -> None:
-        self.path = path
-        super().__init__(message)
 
 
 def verify_before_load(path: str) -> None:

@@ -182,10 +182,9 @@ def _failure_exit(config, rank: int, err: Exception) -> int:
     if isinstance(err, CheckpointLoadError):
         print(f"megatron-align train: error on rank {rank}: {err}", file=sys.stderr, flush=True)
         try:
-            exit_codes.append_jsonl(os.path.join(config.run_dir, exit_codes.CHECKPOINT_LOAD_FAILURES_FILE),
-                                    {"rank": rank, "checkpoint": err.path, "error": str(err)})
+            exit_codes.record_checkpoint_load_failure(config.run_dir, rank, err.path, str(err))
         except OSError:
-            pass  # stderr has it
+            pass  # a full disk: stderr has it
         return exit_codes.EXIT_CHECKPOINT_LOAD
     if isinstance(err, UserError):
         print(f"megatron-align train: error on rank {rank}: {err}", file=sys.stderr)

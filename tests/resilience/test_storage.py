@@ -207,3 +207,16 @@ def test_enospc_inside_megatrons_writer_becomes_the_storage_verdict(tmp_path, sm
         assert verify_checkpoint(os.path.join(root, "ckpt", "iter_0000001")) == []
     finally:
         dist.destroy_process_group()
+
+
+def test_new_fault_kinds_parse_and_bitflip_changes_exactly_one_bit(tmp_path):
+    from megatron_align.resilience.inject import damage_checkpoint, parse_fault
+
+    assert (parse_fault("disk_full@6").kind, parse_fault("bitflip_checkpoint@4@1").rank) == ("disk_full", 1)
+    for name, size in (("__0_0.distcp", 4000), ("__0_1.distcp", 9000), ("common.pt", 100)):
+        (tmp_path / name).write_bytes(bytes(range(256)) * (size // 256) + bytes(size % 256))
+    before = (tmp_path / "__0_1.distcp").read_bytes()
+    assert damage_checkpoint(str(tmp_path), "bitflip") == [str(tmp_path / "__0_1.distcp")]  # the largest shard
+    after = (tmp_path / "__0_1.distcp").read_bytes()
+    assert len(after) == len(before)
+    assert sum(bin(a ^ b).count("1") for a, b in zip(before, after)) == 1
