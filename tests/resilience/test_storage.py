@@ -220,3 +220,23 @@ def test_new_fault_kinds_parse_and_bitflip_changes_exactly_one_bit(tmp_path):
     after = (tmp_path / "__0_1.distcp").read_bytes()
     assert len(after) == len(before)
     assert sum(bin(a ^ b).count("1") for a, b in zip(before, after)) == 1
+
+
+def test_eval_and_verify_refuse_a_checkpoint_whose_bytes_changed(tmp_path):
+    """`eval` (and `convert to-hf`, tested in tests/convert) verify before reading; same-size damage is caught."""
+    from megatron_align.errors import UserError
+    from megatron_align.eval.megatron_scorer import eval_model_config
+    from megatron_align.training.checksums import digest_files
+
+    ckpt = tmp_path / "iter_0000002"
+    ckpt.mkdir()
+    (ckpt / "__0_0.distcp").write_bytes(b"\1" * 5000)
+    (ckpt / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+    sums = {"algorithm": "xxh3_64", "files": digest_files(str(ckpt), ["__0_0.distcp", "metadata.json"])}
+    (ckpt / "megatron_align.json").write_text(json.dumps({"step": 2, "checksums": sums, "config": {}}))
+    assert verify_checkpoint(str(ckpt)) == []
+    (ckpt / "__0_0.distcp").write_bytes(b"\1" * 2500 + b"\3" + b"\1" * 2499)
+    with pytest.raises(UserError, match=r"failed checksum verification: .*__0_0.distcp: content changed"):
+        eval_model_config(str(ckpt), tensor=1, pipeline=1, world_size=1)
+    result = run_cli("checkpoint", "verify", str(ckpt))
+    assert result.returncode == 1 and "__0_0.distcp: content changed since the save" in result.stderr
