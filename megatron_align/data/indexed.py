@@ -65,4 +65,3 @@ def write_indexed_dataset(documents: Iterable[list[int]], prefix: str, vocab_siz
         for ids in documents:
             writer.add(list(ids) + ([eod] if eod is not None else []))
     return writer.num_documents, writer.num_tokens
-
