@@ -34,6 +34,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "convert to-hf": ("megatron_align.convert.to_hf", "megatron_align checkpoint (any TP/PP layout) -> Hugging Face LlamaForCausalLM dir; --verify compares logits"),
     "convert from-hf": ("megatron_align.convert.from_hf", "Hugging Face Llama dir -> megatron_align checkpoint + train.yaml for a chosen TP/PP; --verify compares logits"),
     "checkpoint inspect": ("megatron_align.convert.inspect", "show a checkpoint's step, layout, consumed samples, data fingerprint, config and tensors (--json)"),
+    "checkpoint verify": ("megatron_align.training.checksums", "recompute a checkpoint's file checksums against its marker; exit 1 naming the first bad file"),
 }
 
 

@@ -167,6 +167,9 @@ class OptimizerConfig:
     """Clip the global gradient norm to this; 0 disables."""
     distributed: str = "auto"
     """Shard optimizer state over data-parallel ranks: auto (on with CUDA) | true | false."""
+    override_scheduler: bool = True
+    """On resume, when lr/min_lr/warmup_steps/decay_steps/decay_style differ from the checkpoint's: follow this
+    config (logged, the step count kept: extending or re-decaying a run) | false = refuse to resume, naming the keys."""
 
     def __post_init__(self) -> None:
         _positive("optimizer.lr", self.lr)
@@ -181,6 +184,10 @@ class OptimizerConfig:
         self.distributed = _tristate("optimizer.distributed", self.distributed)
         if self.min_lr > self.lr:
             raise ConfigError(f"optimizer.min_lr={self.min_lr} exceeds optimizer.lr={self.lr}")
+        for key in ("adam_beta1", "adam_beta2"):  # torch.optim.Adam raises a bare ValueError on these
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"optimizer.{key}={getattr(self, key)}: must be in [0, 1), e.g. 0.9 / 0.95")
+        _positive("optimizer.adam_eps", self.adam_eps)
 
 
 @dataclass
@@ -243,6 +250,9 @@ class DataConfig:
             if not src.prefix and not self.mock and src.num_samples is None:
                 raise ConfigError(f"data.sources[{i}].prefix: required (path prefix of a .bin/.idx pair)")
             _positive(f"data.sources[{i}].weight", src.weight, allow_zero=True)
+        if self.sources and not self.mixture.phases and not any(s.weight for s in self.sources):
+            # Megatron-Core's blend normalises by the sum: all zero would give NaN weights
+            raise ConfigError("data.sources[*].weight: all zero; give at least one source a weight > 0")
 
 
 @dataclass
@@ -308,3 +318,6 @@ class RootConfig:
             raise ConfigError("run_dir: must be a non-empty path")
         if self.train.stop_at_step and self.train.stop_at_step > self.train.steps:
             raise ConfigError(f"train.stop_at_step={self.train.stop_at_step} is beyond train.steps={self.train.steps}")
+        from megatron_align.training.schedule import resolve_schedule
+
+        resolve_schedule(self.optimizer, self.train.steps)  # Megatron-Core's scheduler asserts; we name the keys

@@ -157,6 +157,9 @@ class DistCheckpoint:
             if size < needed:
                 raise UserError(f"{path}: truncated ({size} bytes, {_DCP_METADATA} needs {needed}); the checkpoint is "
                                 "damaged (partial copy or full disk?) — copy it again or use an older iter_* dir")
+        from megatron_align.training.checksums import require_verified
+
+        require_verified(self.path)  # same sizes can still hide damaged bytes
         self._checked_files = True
 
     # -- reading ---------------------------------------------------------------------------------

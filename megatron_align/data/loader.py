@@ -28,6 +28,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_align.config.schema import RootConfig
+from megatron_align.data.indexed_check import check_indexed_files
 from megatron_align.data.mixture import AlignmentSampler, check_fingerprint, microbatch_indices
 from megatron_align.data.tokenizer import MegatronTokenizerAdapter, build_tokenizer
 from megatron_align.errors import UserError
@@ -58,6 +59,7 @@ def _check_sources(config: RootConfig, tokenizer) -> dict[str, str]:
             if not os.path.isfile(src.prefix + ext):
                 raise UserError(f"data.sources[{i}] ({src.name}): {src.prefix + ext} does not exist; "
                                 "create it with `megatron-align prepare`")
+        check_indexed_files(src.prefix, tokenizer.vocab_size)
         manifest_path = src.prefix + ".manifest.json"
         if os.path.isfile(manifest_path):
             with open(manifest_path) as f:

@@ -184,6 +184,9 @@ def eval_model_config(checkpoint: str, tensor: int, pipeline: int, world_size: i
     if path is None:
         raise UserError(f"--checkpoint {checkpoint}: no complete megatron_align checkpoint there "
                         "(expected a run's checkpoints/ dir with iter_* dirs, or one iter_* dir with megatron_align.json)")
+    from megatron_align.training.checksums import require_verified
+
+    require_verified(path)
     marker = read_marker(path)
     if "config" not in marker:
         raise UserError(f"{path}: the checkpoint marker has no saved config; it was not written by megatron-align train")

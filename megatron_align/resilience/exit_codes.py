@@ -19,6 +19,18 @@ code  name                   supervisor action
 87    EXIT_NUMERICS          NaN/Inf or loss spike with policy ``stop``, too many skipped
                              steps, or a trajectory stop: restart from the newest
                              complete checkpoint (same nodes)
+88    EXIT_CHECKPOINT_LOAD   the rank could not load checkpoint X (any load error, a bad
+                             marker, a checksum mismatch); it appended ``{rank, checkpoint,
+                             error}`` to ``checkpoint_load_failures.jsonl``: quarantine X
+                             (rename it ``X.corrupt-<time>``) and restart from the one before
+89    EXIT_STORAGE           a write hit ENOSPC / EDQUOT / EROFS / EIO, or the next checkpoint
+                             would not fit (checked before writing); the rank appended
+                             ``{rank, path, errno, free_bytes, needed_bytes}`` to
+                             ``storage_failures.jsonl``: never retried (the next attempt meets
+                             the same disk). The supervisor then exits 89 itself, with one
+                             message (space, intact checkpoint, what to do), and under SLURM
+                             does *not* requeue: freeing space needs a person, and a requeued
+                             job would start and fail again (or sit held) without one
 93    EXIT_DO_NOT_REQUEUE    give up: do not restart or requeue (nvidia-resiliency-ext's
                              convention)
 ====  =====================  ===========================================================
@@ -35,6 +47,9 @@ Files in ``<run_dir>`` written by the in-rank detectors (rank 0 only):
 - ``stragglers.jsonl`` -- one JSON object per flagged (rank, section, score).
 - ``health.jsonl`` -- one JSON object per failed or warning health check.
 - ``numerics.jsonl`` -- NaN/Inf, spikes, trajectory deviations.
+- ``checkpoint_load_failures.jsonl`` -- ``{rank, checkpoint, error}`` per rank that exited 88.
+- ``storage_failures.jsonl`` -- ``{rank, path, errno, free_bytes, needed_bytes}`` per rank that exited 89
+  (any rank, best effort: a full disk may refuse the line; the rank's stderr has it too).
 - ``faults_fired.jsonl`` -- injected faults that already fired (every rank appends its own);
   an injection fires at most once per run_dir, so a restart does not re-inject it.
 """
@@ -50,6 +65,8 @@ EXIT_USER_ERROR = 2
 EXIT_REQUEUE = 75
 EXIT_FAULTY_HARDWARE = 86
 EXIT_NUMERICS = 87
+EXIT_CHECKPOINT_LOAD = 88
+EXIT_STORAGE = 89
 EXIT_DO_NOT_REQUEUE = 93
 
 EXCLUDE_NODES_FILE = "exclude_nodes.txt"
@@ -57,6 +74,8 @@ STRAGGLERS_FILE = "stragglers.jsonl"
 HEALTH_FILE = "health.jsonl"
 NUMERICS_FILE = "numerics.jsonl"
 FAULTS_FIRED_FILE = "faults_fired.jsonl"
+CHECKPOINT_LOAD_FAILURES_FILE = "checkpoint_load_failures.jsonl"
+STORAGE_FAILURES_FILE = "storage_failures.jsonl"
 
 
 def append_jsonl(path: str, record: dict) -> None:
@@ -68,6 +87,29 @@ def append_jsonl(path: str, record: dict) -> None:
         os.write(fd, line)
     finally:
         os.close(fd)
+
+
+def record_checkpoint_load_failure(run_dir: str, rank: int, checkpoint: str, error: str) -> None:
+    """A rank's note, before it exits ``EXIT_CHECKPOINT_LOAD``, of the checkpoint directory it could not load."""
+    append_jsonl(os.path.join(run_dir, CHECKPOINT_LOAD_FAILURES_FILE),
+                 {"rank": rank, "checkpoint": os.path.abspath(checkpoint), "error": error})
+
+
+def read_jsonl(path: str, since: float = 0.0) -> list[dict]:
+    """Records of a run-dir ``.jsonl`` file with ``time >= since`` (torn or unreadable lines skipped; [] if absent)."""
+    found = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    item = json.loads(line)
+                except ValueError:
+                    continue
+                if float(item.get("time", 0)) >= since:
+                    found.append(item)
+    except OSError:
+        pass
+    return found
 
 
 def read_exclude_nodes(run_dir: str) -> list[str]:

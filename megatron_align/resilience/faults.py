@@ -23,6 +23,11 @@ Two sources, same grammar. ``resilience.inject`` in the config and the
                            written over the start and the middle of its shard files
                            (sizes kept, marker kept: it still *looks* complete)
 ``truncate_checkpoint@S``  ... gets its shard files cut to half their length
+``bitflip_checkpoint@S``   ... gets one bit flipped in the middle of its largest shard file
+                           (inside tensor bytes: it still loads; only the checksums see it)
+``disk_full@S[@R]``        from step S the rank sees the checkpoint filesystem as full (free
+                           space 0; nothing is really filled): the next save stops the run
+                           with the storage verdict before writing (exit 89)
 =========================  ===============================================================
 
 For the checkpoint faults a rank R damages only its own ``__R_*.distcp`` files; without a
@@ -60,8 +65,10 @@ ENV_VAR = "MEGATRON_ALIGN_FAULT"
 # kind -> whether it takes ":arg"
 KINDS: dict[str, bool] = {"kill": False, "hang": False, "slow": True, "nan": False, "spike": True, "nan_grad": False,
                           "sdc": False,
-                          "corrupt_checkpoint": False, "truncate_checkpoint": False}
-_FORMAT = "kind[:arg]@step[@rank], e.g. kill@5, hang@5@1, slow:3@10@1, nan@7, spike:20@7, sdc@4@1, corrupt_checkpoint@4"
+                          "corrupt_checkpoint": False, "truncate_checkpoint": False, "bitflip_checkpoint": False,
+                          "disk_full": False}
+_FORMAT = ("kind[:arg]@step[@rank], e.g. kill@5, hang@5@1, slow:3@10@1, nan@7, spike:20@7, sdc@4@1, corrupt_checkpoint@4, "
+           "bitflip_checkpoint@4, disk_full@6")
 
 
 # -- fault points (SIGKILL at a named place in the code) ---------------------------------------
@@ -228,13 +235,16 @@ def damage_checkpoint(path: str, mode: str, rank: int | None = None) -> list[str
     and payload; sizes unchanged). ``truncate``: cut to half the length. ``rank`` limits it to that
     rank's ``__R_*.distcp`` files; None = all shard files and ``common.pt``.
     """
-    if mode not in ("corrupt", "truncate"):
+    if mode not in ("corrupt", "truncate", "bitflip"):
         raise ValueError(f"mode {mode!r}")
     names = sorted(os.listdir(path))
     if rank is None:
         targets = [n for n in names if n.endswith(".distcp") or n == "common.pt"]
     else:
         targets = [n for n in names if n.startswith(f"__{rank}_") and n.endswith(".distcp")]
+    if mode == "bitflip":  # one bit, mid-file of the largest shard: tensor payload, not a pickle header
+        shards = [n for n in targets if n.endswith(".distcp")]
+        targets = [max(shards, key=lambda n: os.path.getsize(os.path.join(path, n)))] if shards else []
     damaged = []
     for name in targets:
         file = os.path.join(path, name)
@@ -244,6 +254,11 @@ def damage_checkpoint(path: str, mode: str, rank: int | None = None) -> list[str
         with open(file, "r+b") as f:
             if mode == "truncate":
                 f.truncate(size // 2)
+            elif mode == "bitflip":
+                f.seek(size // 2)
+                byte = f.read(1)[0]
+                f.seek(size // 2)
+                f.write(bytes([byte ^ 0x04]))
             else:
                 block = min(4096, max(1, size // 4))
                 garbage = bytes((i * 131 + 17 + size) % 251 for i in range(block))

@@ -38,9 +38,16 @@ def stacks_path(run_dir: str, rank: int) -> str:
 
 def write_json_atomic(path: str, data: dict) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError:  # a full disk: leave no temp file behind
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def read_heartbeats(run_dir: str) -> dict[int, dict]:

@@ -12,13 +12,24 @@ Commit protocol (a crash at any point leaves the previous checkpoint as
 4. rank 0 rewrites ``latest`` via a temporary file + ``os.replace``, last.
 
 Readers trust only directories that carry the marker; stray ``.tmp_*``
-directories are garbage from a crash and are removed by the next save.
-Retention keeps the newest ``keep_last`` plus every ``keep_every``-th step and
-never deletes the newest complete checkpoint.
+directories are garbage from a crash and are removed at start-up (logged) and by
+the next save. Retention keeps the newest ``keep_last`` plus every
+``keep_every``-th step and never deletes the newest complete checkpoint.
+
+Integrity: between steps 1 and 2 every rank digests the files it wrote (xxh3-64,
+:mod:`.checksums`) and rank 0 records all of them in the marker; resume verifies
+them before loading (a mismatch is a :class:`CheckpointLoadError`, exit 88).
+
+Space: before step 1, rank 0 compares the free space of the checkpoint
+filesystem with the size of the last checkpoint (+10 %); if it will not fit,
+it first deletes the checkpoints retention would delete after this save anyway,
+and if it still will not fit every rank raises
+:class:`~megatron_align.resilience.storage.StorageError` *before* writing (exit 89).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -27,11 +38,15 @@ import time
 
 import torch
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint import CheckpointException
 
 from megatron_align.errors import UserError
+from megatron_align.resilience import storage
+from megatron_align.training.checksums import ALGORITHM, digest_files, verify_checkpoint
 from megatron_align.training.checkpoint_files import (  # noqa: F401  (re-exported: the public checkpoint API)
     LATEST,
     MARKER,
+    CheckpointLoadError,
     _fsync_write,
     complete_checkpoints,
     is_complete,
@@ -42,6 +57,29 @@ from megatron_align.training.checkpoint_files import (  # noqa: F401  (re-export
 )
 
 log = logging.getLogger(__name__)
+# torch.distributed.checkpoint's CheckpointException (how dist_checkpointing reports any rank's failed write or
+# read) derives from BaseException, so `except Exception` would let it through as a traceback.
+_WRITE_ERRORS = (Exception, CheckpointException)
+SPACE_FACTOR = 1.1  # the next checkpoint is assumed up to 10 % larger than the last one
+
+
+def verify_before_load(path: str) -> None:
+    """Check the checkpoint's recorded checksums, split over the ranks; CheckpointLoadError on a mismatch (collective)."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    started = time.time()
+    problems = verify_checkpoint(path, part=(rank, world))
+    bad = torch.tensor([1.0 if problems else 0.0])
+    if torch.cuda.is_available():
+        bad = bad.cuda()
+    torch.distributed.all_reduce(bad)
+    if problems:
+        raise CheckpointLoadError(path, f"loading checkpoint {path} failed on rank {rank}: checksum verification: "
+                                        f"{problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+    if float(bad.item()) > 0:
+        raise CheckpointLoadError(path, f"loading checkpoint {path} failed on rank {rank}: another rank found a "
+                                        "checksum mismatch (see its message)")
+    log.info("checkpoint %s: checksums verified (%.1f s)", path, time.time() - started)
+
 
 def load_sharded(path: str, sharded_state_dict: dict) -> dict:
     """dist_checkpointing.load of exactly the requested keys (collective); clear errors for users.
@@ -59,9 +97,9 @@ def load_sharded(path: str, sharded_state_dict: dict) -> dict:
         state, _missing, unexpected = dist_checkpointing.load(
             sharded_state_dict, path, sharded_strategy=get_default_load_sharded_strategy(path),
             strict=StrictHandling.RETURN_UNEXPECTED)
-    except Exception as err:  # corrupt shards, missing files, shape mismatch
+    except _WRITE_ERRORS as err:  # corrupt shards, missing files, shape mismatch
         rank = torch.distributed.get_rank()
-        raise UserError(f"loading checkpoint {path} failed on rank {rank}: {type(err).__name__}: {err}") from err
+        raise CheckpointLoadError(path, f"loading checkpoint {path} failed on rank {rank}: {type(err).__name__}: {err}") from err
     real = sorted(k for k in unexpected if not k.endswith("_extra_state"))
     if real:
         raise UserError(f"checkpoint {path} lacks {len(real)} tensors this model needs (e.g. {real[:3]}); "
@@ -107,7 +145,22 @@ class CheckpointManager:
 
             self._queue = AsyncCallsQueue()
         self.last_saved_step: int | None = None
+        self._saving: tuple[str, int | None] | None = None  # (tmp dir, bytes needed) of the save in flight
+        if self.rank == 0:
+            self._remove_leftovers(at_start=True)
         _start_writer_manager_with_signals_blocked()
+
+    def _remove_leftovers(self, at_start: bool = False) -> None:
+        """Remove ``.tmp_*`` directories of crashed saves (rank 0; nothing else writes there between saves)."""
+        if not os.path.isdir(self.ckpt_dir):
+            return
+        for name in sorted(os.listdir(self.ckpt_dir)):
+            if name.startswith(".tmp_"):
+                path = os.path.join(self.ckpt_dir, name)
+                size = storage.dir_size(path)
+                shutil.rmtree(path, ignore_errors=True)
+                if at_start:
+                    log.warning("removed %s (%s), left by an interrupted save", path, storage.human(size))
 
     # -- save ---------------------------------------------------------------------------------
     def _save_strategy(self):
@@ -125,23 +178,33 @@ class CheckpointManager:
         self.finalize(blocking=True)  # one save in flight at a time
         final = os.path.join(self.ckpt_dir, iter_dir_name(step))
         tmp = os.path.join(self.ckpt_dir, "." + "tmp_" + iter_dir_name(step))
-        if self.rank == 0:
-            os.makedirs(self.ckpt_dir, exist_ok=True)
-            for name in os.listdir(self.ckpt_dir):  # leftovers of crashed saves
-                if name.startswith(".tmp_"):
-                    shutil.rmtree(os.path.join(self.ckpt_dir, name), ignore_errors=True)
-            os.makedirs(tmp)
-        torch.distributed.barrier()
+        needed = self._ensure_space(step, sharded_state_dict)
+        self._saving = (tmp, needed)
         started = time.time()
-        request = dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy=self._save_strategy(),
-                                          async_sharded_save=self.async_save)
+        try:
+            if self.rank == 0:
+                os.makedirs(self.ckpt_dir, exist_ok=True)
+                self._remove_leftovers()
+                os.makedirs(tmp)
+            torch.distributed.barrier()
+            request = dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy=self._save_strategy(),
+                                              async_sharded_save=self.async_save)
+        except _WRITE_ERRORS as err:
+            self._raise_storage(err)
+            raise
         marker = dict(marker, step=step, saved_at=time.time())
 
         def commit() -> None:
+            # Every rank digests the files it wrote (in parallel); rank 0 records them all in the marker.
+            digests = digest_files(tmp, self._own_files(tmp))
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, digests)
             if self.rank == 0:
-                self._commit(tmp, final, marker)
+                files = {name: entry for part in gathered for name, entry in part.items()}
+                self._commit(tmp, final, dict(marker, checksums={"algorithm": ALGORITHM, "files": files}))
             log.info("checkpoint %s committed (%.1f s)", final, time.time() - started)
             self.last_saved_step = step
+            self._saving = None
 
         if self.async_save:
             request.add_finalize_fn(commit)
@@ -151,11 +214,83 @@ class CheckpointManager:
             commit()
             torch.distributed.barrier()
 
+    def _own_files(self, tmp: str) -> list[str]:
+        """The files of ``tmp`` this rank wrote: its ``__<rank>_*.distcp`` shards; rank 0 also the metadata."""
+        names = sorted(os.listdir(tmp))
+        own = [n for n in names if n.startswith(f"__{self.rank}_")]
+        if self.rank == 0:
+            own += [n for n in names if not n.startswith("__") and n != MARKER and os.path.isfile(os.path.join(tmp, n))]
+        return own
+
+    def _ensure_space(self, step: int, sharded_state_dict: dict) -> int:
+        """Collective: bytes the save needs; StorageError on every rank, before writing, when they are not there."""
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+
+        local = sum(v.data.numel() * v.data.element_size() for v in nested_values(sharded_state_dict)
+                    if isinstance(v, ShardedTensor) and is_main_replica(v.replica_id) and v.data is not None)
+        estimate = torch.tensor([float(local)], dtype=torch.float64)
+        if torch.cuda.is_available():
+            estimate = estimate.cuda()
+        torch.distributed.all_reduce(estimate)
+        verdict: list = [None]
+        if self.rank == 0:
+            verdict[0] = self._check_space(step, int(estimate.item()))
+        torch.distributed.broadcast_object_list(verdict, src=0)
+        needed, free, detail = verdict[0]
+        if detail is not None:
+            raise storage.StorageError(self.ckpt_dir, errno.ENOSPC, needed, detail, free=free)
+        return needed
+
+    def _check_space(self, step: int, estimate: int) -> tuple[int, int | None, str | None]:
+        """Rank 0: (needed, free, None) when the save fits (after early retention if need be), else a reason."""
+        found = complete_checkpoints(self.ckpt_dir)
+        last = storage.dir_size(found[-1][1]) if found else 0
+        needed = int(max(last, estimate) * SPACE_FACTOR) + storage.FULL_MARGIN_BYTES
+        self._remove_leftovers()
+        free = storage.free_bytes(self.ckpt_dir)
+        if free is None or free >= needed:
+            return needed, free, None
+        # Early retention: what retention would delete once this save commits, never the newest complete one.
+        keep = retained([s for s, _ in found] + [step], self.keep_last, self.keep_every)
+        doomed = [(s, p) for s, p in found[:-1] if s not in keep]
+        for s, path in doomed:
+            log.warning("checkpoint filesystem: free %s < ~%s needed for step %d: deleting %s early (retention "
+                        "would delete it after this save)", storage.human(free), storage.human(needed), step, path)
+            shutil.rmtree(path, ignore_errors=True)
+            free = storage.free_bytes(self.ckpt_dir)
+            if free is None or free >= needed:
+                return needed, free, None
+        newest = os.path.basename(found[-1][1]) if found else None
+        return needed, free, (f"checkpoint step {step} not written (nothing half-written); "
+                              + (f"latest good checkpoint {newest} is intact; " if newest else "")
+                              + "free space or lower checkpoint.keep_last, then run the same command")
+
+    def _raise_storage(self, err: BaseException) -> None:
+        """Turn a failed write into a StorageError when it was one (errno, or a full checkpoint filesystem)."""
+        tmp, needed = self._saving or (None, None)
+        found = complete_checkpoints(self.ckpt_dir)
+        detail = "the partial save was removed; " if tmp else ""
+        if found:
+            detail += f"latest good checkpoint {os.path.basename(found[-1][1])} is intact; "
+        converted = storage.from_os_error(err, self.ckpt_dir, needed,
+                                          detail + "free space or lower checkpoint.keep_last, then run the same command")
+        if converted is None:
+            return
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._saving = None
+        raise converted from err
+
     def _commit(self, tmp: str, final: str, marker: dict) -> None:
         from megatron_align.resilience.faults import fault_point
 
         fault_point("checkpoint.before_commit", marker["step"])
-        _fsync_write(os.path.join(tmp, MARKER), json.dumps(marker, indent=1, sort_keys=True, default=str))
+        try:
+            _fsync_write(os.path.join(tmp, MARKER), json.dumps(marker, indent=1, sort_keys=True, default=str))
+        except OSError as err:
+            self._raise_storage(err)
+            raise
         if os.path.exists(final):  # re-saving a step after a restart: replace the old one whole
             trash = final + f".old-{os.getpid()}"
             os.replace(final, trash)
@@ -177,7 +312,11 @@ class CheckpointManager:
     def finalize(self, blocking: bool = False) -> None:
         """Commit background saves that have finished on all ranks (collective)."""
         if self._queue is not None:
-            self._queue.maybe_finalize_async_calls(blocking=blocking)
+            try:
+                self._queue.maybe_finalize_async_calls(blocking=blocking)
+            except _WRITE_ERRORS as err:  # a background write failed: ENOSPC & co. become the storage verdict
+                self._raise_storage(err)
+                raise
 
     def close(self) -> None:
         self.finalize(blocking=True)
@@ -186,4 +325,5 @@ class CheckpointManager:
 
     # -- load ---------------------------------------------------------------------------------
     def load(self, path: str, sharded_state_dict: dict) -> dict:
+        verify_before_load(path)
         return load_sharded(path, sharded_state_dict)

@@ -33,6 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 parallel.tensor=2")
 
 
+class _RunLogHandler(logging.FileHandler):
+    """train.log; when the disk refuses a write it says so once and drops out (the console keeps everything)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        print(f"megatron-align: cannot write {self.baseFilename} ({sys.exc_info()[1]}); logging to the console only",
+              file=sys.stderr, flush=True)
+        logging.getLogger().removeHandler(self)
+
+
 def setup_logging(run_dir: str, rank: int, level: str) -> None:
     root = logging.getLogger()
     root.handlers.clear()
@@ -44,7 +53,7 @@ def setup_logging(run_dir: str, rank: int, level: str) -> None:
     root.addHandler(console)
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
-        file_handler = logging.FileHandler(os.path.join(run_dir, "train.log"))
+        file_handler = _RunLogHandler(os.path.join(run_dir, "train.log"))
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         file_handler.setLevel(getattr(logging, level))
         root.addHandler(file_handler)
@@ -70,8 +79,8 @@ def run_rank(config: RootConfig, rank: int, world_size: int, local_rank: int) ->
     from megatron_align.parallel.init import destroy_distributed, init_distributed
     from megatron_align.training.trainer import Trainer
 
-    setup_logging(config.run_dir, rank, config.logging.level)
     try:
+        setup_logging(config.run_dir, rank, config.logging.level)
         layout = init_distributed(config, rank, world_size, local_rank)
         if rank == 0:
             _write_config(config)
@@ -84,20 +93,57 @@ def run_rank(config: RootConfig, rank: int, world_size: int, local_rank: int) ->
         if rank == 0:
             log.info("training %s at step %d; checkpoints in %s", reason, trainer.step, trainer.ckpt_dir)
         return trainer.exit_code if trainer.exit_code is not None else EXIT_STOPPED if reason.startswith("stop") else EXIT_OK
-    except UserError as err:
-        print(f"megatron-align train: error on rank {rank}: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except Exception as err:
+        return _failure_exit(config, rank, err)
     finally:
         destroy_distributed()
+
+
+def _failure_exit(config, rank: int, err: Exception) -> int:
+    """The exit code (and the run-dir record) for a rank's failure the supervisor can act on; re-raises others."""
+    from megatron_align.resilience import exit_codes, storage
+    from megatron_align.training.checkpoint import CheckpointLoadError
+
+    problem = err if isinstance(err, storage.StorageError) else storage.from_os_error(err, config.run_dir) \
+        if storage.storage_errno(err) else None
+    if problem is not None:
+        print(f"megatron-align train: storage failure on rank {rank}: {problem}", file=sys.stderr, flush=True)
+        storage.report_storage_failure(config.run_dir, rank, problem)
+        return exit_codes.EXIT_STORAGE
+    if isinstance(err, CheckpointLoadError):
+        print(f"megatron-align train: error on rank {rank}: {err}", file=sys.stderr, flush=True)
+        try:
+            exit_codes.record_checkpoint_load_failure(config.run_dir, rank, err.path, str(err))
+        except OSError:
+            pass  # a full disk: stderr has it
+        return exit_codes.EXIT_CHECKPOINT_LOAD
+    if isinstance(err, UserError):
+        print(f"megatron-align train: error on rank {rank}: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    raise err
+
+
+def check_data_files(config) -> None:
+    """Damaged .idx/.bin pairs fail here, naming the file, before any rank or process group starts."""
+    from megatron_align.data.indexed_check import check_indexed_files
+
+    for src in [] if config.data.mock else config.data.sources:
+        if src.prefix and os.path.isfile(src.prefix + ".idx") and os.path.isfile(src.prefix + ".bin"):
+            check_indexed_files(src.prefix)
 
 
 def _write_config(config: RootConfig) -> None:
     os.makedirs(config.run_dir, exist_ok=True)
     path = os.path.join(config.run_dir, "config.yaml")
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(config_to_yaml(config))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(config_to_yaml(config))
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,4 +154,5 @@ def run(args: argparse.Namespace) -> int:
     from megatron_align.parallel.layout import validate_layout
 
     validate_layout(config, config.parallel.world_size)
+    check_data_files(config)
     return spawn_local(["train", args.config, *args.overrides], config.parallel.world_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 
@@ -35,14 +36,35 @@ class MetricsWriter:
     def __init__(self, path: str, enabled: bool) -> None:
         self.path = path
         self.enabled = enabled
+        self._pending = b""  # bytes a full disk refused; retried at the next write
+        self._warned = False
         if enabled:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
 
     def write(self, record: dict) -> None:
+        """Append the record; a full disk keeps it in memory (warned once) instead of failing the step.
+
+        The storage verdict itself comes from the next checkpoint save's space check, with one clear message.
+        """
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=False) + "\n")
+        from megatron_align.resilience.storage import storage_errno
+
+        self._pending += (json.dumps(record, sort_keys=False) + "\n").encode()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                while self._pending:
+                    self._pending = self._pending[os.write(fd, self._pending):]
+            finally:
+                os.close(fd)
+        except OSError as err:
+            if storage_errno(err) is None:
+                raise
+            if not self._warned:
+                self._warned = True
+                print(f"megatron-align: cannot append to {self.path} ({err}); metrics are kept in memory "
+                      "and written when space returns", file=sys.stderr, flush=True)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records past the checkpoint step: they are about to be recomputed."""

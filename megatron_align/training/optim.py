@@ -7,8 +7,9 @@ DDP settings that follow from the machine) is translated here and nowhere else:
 - ``auto | true | false`` settings are resolved once, by :func:`tristate` (``auto`` = on with CUDA);
 - the DDP config follows the device: overlapped grad reduce and Megatron-Core's default buckets on
   CUDA, one big bucket and no overlap on CPU/gloo (nothing to overlap with);
-- the WSD schedule's final decay defaults to a named fraction of ``decay_steps``
-  (:data:`WSD_DEFAULT_DECAY_DIVISOR`, :func:`wsd_decay_steps`);
+- the LR schedule (warmup, decay, the WSD final decay's default: a named fraction of ``decay_steps``,
+  :data:`~megatron_align.training.schedule.WSD_DEFAULT_DECAY_DIVISOR`) is validated and resolved by
+  :mod:`megatron_align.training.schedule`, torch-free, so that config load can check it too;
 - weight decay is constant (``start_wd == end_wd``), as ``optimizer.weight_decay`` says.
 """
 
@@ -23,11 +24,7 @@ from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron_align.config.schema import OptimizerConfig, RootConfig
 from megatron_align.errors import UserError
 from megatron_align.model.fp8 import fp8_ddp_kwargs
-
-WSD_DEFAULT_DECAY_DIVISOR = 10
-"""WSD without ``optimizer.wsd_decay_steps``: the final decay is the last 1/10 of ``decay_steps``
-(floor division, at least one step) -- the "short cooldown" of warmup-stable-decay schedules, and
-the ``default 10% of decay_steps`` the config documents."""
+from megatron_align.training.schedule import WSD_DEFAULT_DECAY_DIVISOR, resolve_schedule, wsd_decay_steps  # noqa: F401
 
 CPU_BUCKET_SIZE = 10**9
 """Gradient bucket size (elements) on CPU: one bucket for the whole model (no overlap to gain)."""
@@ -63,24 +60,7 @@ def optimizer_config(o: OptimizerConfig, precision: str, params_dtype: torch.dty
         bf16=precision == "bf16", params_dtype=params_dtype, use_distributed_optimizer=distributed_optimizer)
 
 
-def decay_steps(config: RootConfig) -> int:
-    """``optimizer.decay_steps``, default ``train.steps`` (the LR reaches ``min_lr`` at the last step)."""
-    return config.optimizer.decay_steps or config.train.steps
-
-
-def wsd_decay_steps(o: OptimizerConfig, total_decay_steps: int) -> int | None:
-    """Length of WSD's final decay: ``optimizer.wsd_decay_steps`` if set, else
-    ``max(1, total_decay_steps // WSD_DEFAULT_DECAY_DIVISOR)``; None for every other decay style."""
-    if o.decay_style != "WSD":
-        return None
-    return o.wsd_decay_steps or max(1, total_decay_steps // WSD_DEFAULT_DECAY_DIVISOR)
-
-
 def scheduler_kwargs(config: RootConfig) -> dict[str, Any]:
-    """Keyword arguments of Megatron-Core's ``OptimizerParamScheduler`` (after the optimizer)."""
-    o = config.optimizer
-    steps = decay_steps(config)
-    return dict(init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
-                lr_decay_steps=steps, lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-                wd_incr_steps=steps, wd_incr_style="constant", wsd_decay_steps=wsd_decay_steps(o, steps),
-                lr_wsd_decay_style=o.wsd_decay_style if o.decay_style == "WSD" else None)
+    """Keyword arguments of Megatron-Core's ``OptimizerParamScheduler`` (after the optimizer): the
+    schedule :func:`megatron_align.training.schedule.resolve_schedule` validates and resolves."""
+    return resolve_schedule(config.optimizer, config.train.steps)[0]

@@ -33,7 +33,8 @@ from megatron_align.parallel.layout import Layout
 from megatron_align.training.callbacks import Callback, CallbackList
 from megatron_align.training.checkpoint import CheckpointManager, read_marker, resolve_checkpoint
 from megatron_align.training.metrics import MetricsWriter, flops_per_token, peak_flops_per_gpu
-from megatron_align.training.optim import ddp_config, optimizer_config, scheduler_kwargs, tristate, use_distributed_optimizer
+from megatron_align.training.optim import ddp_config, optimizer_config, tristate, use_distributed_optimizer
+from megatron_align.training.schedule import resolve_schedule, schedule_changes
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,10 @@ class Trainer:
         precision = resolve_precision(config)
         self.optimizer = get_megatron_optimizer(optimizer_config(config.optimizer, precision, tconfig.params_dtype, use_dist_opt),
                                                 self.model)
-        self.scheduler = OptimizerParamScheduler(self.optimizer, **scheduler_kwargs(config))
+        self._schedule, notes = resolve_schedule(config.optimizer, t.steps)
+        for note in notes if self.rank == 0 else []:
+            log.warning("%s", note)
+        self.scheduler = OptimizerParamScheduler(self.optimizer, **self._schedule)
         async_save = tristate(config.checkpoint.async_save, self.cuda)
         self.checkpoints = CheckpointManager(
             self.ckpt_dir, config.checkpoint.keep_last, config.checkpoint.keep_every, async_save,
@@ -164,7 +168,7 @@ class Trainer:
             return
         self.data.check_resume(marker.get("data", {}), path)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self._load_scheduler(state["scheduler"], path)
         self.callbacks.load_state_dict(state.get("callbacks", {}))
         if same_layout:
             self._set_rng_state(state["rng_state"])
@@ -174,6 +178,19 @@ class Trainer:
         self.consumed_samples = int(state["consumed_samples"])
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d (%d samples consumed)", path, self.step, self.consumed_samples)
+
+    def _load_scheduler(self, saved: dict, path: str) -> None:
+        """The checkpoint's step count; the schedule itself from this config (logged) unless override_scheduler=false."""
+        changes = schedule_changes(saved, self._schedule)
+        if changes and not self.config.optimizer.override_scheduler:
+            raise UserError(f"checkpoint {path} was trained with another LR schedule ({'; '.join(changes)}); "
+                            "restore those values, or set optimizer.override_scheduler=true to follow this config")
+        self.scheduler.override_opt_param_scheduler = bool(changes)
+        self.scheduler.use_checkpoint_opt_param_scheduler = not changes
+        self.scheduler.load_state_dict(saved)
+        if changes and self.rank == 0:
+            log.warning("LR schedule follows this config, not checkpoint %s (optimizer.override_scheduler=true): %s",
+                        path, "; ".join(changes))
 
     # -- loop -----------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):

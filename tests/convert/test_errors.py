@@ -71,6 +71,16 @@ def test_corrupt_chunk_names_its_files(tmp_path, good_checkpoint):
     with open(os.path.join(ckpt.path, info.relative_path), "r+b") as f:  # clobber the chunk's header, keep the size
         f.seek(info.offset)
         f.write(b"\0" * 64)
+    # The checksums in the marker catch it before any tensor is read (issue 15) ...
+    with pytest.raises(UserError, match=rf"failed checksum verification: .*{info.relative_path}: content changed"):
+        convert_to_hf(root, str(tmp_path / "out"), progress=False)
+    # ... and a checkpoint saved before checksums existed still fails naming the file when the chunk is read.
+    marker_path = os.path.join(ckpt.path, "megatron_align.json")
+    with open(marker_path) as f:
+        marker = json.load(f)
+    marker.pop("checksums")
+    with open(marker_path, "w") as f:
+        json.dump(marker, f)
     with pytest.raises(UserError, match=rf"reading .{key}. failed \(UnpicklingError.* {info.relative_path}"):
         convert_to_hf(root, str(tmp_path / "out"), progress=False)
 

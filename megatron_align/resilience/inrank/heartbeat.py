@@ -71,7 +71,7 @@ class HeartbeatCallback(Callback):
         self._dirty = threading.Event()
         self._closed = False
         self._stacks_file = self._install_stack_dump(run_dir, rank)
-        self._flush()
+        self._flush_quietly()
         self._thread = threading.Thread(target=self._writer, name="megatron-align-heartbeat", daemon=True)
         self._thread.start()
 
@@ -81,9 +81,12 @@ class HeartbeatCallback(Callback):
         path = stacks_path(run_dir, rank)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         f = open(path, "a")  # kept open for the life of the process: faulthandler writes to its fd
-        f.write(f"=== rank {rank} pid {os.getpid()} host {socket.gethostname()} started "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S')} (stacks below are dumped on SIGUSR2) ===\n")
-        f.flush()
+        try:
+            f.write(f"=== rank {rank} pid {os.getpid()} host {socket.gethostname()} started "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S')} (stacks below are dumped on SIGUSR2) ===\n")
+            f.flush()
+        except OSError:  # a full disk: the header is lost, the dump on SIGUSR2 is still tried
+            pass
         faulthandler.register(signal.SIGUSR2, file=f, all_threads=True, chain=False)
         return f
 
@@ -100,15 +103,19 @@ class HeartbeatCallback(Callback):
                 self._dirty.clear()
             write_json_atomic(self.path, snapshot)
 
+    def _flush_quietly(self) -> None:
+        """Write the heartbeat; a full or vanished run dir must not kill training or mask the real error."""
+        try:
+            self._flush()
+        except OSError:
+            pass
+
     def _writer(self) -> None:
         while not self._closed:
             self._dirty.wait()
             if self._closed:
                 return
-            try:
-                self._flush()
-            except OSError:
-                pass  # a full or vanished run dir must not kill training; the supervisor sees no progress
+            self._flush_quietly()  # the supervisor then sees no progress; the rank's own error says why
             time.sleep(self.min_interval_s)
 
     def close(self, section: str) -> None:
@@ -117,7 +124,7 @@ class HeartbeatCallback(Callback):
         self._beat(section, PHASE_DONE)
         self._closed = True
         self._dirty.set()  # wake the writer so it exits
-        self._flush()
+        self._flush_quietly()
 
     # -- trainer hooks ----------------------------------------------------------------------------
     def on_train_start(self, trainer: "Trainer") -> None:

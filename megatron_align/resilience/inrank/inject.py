@@ -107,6 +107,11 @@ class InjectionCallback(Callback):
         return None
 
     def on_step_start(self, trainer: "Trainer", step: int) -> None:
+        if self.plan.fire("disk_full", step):
+            from megatron_align.resilience.storage import simulate_full
+
+            simulate_full(trainer.ckpt_dir)
+            log.warning("fault injection: rank %d sees %s as full from step %d", trainer.rank, trainer.ckpt_dir, step)
         if self.plan.fire("kill", step):
             logging.shutdown()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -129,7 +134,7 @@ class InjectionCallback(Callback):
         self._factor = slow.arg if slow else None
 
     def on_checkpoint_saved(self, trainer: "Trainer", step: int) -> None:
-        if self.plan.pending("corrupt_checkpoint") or self.plan.pending("truncate_checkpoint"):
+        if any(self.plan.pending(k) for k in ("corrupt_checkpoint", "truncate_checkpoint", "bitflip_checkpoint")):
             self._saved_steps.append(step)
         self._damage_committed(trainer)
 
@@ -149,7 +154,8 @@ class InjectionCallback(Callback):
                     self._saved_steps.remove(saved)  # neither being written nor committed: gone
                 continue
             self._saved_steps.remove(saved)
-            for kind, mode in (("corrupt_checkpoint", "corrupt"), ("truncate_checkpoint", "truncate")):
+            for kind, mode in (("corrupt_checkpoint", "corrupt"), ("truncate_checkpoint", "truncate"),
+                               ("bitflip_checkpoint", "bitflip")):
                 for fault in self.plan.pending(kind):
                     if saved < fault.step or (fault.rank is None and trainer.rank != 0):
                         continue

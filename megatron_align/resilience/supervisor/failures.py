@@ -23,6 +23,7 @@ from megatron_align.resilience.exit_codes import (
     EXIT_FAULTY_HARDWARE,
     EXIT_NUMERICS,
     EXIT_REQUEUE,
+    EXIT_STORAGE,
     EXIT_USER_ERROR,
 )
 
@@ -32,6 +33,7 @@ CAUSES: dict[str, tuple[int, bool]] = {
     "numerics": (1, True),
     "oom": (2, True),
     "corrupt_checkpoint": (3, True),
+    "storage": (3, False),  # ENOSPC/EDQUOT/EROFS/EIO (exit 89): a restart meets the same disk
     "user_error": (4, False),
     "do_not_requeue": (5, False),
     "requeue": (6, False),
@@ -113,6 +115,8 @@ def classify_rank(rank: int | None, code: int, stderr: list[str], oom_killed: bo
             if match:
                 return Failure("corrupt_checkpoint", rank, code, f"checkpoint {match.group(1)} failed to load",
                                checkpoint=match.group(1), evidence=[line.strip()])
+    if code == EXIT_STORAGE:
+        return Failure("storage", rank, code, "storage failure (exit 89): see storage_failures.jsonl")
     if code == EXIT_USER_ERROR:
         line = _first(re.compile(r"error"), stderr) or "(no message)"
         return Failure("user_error", rank, code, f"user error: {line}", evidence=[line])

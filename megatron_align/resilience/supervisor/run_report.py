@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 
 from megatron_align.config.schema import RootConfig
@@ -112,7 +113,10 @@ class RunReport:
                          for r in self.restarts],
             "checkpoint_interval": advice,
         }
-        write_json_atomic(os.path.join(self.config.run_dir, "goodput.json"), report)
+        try:
+            write_json_atomic(os.path.join(self.config.run_dir, "goodput.json"), report)
+        except OSError as err:  # a full run dir: the summary below still goes to stdout
+            print(f"megatron-align launch: cannot write goodput.json ({err})", file=sys.stderr, flush=True)
         causes = ", ".join(r["cause"] for r in self.restarts) or "none"
         lines = [f"megatron-align launch: {outcome} (exit {exit_code})",
                  f"  steps {self.start_step} -> {final_step}, {len(self.restarts)} restart(s) [{causes}], "

@@ -29,12 +29,19 @@ ranks to checkpoint and stop: local ranks get the signal; srun steps get ``run_d
 and is only the fallback after half of ``stop_grace_s``); the supervisor then exits 75 and, inside a
 batch job submitted with ``--requeue``, runs ``scontrol requeue`` (``requeue=never`` turns it off).
 
-Exit codes: 0 completed, 2 user error, 75 stopped to be requeued, 93 gave up (do not requeue).
+A storage failure of a rank (exit 89: ENOSPC, EDQUOT, EROFS, EIO, or a checkpoint that would not fit)
+is never retried: the supervisor prints one message (where, free space, the intact checkpoint, what to
+do) and exits 89 itself, without ``scontrol requeue`` (a requeued job would meet the same disk; freeing
+space needs a person). Its own writes (supervisor.log, restarts.jsonl, goodput.json, stop_request) fall
+back to stderr when the run dir refuses them.
+
+Exit codes: 0 completed, 2 user error, 75 stopped to be requeued, 89 storage, 93 gave up (do not requeue).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -50,7 +57,7 @@ from megatron_align.config import RootConfig, load_config
 from megatron_align.training.checkpoint_files import resolve_checkpoint
 from megatron_align.errors import UserError
 from megatron_align.parallel.spawn import distributed_env
-from megatron_align.resilience import exit_codes
+from megatron_align.resilience import exit_codes, storage
 from megatron_align.resilience.faults import ENV_VAR as FAULT_ENV_VAR
 from megatron_align.resilience.supervisor.failures import Failure, classify_rank, root_cause
 from megatron_align.resilience.heartbeat_files import (
@@ -108,10 +115,18 @@ class Supervisor:
 
     # -- small helpers ----------------------------------------------------------------------------
     def say(self, message: str) -> None:
+        """stderr, and supervisor.log when the run dir takes it (a full disk must not kill the supervisor)."""
         line = f"megatron-align launch: {message}"
         print(line, file=sys.stderr, flush=True)
-        with open(os.path.join(self.run_dir, "supervisor.log"), "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        try:
+            with open(os.path.join(self.run_dir, "supervisor.log"), "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+            self._log_failed = False
+        except OSError as err:
+            if not getattr(self, "_log_failed", False):
+                print(f"megatron-align launch: cannot write {os.path.join(self.run_dir, 'supervisor.log')} ({err}); "
+                      "reporting on stderr only", file=sys.stderr, flush=True)
+            self._log_failed = True
 
     def _checkpoint(self) -> tuple[str | None, int]:
         """(path, step) of the checkpoint a new attempt would resume from; step 0 when there is none."""
@@ -210,7 +225,11 @@ class Supervisor:
             return
         self.say(f"{name}: asking the ranks to checkpoint and stop (grace {self.cfg.stop_grace_s:.0f} s)")
         if job.kind == "srun":
-            write_json_atomic(os.path.join(self.run_dir, STOP_REQUEST_FILE), {"signal": name, "time": time.time()})
+            try:
+                write_json_atomic(os.path.join(self.run_dir, STOP_REQUEST_FILE), {"signal": name, "time": time.time()})
+            except OSError as err:  # a full run dir: the signal fallback below still stops the ranks
+                self.say(f"cannot write {STOP_REQUEST_FILE} ({err}): forwarding {signal.Signals(sig).name} through srun now")
+                job.send_signal(sig)
         else:
             job.send_signal(sig)
 
@@ -242,17 +261,8 @@ class Supervisor:
 
     def _note_injected(self, failure: Failure) -> Failure:
         """Name the drill: faults the ranks recorded in faults_fired.jsonl during this attempt."""
-        path = os.path.join(self.run_dir, exit_codes.FAULTS_FIRED_FILE)
-        fired = []
-        if os.path.isfile(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        item = json.loads(line)
-                    except ValueError:
-                        continue
-                    if float(item.get("time", 0)) >= self.attempt_started:
-                        fired.append(f"{item.get('fault')} on rank {item.get('rank')}")
+        fired = [f"{item.get('fault')} on rank {item.get('rank')}" for item in
+                 exit_codes.read_jsonl(os.path.join(self.run_dir, exit_codes.FAULTS_FIRED_FILE), self.attempt_started)]
         if fired:
             failure.detail += f" [injected fault: {', '.join(fired)}]"
         return failure
@@ -278,6 +288,10 @@ class Supervisor:
                 if self.stop_signal is not None or failure.cause == "requeue":
                     self._record(attempt, failure, "stop")
                     code, outcome_text = exit_codes.EXIT_REQUEUE, "stopped to be requeued"
+                    break
+                if failure.cause == "storage":
+                    self._record(attempt, failure, "stop")
+                    code, outcome_text = exit_codes.EXIT_STORAGE, self._storage_verdict()
                     break
                 if not failure.retryable:
                     self._record(attempt, failure, "stop")
@@ -350,6 +364,25 @@ class Supervisor:
         return self.stop_signal is not None
 
     # -- acting on a cause ------------------------------------------------------------------------
+    def _storage_verdict(self) -> str:
+        """One message: where, how much space, which checkpoint is intact, what to do (never a restart)."""
+        records = storage.read_storage_failures(self.run_dir, since=self.attempt_started)
+        record = next((r for r in records if r.get("needed_bytes")), records[0] if records else None)
+        if record is None:  # the disk was too full even for the record
+            record = {"path": self.run_dir, "errno": errno.ENOSPC, "free_bytes": storage.free_bytes(self.run_dir)}
+        code = int(record.get("errno") or errno.ENOSPC)
+        needed = f", checkpoint needs ~{storage.human(record['needed_bytes'])}" if record.get("needed_bytes") else ""
+        path, _step = self._checkpoint()
+        intact = (f"latest good checkpoint {os.path.basename(path)} is intact" if path
+                  else "no checkpoint was written yet")
+        todo = {errno.EROFS: "the filesystem is read-only (remounted after errors?): have it fixed",
+                errno.EIO: "the filesystem reports I/O errors: have it checked (dmesg)"}.get(
+            code, "free space or lower checkpoint.keep_last" if path else "free space")
+        where = "" if os.path.abspath(str(record.get("path"))) == os.path.abspath(self.run_dir) else f" at {record.get('path')}"
+        return (f"run_dir {self.run_dir}: {storage.STORAGE_ERRNOS.get(code, os.strerror(code))}{where} "
+                f"(free {storage.human(record.get('free_bytes'))}{needed}); {intact}; {todo}, then run the same command "
+                f"(not restarted: a restart meets the same filesystem)")
+
     def _quarantine(self, failure: Failure) -> bool:
         """Rename a corrupt checkpoint of this run out of the way (never delete it); False if not ours."""
         path = os.path.realpath(failure.checkpoint or "")
@@ -404,7 +437,10 @@ class Supervisor:
                "exit_code": failure.exit_code, "checkpoint": path, "checkpoint_step": step, "last_step": last,
                "steps_lost": max(0, last - step), "action": action, "backoff_s": backoff_s,
                "excluded_nodes": list(self.excluded)}
-        exit_codes.append_jsonl(os.path.join(self.run_dir, "restarts.jsonl"), row)
+        try:
+            exit_codes.append_jsonl(os.path.join(self.run_dir, "restarts.jsonl"), row)
+        except OSError as err:  # a full run dir: the record goes to stderr instead
+            self.say(f"cannot append to restarts.jsonl ({err}): {json.dumps(row, default=str)}")
         self.report.steps_lost += row["steps_lost"]
         self.say(f"attempt {attempt} failed: {failure.cause} (rank {failure.rank}, node {node}, "
                  f"{failure.detail}); last step {last}, checkpoint step {step}, {row['steps_lost']} steps lost; "
@@ -466,4 +502,5 @@ def run(args: argparse.Namespace) -> int:
     from megatron_align.parallel.layout import validate_layout
 
     validate_layout(config, config.parallel.world_size)
+    launch.check_data_files(config)
     return Supervisor(config, args.config, list(args.overrides)).run()
