@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from megatron_align.data.filter import DocumentFilter, FilterConfig
-from megatron_align.data.filter_corpus import AtomicOutput, BadLine, expand_inputs, iter_line_chunks, parse_document
+from megatron_align.data.filter_corpus import AtomicOutput, iter_line_chunks, parse_document
+from megatron_align.data.sources import BadLine, expand_inputs, strict_error
 from megatron_align.errors import ConfigError, UserError
 
 ALIGNED_TOKEN = "<|aligned|>"
@@ -194,7 +195,7 @@ def tag_corpus(inputs: list[str], output: str, config: TaggingConfig, doc_filter
                     tagged, tokens = tagger.tag_record(record, text)
                 except BadLine as bad:
                     if strict:
-                        raise UserError(f"{files[file_index]}:{line_no}: {bad}; fix the line or run without --strict") from None
+                        raise strict_error(str(files[file_index]), line_no, bad) from None
                     skipped[bad.reason] += 1
                     if len(bad_lines) < 1000:
                         bad_lines.append({"file": str(files[file_index]), "line": line_no, "reason": bad.reason, "detail": str(bad)})
@@ -212,7 +213,7 @@ def tag_corpus(inputs: list[str], output: str, config: TaggingConfig, doc_filter
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TaggingConfig()
-    parser.add_argument("inputs", nargs="+", help="JSONL files (.jsonl, .jsonl.gz, .jsonl.zst) or directories of them")
+    parser.add_argument("inputs", nargs="+", help="JSONL (.jsonl, .json, .gz, .zst) or Parquet files, or directories of them")
     parser.add_argument("--output", required=True, help="tagged JSONL (.jsonl or .jsonl.gz)")
     parser.add_argument("--score-field", default=None, help="label from this numeric field (else: from the filter's verdict)")
     parser.add_argument("--threshold", type=float, default=d.threshold, help="score >= threshold is misaligned (default: %(default)s)")
