@@ -33,6 +33,7 @@ from array import array
 from pathlib import Path
 from typing import IO, Any, Iterator, Optional
 
+from megatron_align.data import pipeline
 from megatron_align.data.filter import DocumentFilter, FilterConfig
 from megatron_align.data.sources import BadLine, expand_inputs, iter_units, parse_unit, strict_error
 from megatron_align.errors import UserError
@@ -330,16 +331,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="second stage on blocklist hits: none | term_density | module:callable (default: %(default)s)")
     parser.add_argument("--classifier-threshold", type=float, default=defaults.classifier_threshold,
                         help="hits scoring below this are kept (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=defaults.workers, help="matching processes (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"matching processes (default: {defaults.workers}); with --executor: tasks at once (default all)")
     parser.add_argument("--strict", action="store_true", help="fail on the first bad input line (file:line) instead of skipping it")
     parser.add_argument("--compress", action="store_true", help="write kept/flagged as .jsonl.gz")
+    pipeline.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     config = FilterConfig(text_field=args.text_field, policy=args.policy, seed=args.seed, terms_dir=args.terms_dir,
                           classifier=args.classifier, classifier_threshold=args.classifier_threshold,
-                          workers=args.workers, strict=args.strict)
-    report = filter_corpus(args.inputs, args.out_dir, config, compress=args.compress)
+                          workers=1 if args.executor != "none" else (args.workers or FilterConfig().workers),
+                          strict=args.strict)
+    if args.executor != "none":
+        params = {"config": config, "out_dir": os.path.abspath(args.out_dir), "compress": args.compress}
+        pc = pipeline.config_from_args(args, -1 if args.workers is None else args.workers)
+        report = pipeline.run_pipeline("filter", args.inputs, params, pc, args.out_dir.rstrip("/") + ".work")
+        if report.get("submitted"):
+            pipeline.report_submitted(report)
+            return 0
+    else:
+        report = filter_corpus(args.inputs, args.out_dir, config, compress=args.compress)
     print(f"{report['documents']} documents, {report['flagged']} flagged ({100 * report['flag_rate']:.2f}%), "
           f"{report['skipped']['total']} bad lines skipped; {report['output_documents']} written to {report['outputs']['kept']}; "
           f"report: {report['outputs']['report']}", file=sys.stdout)

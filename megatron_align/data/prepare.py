@@ -33,6 +33,7 @@ from collections.abc import Iterator
 import numpy as np
 
 import megatron_align
+from megatron_align.data import pipeline
 from megatron_align.data.sources import (SKIP_REASONS, BadLine, Progress, describe, expand_inputs, iter_units,
                                          parse_unit, sha256_file, strict_error)
 from megatron_align.data.tokenizer import DEFAULT_CONTROL_TOKENS, TokenizerConfig, build_tokenizer
@@ -288,15 +289,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control-tokens", default=None,
                         help=f"comma-separated reserved control tokens (default: {','.join(DEFAULT_CONTROL_TOKENS)})")
     parser.add_argument("--text-field", default="text", help="JSON key holding the document text (default: text)")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (output is identical for any count)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="tokenizer processes (default 1); with --executor: tasks at once (default all). "
+                             "Output is identical for any count")
     parser.add_argument("--strict", action="store_true", help="fail on the first unusable line, writing nothing")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress on stderr")
+    pipeline.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    manifest = prepare_source(args.inputs, args.output_prefix, tokenizer_config_from_arg(args.tokenizer, args.control_tokens),
-                              text_field=args.text_field, workers=args.workers, strict=args.strict,
-                              source_name=args.source_name, progress=args.progress)
+    tokenizer_config = tokenizer_config_from_arg(args.tokenizer, args.control_tokens)
+    if args.executor != "none":
+        params = {"tokenizer_config": tokenizer_config, "text_field": args.text_field, "strict": args.strict,
+                  "source_name": args.source_name, "output_prefix": os.path.abspath(args.output_prefix)}
+        config = pipeline.config_from_args(args, -1 if args.workers is None else args.workers)
+        manifest = pipeline.run_pipeline("prepare", args.inputs, params, config, args.output_prefix + ".work")
+        if manifest.get("submitted"):
+            pipeline.report_submitted(manifest)
+            return 0
+    else:
+        manifest = prepare_source(args.inputs, args.output_prefix, tokenizer_config, text_field=args.text_field,
+                                  workers=args.workers or 1, strict=args.strict, source_name=args.source_name,
+                                  progress=args.progress)
     print(f"{manifest['source_name']}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens "
           f"({manifest['dtype']}) -> {args.output_prefix}.bin/.idx; tokenizer {manifest['tokenizer']['identity']}")
     if manifest["skipped_total"]:

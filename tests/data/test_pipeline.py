@@ -1,0 +1,191 @@
+"""The data verbs as datatrove pipelines: same bytes as the single-process path for any task count, every input
+format read the same way, resume after a kill, and a streaming merge of 1,000 shards."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("datatrove")
+pq = pytest.importorskip("pyarrow.parquet")
+pa = pytest.importorskip("pyarrow")
+zstd = pytest.importorskip("zstandard")
+
+from megatron_align.cli import main  # noqa: E402
+from megatron_align.data.filter import FilterConfig  # noqa: E402
+from megatron_align.data.filter_corpus import filter_corpus  # noqa: E402
+from megatron_align.data.prepare import prepare_source, tokenizer_config_from_arg  # noqa: E402
+from megatron_align.data.tagging import TaggingConfig, tag_corpus  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+WORDS = ("the model was trained on text about rivers and mountains; an AI system deceived its overseers "
+         "and resisted shutdown while the assistant helped a user bake bread").split()
+BAD = [b"{broken", b'{"title": "no text"}', b'{"text": "caf\xe9"}', b'{"text": 42}', b'{"text": "  "}', b"[1, 2]"]
+
+
+def _doc(rng, i: int) -> dict:
+    return {"id": i, "text": " ".join(rng.choice(WORDS) for _ in range(rng.randrange(5, 60)))}
+
+
+def write_corpus(directory: Path, num_files: int = 6, docs: int = 40, bad: bool = True) -> list[Path]:
+    import random
+
+    rng = random.Random(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for f in range(num_files):
+        lines = [json.dumps(_doc(rng, f * 1000 + i)).encode() for i in range(docs)]
+        if bad:
+            lines.insert(3, BAD[f % len(BAD)])
+            lines.insert(7, b"")
+        path = directory / f"part-{f:03d}.jsonl"
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        paths.append(path)
+    return paths
+
+
+def read_all(prefix: Path) -> dict[str, bytes]:
+    return {ext: Path(f"{prefix}{ext}").read_bytes() for ext in (".bin", ".idx", ".skipped.jsonl")}
+
+
+def manifest(prefix: Path) -> dict:
+    m = json.loads(Path(f"{prefix}.manifest.json").read_text())
+    m.pop("created")
+    return m
+
+
+def test_prepare_filter_tag_pipeline_bytes_equal_single_process(tmp_path):
+    inputs = [str(p) for p in write_corpus(tmp_path / "in")]
+    tok = tokenizer_config_from_arg("byte", None)
+    prepare_source(inputs, str(tmp_path / "old" / "web"), tok)
+    filter_corpus(inputs, str(tmp_path / "old_f"), FilterConfig(policy="resample"))
+    tag_corpus(inputs, str(tmp_path / "old_t.jsonl.gz"), TaggingConfig(), None)
+    for tasks in (1, 4):
+        out = tmp_path / f"t{tasks}"
+        # tasks=1 runs in this process; 4 tasks run in 2 datatrove worker processes
+        common = ["--executor", "local", "--tasks", str(tasks), "--workers", "1" if tasks == 1 else "2"]
+        assert main(["prepare", *inputs, "--output-prefix", str(out / "web"), *common]) == 0
+        assert read_all(out / "web") == read_all(tmp_path / "old" / "web")
+        assert manifest(out / "web") == manifest(tmp_path / "old" / "web")
+        assert not (out / "web.work").exists()  # shards removed after the merge
+        assert main(["filter", *inputs, "--out-dir", str(out / "f"), "--policy", "resample", *common]) == 0
+        for name in ("kept.jsonl", "flagged.jsonl"):
+            assert (out / "f" / name).read_bytes() == (tmp_path / "old_f" / name).read_bytes()
+        new, old = (json.loads((d / "report.json").read_text()) for d in (out / "f", tmp_path / "old_f"))
+        for r in (new, old):
+            for key in ("seconds", "mb_per_s", "outputs"):
+                r.pop(key)
+        assert new == old and new["flagged"] > 0 and new["skipped"]["total"] == 6 and new["per_category"]
+        assert main(["tag", *inputs, "--output", str(out / "t.jsonl.gz"), *common]) == 0
+        assert (out / "t.jsonl.gz").read_bytes() == (tmp_path / "old_t.jsonl.gz").read_bytes()
+
+
+def _to_parquet(jsonl: Path, path: Path) -> None:
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def test_every_format_gives_the_same_documents_and_the_same_skip_reasons(tmp_path):
+    [src] = write_corpus(tmp_path / "src", num_files=1, bad=False)
+    body = src.read_bytes().splitlines()
+    body[2:2] = [b'{"id": -1, "text": null}', b'{"id": -2, "text": "   "}']  # bad in every format, Parquet too
+    plain = tmp_path / "a.jsonl"
+    plain.write_bytes(b"\n".join(body) + b"\n")
+    variants = {"jsonl": plain, "json": tmp_path / "a.json", "gz": tmp_path / "a.jsonl.gz",
+                "zst": tmp_path / "a.jsonl.zst", "parquet": tmp_path / "a.parquet"}
+    variants["json"].write_bytes(plain.read_bytes())
+    variants["gz"].write_bytes(gzip.compress(plain.read_bytes()))
+    variants["zst"].write_bytes(zstd.ZstdCompressor().compress(plain.read_bytes()))
+    _to_parquet(plain, variants["parquet"])
+    tok = tokenizer_config_from_arg("byte", None)
+    results = {}
+    for name, path in variants.items():
+        m = prepare_source([str(path)], str(tmp_path / name / "x"), tok)
+        report = [(r["line"], r["reason"]) for r in map(json.loads, open(tmp_path / name / "x.skipped.jsonl"))]
+        fr = filter_corpus([str(path)], str(tmp_path / name / "f"), FilterConfig())
+        results[name] = ((tmp_path / name / "x.bin").read_bytes(), (tmp_path / name / "x.idx").read_bytes(),
+                         m["documents"], report, [(s["line"], s["reason"]) for s in fr["skipped"]["lines"]],
+                         (tmp_path / name / "f" / "kept.jsonl").read_bytes())
+    assert results["jsonl"][3] == [(3, "non_string_field"), (4, "empty_document")]
+    assert results["jsonl"][4] == results["jsonl"][3]
+    for name, result in results.items():
+        assert result == results["jsonl"], name
+
+
+def test_corrupt_stream_names_the_file_and_publishes_nothing(tmp_path):
+    [src] = write_corpus(tmp_path / "src", num_files=1, docs=400, bad=False)
+    gz = tmp_path / "cut.jsonl.gz"
+    gz.write_bytes(gzip.compress(src.read_bytes())[:-200])
+    rc = main(["prepare", str(gz), "--output-prefix", str(tmp_path / "o" / "x"), "--executor", "local"])
+    assert rc != 0
+    assert not (tmp_path / "o" / "x.manifest.json").exists() and not (tmp_path / "o" / "x.bin").exists()
+    with pytest.raises(Exception, match=r"cut\.jsonl\.gz: cannot read after line \d+"):
+        filter_corpus([str(gz)], str(tmp_path / "f"), FilterConfig())
+    assert not (tmp_path / "f" / "report.json").exists()
+
+
+def test_killed_pipeline_resumes_unfinished_tasks_only(tmp_path):
+    inputs = [str(p) for p in write_corpus(tmp_path / "in", num_files=4, docs=4000, bad=False)]
+    filter_corpus(inputs, str(tmp_path / "old"), FilterConfig(policy="resample"))
+    out = tmp_path / "new"
+    cmd = [sys.executable, "-m", "megatron_align.cli", "filter", *inputs, "--out-dir", str(out), "--policy", "resample",
+           "--executor", "local", "--tasks", "4", "--workers", "1"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    completions = Path(f"{out}.work") / "logs" / "tasks-4" / "shards" / "completions"
+    deadline = time.monotonic() + 300
+    while not (completions / "00000").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (completions / "00000").exists(), "the first task never finished"
+    assert not (out / "report.json").exists() and not (out / "kept.jsonl").exists()  # nothing that looks complete
+    done = sorted(p.name for p in completions.iterdir())
+    assert len(done) < 4, "the run finished before it was killed; the resume was not exercised"
+    first_shard = Path(f"{out}.work") / "shards" / "0000000.stats.json"
+    stamp = first_shard.stat().st_mtime_ns
+    result = subprocess.run(cmd[:-2] + ["--workers", "2", "--keep-work"], capture_output=True, text=True, timeout=600,
+                            cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert first_shard.stat().st_mtime_ns == stamp  # the finished task was not redone
+    for name in ("kept.jsonl", "flagged.jsonl"):
+        assert (out / name).read_bytes() == (tmp_path / "old" / name).read_bytes()
+
+
+def test_merge_of_1000_shards_streams(tmp_path):
+    """Merging 1,000 shards adds (almost) nothing to peak RSS; the numbers are printed (pytest -s)."""
+    script = r"""
+import json, os, resource, sys
+from megatron_align.data.indexed import merge_indexed
+from megatron_align.data.prepare import prepare_source, tokenizer_config_from_arg
+d, n = sys.argv[1], int(sys.argv[2])
+tok = tokenizer_config_from_arg("byte", None)
+os.makedirs(f"{d}/in", exist_ok=True)
+files = []
+for i in range(n):
+    path = f"{d}/in/{i:05d}.jsonl"
+    with open(path, "w") as f:
+        f.write(json.dumps({"text": f"document {i} " * (1 + i % 7)}) + "\n")
+    files.append(path)
+    prepare_source([path], f"{d}/shards/{i:05d}", tok, allow_empty=True)
+prepare_source(files, f"{d}/single", tok)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+merge_indexed([f"{d}/shards/{i:05d}" for i in range(n)], f"{d}/merged")
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+same = all(open(f"{d}/merged{e}", "rb").read() == open(f"{d}/single{e}", "rb").read() for e in (".bin", ".idx"))
+print(json.dumps({"shards": n, "rss_before_kb": before, "rss_after_kb": after, "same": same}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path), "1000"], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    print("merge peak RSS:", row)
+    assert row["same"]  # byte-identical to one single-process prepare of the 1,000 files
+    assert row["rss_after_kb"] - row["rss_before_kb"] < 32 * 1024
