@@ -128,8 +128,9 @@ def merge(verb: str, files: list[str], work_dir: str, params: dict, keep_work: b
         raise UserError(f"{verb}: {len(missing)} of {len(files)} input files have no finished shard in {work_dir} "
                         f"(first: {missing[0]}); run the same command again: only unfinished work is redone")
     result = merge_fn(files, shards, params)
-    if not keep_work:
-        shutil.rmtree(work_dir, ignore_errors=True)
+    if not keep_work:  # the shards; the logs stay (a SLURM merge job is still writing its own)
+        shutil.rmtree(os.path.join(work_dir, "shards"), ignore_errors=True)
+        os.remove(os.path.join(work_dir, "plan.json"))
     return result
 
 
@@ -253,7 +254,10 @@ def run_pipeline(verb: str, inputs: list[str], params: dict, pc: PipelineConfig,
     except Exception as err:  # a task failed: its message, and how to go on
         raise UserError(f"{verb}: a pipeline task failed: {err} (task logs: {logs}/shards/logs); fix it and run the "
                         "same command again: finished tasks and files are kept") from err
-    return merge(verb, files, work_dir, params, pc.keep_work)
+    result = merge(verb, files, work_dir, params, pc.keep_work)
+    if not pc.keep_work:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return result
 
 
 # ---------------------------------------------------------------- CLI
