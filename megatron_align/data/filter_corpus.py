@@ -341,7 +341,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = FilterConfig(text_field=args.text_field, policy=args.policy, seed=args.seed, terms_dir=args.terms_dir,
                           classifier=args.classifier, classifier_threshold=args.classifier_threshold,
-                          workers=1 if args.executor != "none" else (args.workers or FilterConfig().workers),
+                          workers=1 if args.executor != "none" else (FilterConfig().workers if args.workers is None else args.workers),
                           strict=args.strict)
     if args.executor != "none":
         params = {"config": config, "out_dir": os.path.abspath(args.out_dir), "compress": args.compress}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import shlex
@@ -128,9 +129,11 @@ def merge(verb: str, files: list[str], work_dir: str, params: dict, keep_work: b
         raise UserError(f"{verb}: {len(missing)} of {len(files)} input files have no finished shard in {work_dir} "
                         f"(first: {missing[0]}); run the same command again: only unfinished work is redone")
     result = merge_fn(files, shards, params)
-    if not keep_work:  # the shards; the logs stay (a SLURM merge job is still writing its own)
-        shutil.rmtree(os.path.join(work_dir, "shards"), ignore_errors=True)
+    if not keep_work:  # shards, plan and completion records; the logs stay (a SLURM merge job still writes its own)
         os.remove(os.path.join(work_dir, "plan.json"))
+        shutil.rmtree(os.path.join(work_dir, "shards"), ignore_errors=True)
+        for completions in glob.glob(os.path.join(work_dir, "logs", "tasks-*", "shards", "completions")):
+            shutil.rmtree(completions, ignore_errors=True)
     return result
 
 
@@ -237,10 +240,12 @@ def run_pipeline(verb: str, inputs: list[str], params: dict, pc: PipelineConfig,
         return {"submitted": True, "job_ids": [shards.job_id, merged.job_id], "work_dir": work_dir,
                 "logs": logs}
     if pc.executor == "ray":
-        require("ray", "--executor ray (pip install 'ray[default]')")
+        ray = require("ray", "--executor ray (pip install ray)")
         from datatrove.executor.ray import RayPipelineExecutor
 
-        executor = RayPipelineExecutor([shard_step], tasks=pc.tasks, workers=pc.workers,
+        if not ray.is_initialized():  # RAY_ADDRESS names a running cluster; else a local one is started
+            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        executor = RayPipelineExecutor([shard_step], tasks=pc.tasks, workers=pc.tasks if pc.workers == -1 else pc.workers,
                                        logging_dir=os.path.join(logs, "shards"))
     else:
         from datatrove.executor import LocalPipelineExecutor

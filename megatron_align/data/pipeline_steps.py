@@ -44,6 +44,19 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
+_FILTERS: dict[str, Any] = {}
+
+
+def _document_filter(config) -> Any:
+    """One DocumentFilter per task process and config (loading the term lists costs more than a small file)."""
+    from megatron_align.data.filter import DocumentFilter
+
+    key = json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
+    if key not in _FILTERS:
+        _FILTERS[key] = DocumentFilter(config)
+    return _FILTERS[key]
+
+
 # ---------------------------------------------------------------- prepare
 
 
@@ -55,7 +68,7 @@ def shard_prepare(path: str, prefix: str, params: dict) -> None:
 
 
 def merge_prepare(files: list[str], shards: list[str], params: dict) -> dict:
-    from megatron_align.data.indexed import merge_indexed
+    from megatron_align.data.indexed_merge import merge_indexed
     from megatron_align.data.prepare import build_manifest, publish, raise_no_documents
     from megatron_align.data.tokenizer import build_tokenizer
 
@@ -100,13 +113,12 @@ def merge_prepare(files: list[str], shards: list[str], params: dict) -> dict:
 
 
 def shard_filter(path: str, prefix: str, params: dict) -> None:
-    from megatron_align.data.filter import DocumentFilter
     from megatron_align.data.filter_corpus import AtomicOutput, _first_pass
 
     config = dataclasses.replace(params["config"], policy="drop", workers=1)  # resampling is global: the merge does it
     kept, flagged = AtomicOutput(Path(prefix + ".kept.jsonl")), AtomicOutput(Path(prefix + ".flagged.jsonl"))
     try:
-        stats = _first_pass([Path(path)], config, DocumentFilter(config), kept, flagged)
+        stats = _first_pass([Path(path)], config, _document_filter(config), kept, flagged)
         kept.commit()
         flagged.commit()
     except BaseException:
@@ -170,12 +182,12 @@ def merge_filter(files: list[str], shards: list[str], params: dict) -> dict:
 
 
 def shard_tag(path: str, prefix: str, params: dict) -> None:
-    from megatron_align.data.filter import DocumentFilter, FilterConfig
+    from megatron_align.data.filter import FilterConfig
     from megatron_align.data.filter_corpus import AtomicOutput
     from megatron_align.data.tagging import Tagger, tag_into
 
     config = params["config"]
-    doc_filter = (DocumentFilter(FilterConfig(terms_dir=params["terms_dir"], text_field=config.text_field))
+    doc_filter = (_document_filter(FilterConfig(terms_dir=params["terms_dir"], text_field=config.text_field))
                   if config.source == "filter" else None)
     out = AtomicOutput(Path(prefix + ".tagged.jsonl"))
     try:

@@ -309,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
     else:
         manifest = prepare_source(args.inputs, args.output_prefix, tokenizer_config, text_field=args.text_field,
-                                  workers=args.workers or 1, strict=args.strict, source_name=args.source_name,
+                                  workers=1 if args.workers is None else args.workers, strict=args.strict, source_name=args.source_name,
                                   progress=args.progress)
     print(f"{manifest['source_name']}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens "
           f"({manifest['dtype']}) -> {args.output_prefix}.bin/.idx; tokenizer {manifest['tokenizer']['identity']}")
