@@ -74,10 +74,16 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=2000, help="per file")
     parser.add_argument("--shards", default="10,100,1000,1000x2000",
                         help="merge rows: SHARDS or SHARDSxDOCS (documents per shard, default 50)")
+    parser.add_argument("--merge-only", action="store_true", help="only the merge peak-RSS rows")
     parser.add_argument("--tokenizer", choices=("byte", "bpe"), default="bpe",
                         help="bpe: a 4k sentencepiece BPE trained on the first file (not timed)")
     args = parser.parse_args()
+    if not args.merge_only:
+        speed(args)
+    merge_rows(args.shards)
 
+
+def speed(args: argparse.Namespace) -> None:
     from megatron_align.data.filter import FilterConfig
     from megatron_align.data.filter_corpus import filter_corpus
     from megatron_align.data.pipeline import PipelineConfig, run_pipeline
@@ -119,9 +125,12 @@ def main() -> None:
         rate = f"{tokens / cpu:13,.0f}" if name.startswith("prepare") else f"{'':>13s}"
         print(f"{name:44s} {rate} {mb / cpu:9.2f} {mb / wall:10.2f}")
     print(f"ratio pipeline/single per CPU-s: prepare {best[0][0] / best[1][0]:.2f}x, filter {best[2][0] / best[3][0]:.2f}x")
+
+
+def merge_rows(shards: str) -> None:
     base = float(subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True).stdout)
     print(f"merge peak RSS (a process that only merges; python + numpy alone: {base:.0f} MB):")
-    for spec in args.shards.split(","):
+    for spec in shards.split(","):
         n, _, docs = spec.partition("x")
         with tempfile.TemporaryDirectory() as tmp:
             subprocess.run([sys.executable, "-c", SHARDS, tmp, n, docs or "50"], capture_output=True, check=True)

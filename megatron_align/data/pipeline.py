@@ -3,7 +3,7 @@
 What: ``--executor local|slurm|ray --tasks N [--workers M]`` runs the verb as a
 datatrove pipeline of one step of ours (:class:`ShardStep`): task ``r`` of
 ``N`` processes input files ``r, r+N, r+2N, ...``, each into its own shard
-under the work directory (:mod:`megatron_align.data.pipeline_steps`). When
+under the work directory (:mod:`megatron_align.data.pipeline_shards`). When
 all tasks are done, :class:`MergeStep` streams the shards, in input order,
 into the outputs the single-process verb writes -- byte for byte the same,
 whatever N, M or the executor. Without ``--executor`` the verb runs in this
@@ -37,7 +37,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from megatron_align.data.pipeline_steps import VERBS
+from megatron_align.data.pipeline_shards import VERBS
 from megatron_align.data.sources import expand_inputs
 from megatron_align.errors import ConfigError, UserError
 from megatron_align.optional import require
@@ -55,8 +55,8 @@ class SlurmConfig:
     """Time limit of one task (one array element): enough for its share of the files."""
     cpus_per_task: int = 1
     """CPUs per task. A task is one process: more tasks, not more CPUs per task, use more cores."""
-    mem_per_cpu_gb: int = 2
-    """Memory per CPU (GB)."""
+    mem_per_cpu_gb: Optional[int] = None
+    """Memory per CPU (GB); None = the partition's default."""
     account: Optional[str] = None
     """``#SBATCH --account``."""
     qos: Optional[str] = None
@@ -74,7 +74,7 @@ class SlurmConfig:
     def __post_init__(self) -> None:
         if self.cpus_per_task < 1:
             raise ConfigError(f"slurm.cpus_per_task={self.cpus_per_task}: must be >= 1")
-        if self.mem_per_cpu_gb < 1:
+        if self.mem_per_cpu_gb is not None and self.mem_per_cpu_gb < 1:
             raise ConfigError(f"slurm.mem_per_cpu_gb={self.mem_per_cpu_gb}: must be >= 1")
         if self.max_array_size < 1:
             raise ConfigError(f"slurm.max_array_size={self.max_array_size}: must be >= 1")
@@ -137,51 +137,6 @@ def merge(verb: str, files: list[str], work_dir: str, params: dict, keep_work: b
     return result
 
 
-try:  # datatrove is the engine of --executor; without it the verbs still run in-process
-    from datatrove.pipeline.base import PipelineStep
-except ImportError:  # pragma: no cover - datatrove is a dependency of the data extra
-    PipelineStep = object  # type: ignore[assignment,misc]
-
-
-class ShardStep(PipelineStep):
-    """Task ``rank`` of ``world_size``: files rank, rank+world_size, ... -> finished shards."""
-
-    name = "megatron-align shards"
-    type = "megatron-align"
-
-    def __init__(self, verb: str, files: list[str], work_dir: str, params: dict) -> None:
-        super().__init__()
-        self.verb, self.files, self.work_dir, self.params = verb, files, work_dir, params
-
-    def run(self, data=None, rank: int = 0, world_size: int = 1):
-        shard_fn, marker, _ = VERBS[self.verb]
-        for index in range(rank, len(self.files), world_size):
-            prefix = shard_prefix(self.work_dir, index)
-            if os.path.exists(prefix + marker):
-                self.stat_update("files_already_done")
-                continue
-            shard_fn(self.files[index], prefix, self.params)
-            self.stat_update("files")
-        return None
-
-
-class MergeStep(PipelineStep):
-    """The one merge task (SLURM: a job that runs after the whole array succeeded)."""
-
-    name = "megatron-align merge"
-    type = "megatron-align"
-
-    def __init__(self, verb: str, files: list[str], work_dir: str, params: dict, keep_work: bool) -> None:
-        super().__init__()
-        self.verb, self.files, self.work_dir, self.params, self.keep_work = verb, files, work_dir, params, keep_work
-
-    def run(self, data=None, rank: int = 0, world_size: int = 1):
-        result = merge(self.verb, self.files, self.work_dir, self.params, self.keep_work)
-        summary = {k: v for k, v in result.items() if k not in ("inputs", "skipped_lines", "lines", "examples")}
-        print(json.dumps(summary, default=str)[:2000], flush=True)
-        return None
-
-
 def _prepare_work_dir(verb: str, files: list[str], params: dict, work_dir: str) -> None:
     """Create ``work_dir``; refuse one that holds shards of other inputs or settings."""
     plan = {"verb": verb, "files": [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files],
@@ -209,7 +164,7 @@ def _default_partition() -> str:
 
 
 def _slurm_executors(verb: str, pc: PipelineConfig, shard_step, merge_step, logs: str):
-    from datatrove.executor import SlurmPipelineExecutor
+    from megatron_align.data.pipeline_steps import SlurmExecutor
 
     s = pc.slurm
     venv_activate = os.path.join(sys.prefix, "bin", "activate")
@@ -219,9 +174,9 @@ def _slurm_executors(verb: str, pc: PipelineConfig, shard_step, merge_step, logs
                   qos=s.qos or "", env_command=env or None, sbatch_args={"account": s.account} if s.account else None,
                   srun_args=s.srun_dict() or None, max_array_size=s.max_array_size, requeue=False)
     name = s.job_name or f"megatron-align-{verb}"
-    shards = SlurmPipelineExecutor([shard_step], tasks=pc.tasks, workers=pc.workers, cpus_per_task=s.cpus_per_task,
+    shards = SlurmExecutor([shard_step], tasks=pc.tasks, workers=pc.workers, cpus_per_task=s.cpus_per_task,
                                    job_name=name, logging_dir=os.path.join(logs, "shards"), **common)
-    merged = SlurmPipelineExecutor([merge_step], tasks=1, cpus_per_task=1, job_name=f"{name}-merge", depends=shards,
+    merged = SlurmExecutor([merge_step], tasks=1, cpus_per_task=1, job_name=f"{name}-merge", depends=shards,
                                    logging_dir=os.path.join(logs, "merge"), skip_completed=False, **common)
     return shards, merged
 
@@ -231,6 +186,8 @@ def run_pipeline(verb: str, inputs: list[str], params: dict, pc: PipelineConfig,
     files = expand_inputs(inputs)
     work_dir = os.path.abspath(pc.work_dir or default_work_dir)
     require("datatrove", "--executor local|slurm|ray (pip install datatrove)")
+    from megatron_align.data.pipeline_steps import MergeStep, ShardStep
+
     _prepare_work_dir(verb, files, params, work_dir)
     shard_step = ShardStep(verb, files, work_dir, params)
     logs = os.path.join(work_dir, "logs", f"tasks-{pc.tasks}")  # completions are per task count
