@@ -198,3 +198,36 @@ def test_merge_of_1000_shards_streams(tmp_path):
         assert (tmp_path / f"merged{ext}").read_bytes() == (tmp_path / f"single{ext}").read_bytes()
     assert not row["torch"]  # the merge needs neither torch nor megatron
     assert row["peak_rss_mb"] < 100  # Python + numpy alone is ~30 MB; add_index would hold every length as an object
+
+
+def test_slurm_options_render_into_the_job_array_script(tmp_path):
+    """Flags and a `slurm:` YAML become the #SBATCH lines datatrove submits (no cluster needed)."""
+    import argparse
+
+    from megatron_align.data import pipeline
+    from megatron_align.data.pipeline_steps import MergeStep, ShardStep
+    from megatron_align.errors import ConfigError
+
+    (tmp_path / "slurm.yaml").write_text("slurm:\n  partition: cpu\n  time: '01:00:00'\n  account: proj\n"
+                                         "  srun_args: --container-image=img.sqsh --container-mounts=/data:/data\n")
+    parser = argparse.ArgumentParser()
+    pipeline.add_arguments(parser)
+    args = parser.parse_args(["--executor", "slurm", "--tasks", "8", "--slurm-config", str(tmp_path / "slurm.yaml"),
+                              "--time", "04:00:00", "--env-command", "module load python"])
+    pc = pipeline.config_from_args(args, workers=3)
+    assert pc.slurm.partition == "cpu" and pc.slurm.time == "04:00:00"  # the flag overrides the file
+    step = ShardStep("prepare", ["a.jsonl"], str(tmp_path), {})
+    shards, merged = pipeline._slurm_executors("prepare", pc, step, MergeStep("prepare", [], str(tmp_path), {}, False),
+                                               str(tmp_path / "logs"))
+    sbatch = shards.get_sbatch_args(8)
+    assert (sbatch["partition"], sbatch["time"], sbatch["account"], sbatch["array"]) == ("cpu", "04:00:00", "proj", "0-7%3")
+    assert "mem-per-cpu" not in sbatch  # none configured: the partition's default
+    assert shards.srun_args == {"container-image": "img.sqsh", "container-mounts": "/data:/data"}
+    assert "module load python" in shards.get_launch_file_contents(sbatch, "true")
+    assert merged.depends is shards and merged.tasks == 1
+    with_mem = pipeline.PipelineConfig(executor="slurm", slurm=pipeline.SlurmConfig(partition="cpu", mem_per_cpu_gb=4))
+    assert pipeline._slurm_executors("prepare", with_mem, step, step, str(tmp_path / "l2"))[0].get_sbatch_args()["mem-per-cpu"] == "4G"
+    with pytest.raises(ConfigError, match="slurm.srun_args"):
+        pipeline.SlurmConfig(srun_args="-n 2")
+    with pytest.raises(ConfigError, match="--tasks"):
+        pipeline.PipelineConfig(executor="local", tasks=0)
