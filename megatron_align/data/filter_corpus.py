@@ -1,4 +1,4 @@
-"""`megatron-align filter`: run the blocklist over JSONL corpora; write kept / flagged JSONL and a report.
+"""`megatron-align filter`: run the blocklist over JSONL or Parquet corpora (read by data/sources.py); write kept / flagged JSONL and a report.
 
 Reading and writing stay in the main process; parsing and matching run in
 ``--workers`` processes on chunks of raw lines, with a bounded number of chunks

@@ -1,4 +1,4 @@
-"""`megatron-align prepare`: JSONL documents -> one Megatron IndexedDataset per source.
+"""`megatron-align prepare`: JSONL or Parquet documents (data/sources.py) -> one Megatron IndexedDataset per source.
 
 What: every input line is a JSON object whose text field becomes one document
 (tokens + EOD) in ``PREFIX.bin/.idx``, the format Megatron-Core's
