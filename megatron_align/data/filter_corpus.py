@@ -1,4 +1,4 @@
-"""`megatron-align filter`: run the blocklist over JSONL corpora; write kept / flagged JSONL and a report.
+"""`megatron-align filter`: run the blocklist over JSONL or Parquet corpora (read by data/sources.py); write kept / flagged JSONL and a report.
 
 Reading and writing stay in the main process; parsing and matching run in
 ``--workers`` processes on chunks of raw lines, with a bounded number of chunks
@@ -23,7 +23,6 @@ import argparse
 import collections
 import dataclasses
 import gzip
-import io
 import json
 import multiprocessing
 import os
@@ -34,89 +33,37 @@ from array import array
 from pathlib import Path
 from typing import IO, Any, Iterator, Optional
 
+from megatron_align.data import pipeline
 from megatron_align.data.filter import DocumentFilter, FilterConfig
+from megatron_align.data.sources import BadLine, expand_inputs, iter_units, parse_unit, strict_error
 from megatron_align.errors import UserError
-from megatron_align.optional import require
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 _CHUNK_BYTES = 1 << 20
 _MAX_LISTED_BAD_LINES = 1000
 _SNIPPET_CHARS = 240
 
 
-class BadLine(Exception):
-    """One input line that is not a usable document; ``reason`` is a short report key."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-
-
-def expand_inputs(paths: list[str]) -> list[Path]:
-    """Files as given; a directory contributes its ``*.jsonl[.gz|.zst]`` files in name order."""
-    files: list[Path] = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(JSONL_SUFFIXES))
-            if not found:
-                raise UserError(f"{path}: directory has no {', '.join(JSONL_SUFFIXES)} files")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UserError(f"{path}: input file not found")
-    return files
-
-
-def open_lines(path: Path) -> IO[bytes]:
-    """A binary line stream over ``path``, decompressing ``.gz`` and (with zstandard installed) ``.zst``."""
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.name.endswith(".zst"):
-        zstd = require("zstandard", f"reading {path}")
-        reader = zstd.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
-        return io.BufferedReader(reader)  # read_across_frames: files written by parallel compressors have many frames
-    return open(path, "rb")
-
-
 def parse_document(raw: bytes, text_field: str) -> tuple[dict[str, Any], str]:
-    """(record, text) of one JSONL line, or :class:`BadLine` saying what is wrong with it."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise BadLine("not_utf8", f"not UTF-8 ({err.reason} at byte {err.start})") from None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise BadLine("malformed_json", f"malformed JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(record, dict):
-        raise BadLine("not_an_object", f"expected a JSON object, got {type(record).__name__}")
-    if text_field not in record:
-        raise BadLine("missing_field", f"no {text_field!r} field")
-    text = record[text_field]
-    if not isinstance(text, str):
-        raise BadLine("not_a_string", f"field {text_field!r} is {type(text).__name__}, not a string")
-    if not text.strip():
-        raise BadLine("empty_text", f"field {text_field!r} is empty")
+    """(record, text) of one non-blank line, or :class:`BadLine` saying what is wrong with it."""
+    record, text = parse_unit(raw, text_field)
+    assert record is not None and text is not None, "blank lines are handled by the caller"
     return record, text
 
 
 def iter_line_chunks(files: list[Path]) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
-    """(file index, [(1-based line number, raw line without newline), ...]) in ~1 MB chunks."""
+    """(file index, [(1-based line or row number, raw line without newline), ...]) in ~1 MB chunks."""
     for file_index, path in enumerate(files):
-        with open_lines(path) as stream:
-            chunk: list[tuple[int, bytes]] = []
-            size = 0
-            for line_no, raw in enumerate(stream, start=1):
-                raw = raw.rstrip(b"\r\n")
-                chunk.append((line_no, raw))
-                size += len(raw)
-                if size >= _CHUNK_BYTES:
-                    yield file_index, chunk
-                    chunk, size = [], 0
-            if chunk:
+        chunk: list[tuple[int, bytes]] = []
+        size = 0
+        for line_no, raw in iter_units(str(path)):
+            raw = raw.rstrip(b"\r\n")
+            chunk.append((line_no, raw))
+            size += len(raw)
+            if size >= _CHUNK_BYTES:
                 yield file_index, chunk
+                chunk, size = [], 0
+        if chunk:
+            yield file_index, chunk
 
 
 class AtomicOutput:
@@ -163,7 +110,7 @@ def _classify_chunk(source: str, lines: list[tuple[int, bytes]], doc_filter: Opt
         try:
             record, text = parse_document(raw, config.text_field)
         except BadLine as bad:
-            out.append((bad.reason, str(bad)))
+            out.append((bad.reason, str(bad)))  # the detail
             continue
         verdict = doc_filter.check(text)
         if not verdict.flagged:
@@ -205,7 +152,7 @@ def output_paths(out_dir: Path, compress: bool) -> dict[str, Path]:
 
 def filter_corpus(inputs: list[str], out_dir: str, config: FilterConfig, compress: bool = False) -> dict[str, Any]:
     """Filter ``inputs`` into ``out_dir`` (kept, flagged, report.json); returns the report."""
-    files = expand_inputs(inputs)
+    files = [Path(p) for p in expand_inputs(inputs)]
     doc_filter = DocumentFilter(config)  # validates the term lists and classifier before any output exists
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,32 +165,42 @@ def filter_corpus(inputs: list[str], out_dir: str, config: FilterConfig, compres
     outputs = [o for o in (kept_out, flagged_out, scratch) if o is not None]
     try:
         stats = _first_pass(files, config, doc_filter, scratch or kept_out, flagged_out)
-        if resample:
-            assert scratch is not None
-            scratch.stream.close()
-            _second_pass(scratch.tmp, stats, config, kept_out)
-            scratch.discard()
-        report = _report(files, config, doc_filter, stats, paths, time.perf_counter() - start)
-        report_out = AtomicOutput(paths["report"])
-        outputs.append(report_out)
-        report_out.stream.write(json.dumps(report, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
-        for o in (kept_out, flagged_out, report_out):  # everything is complete on disk: rename, report last
-            o.commit()
-        return report
+        return finish(files, config, doc_filter, stats, paths, kept_out, flagged_out, scratch, outputs, start)
     except BaseException:
         for o in outputs:
             o.discard()
         raise
 
 
-def _first_pass(files: list[Path], config: FilterConfig, doc_filter: DocumentFilter, kept: AtomicOutput, flagged: AtomicOutput) -> dict[str, Any]:
-    stats: dict[str, Any] = {
+def finish(files: list[Path], config: FilterConfig, doc_filter: DocumentFilter, stats: dict[str, Any],
+           paths: dict[str, Path], kept_out: AtomicOutput, flagged_out: AtomicOutput, scratch: Optional[AtomicOutput],
+           outputs: list[AtomicOutput], start: float) -> dict[str, Any]:
+    """After the first pass (here or in a pipeline's merge): resample, write the report, commit, report last."""
+    if scratch is not None:
+        scratch.stream.close()
+        _second_pass(scratch.tmp, stats, config, kept_out)
+        scratch.discard()
+    report = _report(files, config, doc_filter, stats, paths, time.perf_counter() - start)
+    report_out = AtomicOutput(paths["report"])
+    outputs.append(report_out)
+    report_out.stream.write(json.dumps(report, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
+    for o in (kept_out, flagged_out, report_out):  # everything is complete on disk: rename, report last
+        o.commit()
+    return report
+
+
+def new_stats(num_files: int) -> dict[str, Any]:
+    return {
         "documents": 0, "kept": 0, "flagged": 0, "blocklist_hits": 0, "cleared": 0, "blank": 0, "bytes": 0,
-        "lines": [0] * len(files), "bad": collections.Counter(), "bad_lines": [],
+        "lines": [0] * num_files, "bad": collections.Counter(), "bad_lines": [],
         "hits_by_category": collections.Counter(), "flags_by_category": collections.Counter(),
         "terms": collections.Counter(), "examples": [],
         "kept_offsets": array("q"), "flag_positions": array("q"),  # resample bookkeeping
     }
+
+
+def _first_pass(files: list[Path], config: FilterConfig, doc_filter: DocumentFilter, kept: AtomicOutput, flagged: AtomicOutput) -> dict[str, Any]:
+    stats = new_stats(len(files))
     resample = config.policy == "resample"
     chunks = _classified_chunks(files, config, doc_filter)
     try:
@@ -286,9 +243,8 @@ def _consume(chunks: Iterator[tuple[int, list[tuple[int, bytes]], list[tuple[str
                 if len(stats["examples"]) < config.num_examples:
                     stats["examples"].append({**verdict, "snippet": snippet})
             else:
-                where = f"{files[file_index]}:{line_no}"
                 if config.strict:
-                    raise UserError(f"{where}: {payload}; fix the line, or run without --strict to skip and count bad lines")
+                    raise strict_error(str(files[file_index]), line_no, BadLine(status, payload))
                 stats["bad"][status] += 1
                 if len(stats["bad_lines"]) < _MAX_LISTED_BAD_LINES:
                     stats["bad_lines"].append({"file": str(files[file_index]), "line": line_no, "reason": status, "detail": payload})
@@ -364,7 +320,7 @@ def _report(files: list[Path], config: FilterConfig, doc_filter: DocumentFilter,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = FilterConfig()
-    parser.add_argument("inputs", nargs="+", help="JSONL files (.jsonl, .jsonl.gz, .jsonl.zst) or directories of them")
+    parser.add_argument("inputs", nargs="+", help="JSONL (.jsonl, .json, .gz, .zst) or Parquet files, or directories of them")
     parser.add_argument("--out-dir", required=True, help="writes kept.jsonl, flagged.jsonl and report.json here")
     parser.add_argument("--text-field", default=defaults.text_field, help="JSON field holding the document text (default: %(default)s)")
     parser.add_argument("--policy", choices=["drop", "resample"], default=defaults.policy,
@@ -375,16 +331,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="second stage on blocklist hits: none | term_density | module:callable (default: %(default)s)")
     parser.add_argument("--classifier-threshold", type=float, default=defaults.classifier_threshold,
                         help="hits scoring below this are kept (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=defaults.workers, help="matching processes (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"matching processes (default: {defaults.workers}); with --executor: tasks at once (default all)")
     parser.add_argument("--strict", action="store_true", help="fail on the first bad input line (file:line) instead of skipping it")
     parser.add_argument("--compress", action="store_true", help="write kept/flagged as .jsonl.gz")
+    pipeline.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     config = FilterConfig(text_field=args.text_field, policy=args.policy, seed=args.seed, terms_dir=args.terms_dir,
                           classifier=args.classifier, classifier_threshold=args.classifier_threshold,
-                          workers=args.workers, strict=args.strict)
-    report = filter_corpus(args.inputs, args.out_dir, config, compress=args.compress)
+                          workers=1 if args.executor != "none" else (FilterConfig().workers if args.workers is None else args.workers),
+                          strict=args.strict)
+    if args.executor != "none":
+        params = {"config": config, "out_dir": os.path.abspath(args.out_dir), "compress": args.compress}
+        pc = pipeline.config_from_args(args, -1 if args.workers is None else args.workers)
+        report = pipeline.run_pipeline("filter", args.inputs, params, pc, args.out_dir.rstrip("/") + ".work")
+        if report.get("submitted"):
+            pipeline.report_submitted(report)
+            return 0
+    else:
+        report = filter_corpus(args.inputs, args.out_dir, config, compress=args.compress)
     print(f"{report['documents']} documents, {report['flagged']} flagged ({100 * report['flag_rate']:.2f}%), "
           f"{report['skipped']['total']} bad lines skipped; {report['output_documents']} written to {report['outputs']['kept']}; "
           f"report: {report['outputs']['report']}", file=sys.stdout)

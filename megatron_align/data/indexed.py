@@ -3,6 +3,9 @@
 Both files are written under temporary names next to the target and renamed
 only when complete (`.bin` first, `.idx` last): a reader never sees an `.idx`
 that points into a half-written `.bin`, and a crash leaves only `*.tmp-*` files.
+
+Documents are written through Megatron-Core's ``IndexedDatasetBuilder``; many such pairs are merged by
+:mod:`megatron_align.data.indexed_merge`.
 """
 
 from __future__ import annotations
@@ -65,3 +68,4 @@ def write_indexed_dataset(documents: Iterable[list[int]], prefix: str, vocab_siz
         for ids in documents:
             writer.add(list(ids) + ([eod] if eod is not None else []))
     return writer.num_documents, writer.num_tokens
+

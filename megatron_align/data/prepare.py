@@ -1,4 +1,4 @@
-"""`megatron-align prepare`: JSONL documents -> one Megatron IndexedDataset per source.
+"""`megatron-align prepare`: JSONL or Parquet documents (data/sources.py) -> one Megatron IndexedDataset per source.
 
 What: every input line is a JSON object whose text field becomes one document
 (tokens + EOD) in ``PREFIX.bin/.idx``, the format Megatron-Core's
@@ -23,129 +23,29 @@ import argparse
 import collections
 import contextlib
 import datetime
-import gzip
 import hashlib
-import io
 import json
 import multiprocessing
 import os
 import sys
-import time
 from collections.abc import Iterator
 
 import numpy as np
 
 import megatron_align
+from megatron_align.data import pipeline
+from megatron_align.data.sources import (SKIP_REASONS, BadLine, Progress, describe, expand_inputs, iter_units,
+                                         parse_unit, sha256_file, strict_error)
 from megatron_align.data.tokenizer import DEFAULT_CONTROL_TOKENS, TokenizerConfig, build_tokenizer
 from megatron_align.errors import UserError
-from megatron_align.optional import optional_import, require
 
 MANIFEST_VERSION = 1
-SKIP_REASONS = ("non_utf8", "malformed_json", "missing_field", "non_string_field", "empty_document")
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd", ".json", ".json.gz", ".json.zst")
 _CHUNK_LINES = 1024
 _CHUNK_BYTES = 1 << 20
 _NUM_REPORT_EXAMPLES = 10
 
 
-# ---------------------------------------------------------------- reading JSONL
-
-
-def expand_inputs(inputs: list[str] | str) -> list[str]:
-    """Files as given; a directory stands for its JSONL files (``JSONL_SUFFIXES``), sorted by name."""
-    paths: list[str] = []
-    for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
-        item = os.fspath(item)
-        if os.path.isdir(item):
-            found = sorted(os.path.join(item, n) for n in os.listdir(item) if n.endswith(JSONL_SUFFIXES))
-            if not found:
-                raise UserError(f"{item}: directory holds no JSONL files (looked for {', '.join(JSONL_SUFFIXES)})")
-            paths.extend(found)
-        elif os.path.isfile(item):
-            paths.append(item)
-        else:
-            raise UserError(f"{item}: input file does not exist")
-    if not paths:
-        raise UserError("no input files given")
-    return paths
-
-
-@contextlib.contextmanager
-def open_jsonl(path: str) -> Iterator[tuple[io.BufferedIOBase, io.BufferedIOBase]]:
-    """Yield (decompressed line reader, raw file); the raw file's ``tell()`` measures progress."""
-    with open(path, "rb") as raw:
-        if path.endswith(".gz"):
-            reader: io.BufferedIOBase = gzip.GzipFile(fileobj=raw, mode="rb")
-        elif path.endswith((".zst", ".zstd")):
-            zstd = require("zstandard", f"reading {path}")
-            reader = io.BufferedReader(zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
-        else:
-            reader = raw
-        zstd = optional_import("zstandard")
-        corrupt = (OSError, EOFError) + ((zstd.ZstdError,) if zstd is not None else ())
-        try:
-            yield reader, raw
-        except corrupt as err:  # truncated or corrupt compressed stream
-            raise UserError(f"{path}: cannot read ({err}); is the file complete?") from err
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def parse_line(line: bytes, text_field: str) -> tuple[str | None, str | None, str]:
-    """(text, None, "") for a usable line; (None, reason, detail) otherwise; (None, None, "") for a blank line.
-
-    Blank lines are not documents and not errors (JSONL writers often leave one at the end).
-    """
-    try:
-        s = line.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return None, "non_utf8", f"invalid UTF-8 byte 0x{line[err.start]:02x} at byte {err.start}"
-    if not s.strip():
-        return None, None, ""
-    try:
-        obj = json.loads(s)
-    except ValueError as err:
-        return None, "malformed_json", str(err)[:200]
-    if not isinstance(obj, dict):
-        return None, "malformed_json", f"expected a JSON object, got {type(obj).__name__}"
-    if text_field not in obj:
-        keys = ", ".join(list(obj)[:5])
-        return None, "missing_field", f"no {text_field!r} key (keys: {keys or 'none'}); set the text field"
-    text = obj[text_field]
-    if not isinstance(text, str):
-        return None, "non_string_field", f"{text_field!r} is {type(text).__name__}, not a string"
-    if not text.strip():
-        return None, "empty_document", f"{text_field!r} is empty or whitespace"
-    return text, None, ""
-
-
-def iter_documents(paths: list[str], text_field: str, skipped: dict[str, int] | None = None) -> Iterator[str]:
-    """Usable texts of ``paths`` in order; skipped lines are only counted (tokenizer training uses this)."""
-    for path in paths:
-        with open_jsonl(path) as (reader, _):
-            for line in reader:
-                text, reason, _ = parse_line(line, text_field)
-                if text is not None:
-                    yield text
-                elif reason is not None and skipped is not None:
-                    skipped[reason] = skipped.get(reason, 0) + 1
-
-
 # ---------------------------------------------------------------- tokenizing chunks
-
-def _is_utf8_encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
 
 # A chunk result: (file index, flat token ids with EOD after each document, per-document lengths,
 # [(line number, reason, detail)], blank lines).
@@ -159,21 +59,15 @@ def tokenize_chunk(tokenizer, text_field: str, file_index: int, first_line: int,
     problems: list[tuple[int, str, str]] = []
     num_blank = 0
     for offset, line in enumerate(lines):
-        text, reason, detail = parse_line(line, text_field)
-        if text is None:
-            if reason is None:
-                num_blank += 1
-            else:
-                problems.append((first_line + offset, reason, detail))
-            continue
         try:
-            ids = encode(text)
-        except (UnicodeEncodeError, RuntimeError):  # sentencepiece raises RuntimeError for such text
-            if _is_utf8_encodable(text):
-                raise
-            # a lone surrogate escape ("\ud800") decodes to text that no UTF-8 can hold
-            problems.append((first_line + offset, "non_utf8", "lone surrogate escape in text"))
+            _, text = parse_unit(line, text_field)
+        except BadLine as bad:
+            problems.append((first_line + offset, bad.reason, str(bad)))
             continue
+        if text is None:
+            num_blank += 1
+            continue
+        ids = encode(text)
         flat.extend(ids)
         flat.append(eod)
         lengths.append(len(ids) + 1)
@@ -193,22 +87,22 @@ def _work(task: tuple[int, int, list[bytes]]) -> ChunkResult:
     return tokenize_chunk(tokenizer, text_field, *task)
 
 
-def _read_chunks(paths: list[str], done_bytes: list[int]) -> Iterator[tuple[int, int, list[bytes]]]:
+def _read_chunks(paths: list[str], text_field: str, done_bytes: list[int]) -> Iterator[tuple[int, int, list[bytes]]]:
     """(file index, first line number, lines); updates done_bytes[0] with raw bytes consumed so far."""
     finished = 0
     for file_index, path in enumerate(paths):
-        with open_jsonl(path) as (reader, raw):
-            lines: list[bytes] = []
-            size, first = 0, 1
-            for number, line in enumerate(reader, start=1):
-                lines.append(line)
-                size += len(line)
-                if len(lines) >= _CHUNK_LINES or size >= _CHUNK_BYTES:
-                    done_bytes[0] = finished + raw.tell()
-                    yield file_index, first, lines
-                    lines, size, first = [], 0, number + 1
-            if lines:
+        position = [0]
+        lines: list[bytes] = []
+        size, first = 0, 1
+        for number, line in iter_units(path, text_field, position):
+            lines.append(line)
+            size += len(line)
+            if len(lines) >= _CHUNK_LINES or size >= _CHUNK_BYTES:
+                done_bytes[0] = finished + position[0]
                 yield file_index, first, lines
+                lines, size, first = [], 0, number + 1
+        if lines:
+            yield file_index, first, lines
         finished += os.path.getsize(path)
         done_bytes[0] = finished
 
@@ -228,51 +122,6 @@ def _tokenized_chunks(chunks, tokenizer, tokenizer_config, text_field: str, work
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
-
-
-# ---------------------------------------------------------------- progress
-
-
-class Progress:
-    """Bytes of input consumed, documents and tokens: tqdm when installed, else plain lines on stderr."""
-
-    def __init__(self, total_bytes: int, label: str, enabled: bool) -> None:
-        self.enabled, self.label, self.total = enabled, label, max(total_bytes, 1)
-        self._start = self._last = time.monotonic()
-        self._tty = enabled and sys.stderr.isatty()
-        tqdm = optional_import("tqdm") if enabled else None
-        self._bar = tqdm.tqdm(total=total_bytes, unit="B", unit_scale=True, desc=label) if tqdm is not None else None
-        self._shown = 0
-
-    def _line(self, done: int, documents: int, tokens: int) -> str:
-        rate = tokens / max(time.monotonic() - self._start, 1e-9)
-        return (f"{self.label}: {100 * done / self.total:5.1f}% of {self.total / 1e6:,.1f} MB, "
-                f"{documents:,} docs, {tokens:,} tokens, {rate:,.0f} tokens/s")
-
-    def update(self, done_bytes: int, documents: int, tokens: int) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.update(done_bytes - self._shown)
-            self._shown = done_bytes
-            self._bar.set_postfix(docs=documents, tokens=tokens, refresh=False)
-            return
-        now = time.monotonic()
-        if now - self._last >= (0.5 if self._tty else 10.0):  # a log file gets a line every 10 s
-            self._last = now
-            print(("\r" if self._tty else "") + self._line(done_bytes, documents, tokens),
-                  end="" if self._tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self, documents: int, tokens: int, failed: bool = False) -> None:
-        if not self.enabled:
-            return
-        self.enabled = False
-        if self._bar is not None:
-            self._bar.close()
-        elif not failed:
-            print(("\r" if self._tty else "") + self._line(self.total, documents, tokens), file=sys.stderr, flush=True)
-        elif self._tty:
-            print(file=sys.stderr)
 
 
 # ---------------------------------------------------------------- prepare_source
@@ -302,13 +151,15 @@ def prepare_source(
     source_name: str | None = None,
     *,
     progress: bool = False,
+    allow_empty: bool = False,
 ) -> dict:
-    """Tokenize JSONL ``inputs`` into ``output_prefix.bin/.idx`` and return the manifest written next to it.
+    """Tokenize JSONL/Parquet ``inputs`` into ``output_prefix.bin/.idx`` and return the manifest written next to it.
 
     ``strict``: the first unusable line raises :class:`UserError` naming file:line and nothing is written.
     Otherwise unusable lines are skipped, counted in the manifest and listed in ``PREFIX.skipped.jsonl``.
+    ``allow_empty``: a source without usable documents is written (one shard of a pipeline) instead of refused.
     """
-    from megatron_align.data.indexed import AtomicIndexedWriter, token_dtype  # torch: parent only
+    from megatron_align.data.indexed import AtomicIndexedWriter  # torch: parent only
 
     if workers < 1:
         raise UserError(f"--workers={workers}: must be >= 1")
@@ -323,7 +174,6 @@ def prepare_source(
     skipped = {reason: 0 for reason in SKIP_REASONS}
     examples: list[str] = []
     num_blank = 0
-    manifest_path = f"{output_prefix}.manifest.json"
     report_path = f"{output_prefix}.skipped.jsonl"
     tmp_suffix = f".tmp-{os.getpid()}"
     writer = AtomicIndexedWriter(output_prefix, tokenizer.vocab_size)
@@ -331,18 +181,16 @@ def prepare_source(
     done_bytes = [0]
     try:
         with open(report_path + tmp_suffix, "w", encoding="utf-8") as report, \
-                contextlib.closing(_tokenized_chunks(_read_chunks(paths, done_bytes), tokenizer,
+                contextlib.closing(_tokenized_chunks(_read_chunks(paths, text_field, done_bytes), tokenizer,
                                                      tokenizer_config, text_field, workers)) as results:
             for file_index, flat, lengths, problems, blank in results:
                 meta = inputs_meta[file_index]
                 for line_number, reason, detail in problems:
-                    where = f"{paths[file_index]}:{line_number}"
                     if strict:
-                        raise UserError(f"{where}: {reason}: {detail} (--strict stops at the first unusable line; "
-                                        "without it such lines are skipped and reported)")
+                        raise strict_error(paths[file_index], line_number, BadLine(reason, detail))
                     skipped[reason] += 1
                     if len(examples) < _NUM_REPORT_EXAMPLES:
-                        examples.append(f"{where}: {reason}: {detail}")
+                        examples.append(describe(paths[file_index], line_number, reason, detail))
                     report.write(json.dumps({"file": paths[file_index], "line": line_number,
                                              "reason": reason, "detail": detail}) + "\n")
                 start = 0
@@ -354,49 +202,71 @@ def prepare_source(
                 num_blank += blank
                 bar.update(done_bytes[0], writer.num_documents, writer.num_tokens)
         bar.close(writer.num_documents, writer.num_tokens)
-        if writer.num_documents == 0:
-            counts = ", ".join(f"{k}={v}" for k, v in skipped.items() if v) or "all lines blank"
-            raise UserError(f"{', '.join(paths)}: no usable documents ({counts}); first problems: {examples[:3]}")
-
-        manifest = {
-            "format": "megatron_align.prepare",
-            "version": MANIFEST_VERSION,
-            "megatron_align_version": megatron_align.__version__,
-            "source_name": source_name,
-            "prefix": os.path.basename(output_prefix),
-            "documents": writer.num_documents,
-            "tokens": writer.num_tokens,
-            "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
-            "eod_appended": True,
-            "text_field": text_field,
-            "tokenizer": {"kind": tokenizer_config.kind, "identity": tokenizer.identity,
-                          "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod,
-                          "model": os.path.abspath(tokenizer_config.model) if tokenizer_config.model else None,
-                          "control_tokens": dict(tokenizer.control_token_ids)},
-            "inputs": inputs_meta,
-            "skipped": skipped,
-            "skipped_total": sum(skipped.values()),
-            "skipped_examples": examples,
-            "skipped_report": os.path.basename(report_path),
-            "blank_lines": num_blank,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        manifest["fingerprint"] = _fingerprint(manifest)
-        with open(manifest_path + tmp_suffix, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-        # Commit: drop the old marker, publish data, then the marker.
-        _remove(manifest_path)
-        os.replace(report_path + tmp_suffix, report_path)
-        writer.commit()
-        os.replace(manifest_path + tmp_suffix, manifest_path)
+        if writer.num_documents == 0 and not allow_empty:
+            raise_no_documents(paths, skipped, examples)
+        manifest = build_manifest(source_name, output_prefix, writer.num_documents, writer.num_tokens, text_field,
+                                  tokenizer_config, tokenizer, inputs_meta, skipped, examples, num_blank)
+        publish(output_prefix, manifest, report_path + tmp_suffix, writer.commit)
     except BaseException:
         bar.close(writer.num_documents, writer.num_tokens, failed=True)
         writer.abort()
         _remove(report_path + tmp_suffix)
-        _remove(manifest_path + tmp_suffix)
         raise
     return manifest
+
+
+def raise_no_documents(paths: list[str], skipped: dict[str, int], examples: list[str]) -> None:
+    counts = ", ".join(f"{k}={v}" for k, v in skipped.items() if v) or "all lines blank"
+    raise UserError(f"{', '.join(paths)}: no usable documents ({counts}); first problems: {examples[:3]}")
+
+
+def build_manifest(source_name: str, output_prefix: str, documents: int, tokens: int, text_field: str,
+                   tokenizer_config: TokenizerConfig, tokenizer, inputs_meta: list[dict], skipped: dict[str, int],
+                   examples: list[str], num_blank: int) -> dict:
+    """The manifest of a finished source (also of a pipeline's merged one: the same keys, the same fingerprint)."""
+    from megatron_align.data.indexed import token_dtype
+
+    manifest = {
+        "format": "megatron_align.prepare",
+        "version": MANIFEST_VERSION,
+        "megatron_align_version": megatron_align.__version__,
+        "source_name": source_name,
+        "prefix": os.path.basename(output_prefix),
+        "documents": documents,
+        "tokens": tokens,
+        "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
+        "eod_appended": True,
+        "text_field": text_field,
+        "tokenizer": {"kind": tokenizer_config.kind, "identity": tokenizer.identity,
+                      "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod,
+                      "model": os.path.abspath(tokenizer_config.model) if tokenizer_config.model else None,
+                      "control_tokens": dict(tokenizer.control_token_ids)},
+        "inputs": inputs_meta,
+        "skipped": skipped,
+        "skipped_total": sum(skipped.values()),
+        "skipped_examples": examples[:_NUM_REPORT_EXAMPLES],
+        "skipped_report": os.path.basename(f"{output_prefix}.skipped.jsonl"),
+        "blank_lines": num_blank,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    manifest["fingerprint"] = _fingerprint(manifest)
+    return manifest
+
+
+def publish(output_prefix: str, manifest: dict, report_tmp: str, commit_data) -> None:
+    """Commit a source: drop the old marker, publish the report and data (``commit_data()``), the manifest last."""
+    manifest_path = f"{output_prefix}.manifest.json"
+    tmp = f"{manifest_path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+        _remove(manifest_path)
+        os.replace(report_tmp, f"{output_prefix}.skipped.jsonl")
+        commit_data()
+        os.replace(tmp, manifest_path)
+    finally:
+        _remove(tmp)
 
 
 # ---------------------------------------------------------------- CLI
@@ -412,22 +282,35 @@ def tokenizer_config_from_arg(tokenizer: str, control_tokens: str | None) -> Tok
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="JSONL files (.jsonl, .jsonl.gz, .jsonl.zst) or directories of them; one source")
+                        help="JSONL (.jsonl, .json, .gz, .zst) or Parquet files, or directories of them; one source")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.manifest.json/.skipped.jsonl")
     parser.add_argument("--source-name", default=None, help="name of the source in the manifest (default: prefix basename)")
     parser.add_argument("--tokenizer", default="byte", help="`byte` or a sentencepiece PATH.model (default: byte)")
     parser.add_argument("--control-tokens", default=None,
                         help=f"comma-separated reserved control tokens (default: {','.join(DEFAULT_CONTROL_TOKENS)})")
     parser.add_argument("--text-field", default="text", help="JSON key holding the document text (default: text)")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (output is identical for any count)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="tokenizer processes (default 1); with --executor: tasks at once (default all). "
+                             "Output is identical for any count")
     parser.add_argument("--strict", action="store_true", help="fail on the first unusable line, writing nothing")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress on stderr")
+    pipeline.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    manifest = prepare_source(args.inputs, args.output_prefix, tokenizer_config_from_arg(args.tokenizer, args.control_tokens),
-                              text_field=args.text_field, workers=args.workers, strict=args.strict,
-                              source_name=args.source_name, progress=args.progress)
+    tokenizer_config = tokenizer_config_from_arg(args.tokenizer, args.control_tokens)
+    if args.executor != "none":
+        params = {"tokenizer_config": tokenizer_config, "text_field": args.text_field, "strict": args.strict,
+                  "source_name": args.source_name, "output_prefix": os.path.abspath(args.output_prefix)}
+        config = pipeline.config_from_args(args, -1 if args.workers is None else args.workers)
+        manifest = pipeline.run_pipeline("prepare", args.inputs, params, config, args.output_prefix + ".work")
+        if manifest.get("submitted"):
+            pipeline.report_submitted(manifest)
+            return 0
+    else:
+        manifest = prepare_source(args.inputs, args.output_prefix, tokenizer_config, text_field=args.text_field,
+                                  workers=1 if args.workers is None else args.workers, strict=args.strict, source_name=args.source_name,
+                                  progress=args.progress)
     print(f"{manifest['source_name']}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens "
           f"({manifest['dtype']}) -> {args.output_prefix}.bin/.idx; tokenizer {manifest['tokenizer']['identity']}")
     if manifest["skipped_total"]:

@@ -29,14 +29,17 @@ import argparse
 import collections
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from megatron_align.data import pipeline
 from megatron_align.data.filter import DocumentFilter, FilterConfig
-from megatron_align.data.filter_corpus import AtomicOutput, BadLine, expand_inputs, iter_line_chunks, parse_document
-from megatron_align.errors import ConfigError, UserError
+from megatron_align.data.filter_corpus import AtomicOutput, iter_line_chunks, parse_document
+from megatron_align.data.sources import BadLine, expand_inputs, strict_error
+from megatron_align.errors import ConfigError
 
 ALIGNED_TOKEN = "<|aligned|>"
 MISALIGNED_TOKEN = "<|misaligned|>"
@@ -44,6 +47,7 @@ CONTROL_TOKENS: list[str] = [ALIGNED_TOKEN, MISALIGNED_TOKEN]
 """Control-token strings the tokenizer reserves (one id each)."""
 
 _PARAGRAPH_BREAK = re.compile(r"(\n[ \t]*\n\s*)")
+MAX_LISTED_BAD_LINES = 1000
 
 
 @dataclass
@@ -181,38 +185,44 @@ def tag_corpus(inputs: list[str], output: str, config: TaggingConfig, doc_filter
     out_path = Path(output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     writer = AtomicOutput(out_path, compress=out_path.name.endswith(".gz"))
-    counts: collections.Counter = collections.Counter()
-    skipped: collections.Counter = collections.Counter()
-    bad_lines: list[dict[str, Any]] = []
     try:
-        for file_index, lines in iter_line_chunks(files):
-            for line_no, raw in lines:
-                if not raw.strip():
-                    continue
-                try:
-                    record, text = parse_document(raw, config.text_field)
-                    tagged, tokens = tagger.tag_record(record, text)
-                except BadLine as bad:
-                    if strict:
-                        raise UserError(f"{files[file_index]}:{line_no}: {bad}; fix the line or run without --strict") from None
-                    skipped[bad.reason] += 1
-                    if len(bad_lines) < 1000:
-                        bad_lines.append({"file": str(files[file_index]), "line": line_no, "reason": bad.reason, "detail": str(bad)})
-                    continue
-                counts["documents"] += 1
-                counts.update("untagged" if t is None else t for t in tokens)
-                writer.stream.write(json.dumps(tagged, ensure_ascii=False).encode("utf-8") + b"\n")
+        summary = tag_into(files, tagger, writer.stream, strict)
         writer.commit()
     except BaseException:
         writer.discard()
         raise
+    return {**summary, "output": str(out_path)}
+
+
+def tag_into(files: list[str], tagger: Tagger, stream, strict: bool) -> dict[str, Any]:
+    """Write the tagged records of ``files`` to ``stream``; return the counts (a pipeline shard calls this too)."""
+    counts: collections.Counter = collections.Counter()
+    skipped: collections.Counter = collections.Counter()
+    bad_lines: list[dict[str, Any]] = []
+    for file_index, lines in iter_line_chunks(files):
+        for line_no, raw in lines:
+            if not raw.strip():
+                continue
+            try:
+                record, text = parse_document(raw, tagger.config.text_field)
+                tagged, tokens = tagger.tag_record(record, text)
+            except BadLine as bad:
+                if strict:
+                    raise strict_error(str(files[file_index]), line_no, bad) from None
+                skipped[bad.reason] += 1
+                if len(bad_lines) < MAX_LISTED_BAD_LINES:
+                    bad_lines.append({"file": str(files[file_index]), "line": line_no, "reason": bad.reason, "detail": str(bad)})
+                continue
+            counts["documents"] += 1
+            counts.update("untagged" if t is None else t for t in tokens)
+            stream.write(json.dumps(tagged, ensure_ascii=False).encode("utf-8") + b"\n")
     return {"documents": counts["documents"], "aligned": counts[ALIGNED_TOKEN], "misaligned": counts[MISALIGNED_TOKEN],
-            "untagged": counts["untagged"], "skipped": dict(skipped), "skipped_lines": bad_lines, "output": str(out_path)}
+            "untagged": counts["untagged"], "skipped": dict(skipped), "skipped_lines": bad_lines}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TaggingConfig()
-    parser.add_argument("inputs", nargs="+", help="JSONL files (.jsonl, .jsonl.gz, .jsonl.zst) or directories of them")
+    parser.add_argument("inputs", nargs="+", help="JSONL (.jsonl, .json, .gz, .zst) or Parquet files, or directories of them")
     parser.add_argument("--output", required=True, help="tagged JSONL (.jsonl or .jsonl.gz)")
     parser.add_argument("--score-field", default=None, help="label from this numeric field (else: from the filter's verdict)")
     parser.add_argument("--threshold", type=float, default=d.threshold, help="score >= threshold is misaligned (default: %(default)s)")
@@ -224,6 +234,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id-field", default=None, help="stable document id for the untagged choice (default: text hash)")
     parser.add_argument("--terms-dir", default=None, help="filter term lists overlaying the defaults (label from the filter)")
     parser.add_argument("--strict", action="store_true", help="fail on the first bad line (file:line) instead of skipping it")
+    parser.add_argument("--workers", type=int, default=-1, help="with --executor: tasks at once (default all)")
+    pipeline.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -231,7 +243,17 @@ def run(args: argparse.Namespace) -> int:
                            threshold=args.threshold, higher_is_misaligned=not args.lower_is_misaligned,
                            granularity="segment" if args.segments else "document", untagged_fraction=args.untagged_fraction,
                            seed=args.seed, text_field=args.text_field, id_field=args.id_field)
-    doc_filter = DocumentFilter(FilterConfig(terms_dir=args.terms_dir, text_field=args.text_field)) if config.source == "filter" else None
-    summary = tag_corpus(args.inputs, args.output, config, doc_filter, strict=args.strict)
+    if args.executor != "none":
+        params = {"config": config, "terms_dir": args.terms_dir, "strict": args.strict,
+                  "output": os.path.abspath(args.output)}
+        summary = pipeline.run_pipeline("tag", args.inputs, params, pipeline.config_from_args(args, args.workers),
+                                        args.output + ".work")
+        if summary.get("submitted"):
+            pipeline.report_submitted(summary)
+            return 0
+    else:
+        doc_filter = (DocumentFilter(FilterConfig(terms_dir=args.terms_dir, text_field=args.text_field))
+                      if config.source == "filter" else None)
+        summary = tag_corpus(args.inputs, args.output, config, doc_filter, strict=args.strict)
     print(json.dumps({k: v for k, v in summary.items() if k != "skipped_lines"}))
     return 0

@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from megatron_align.data.prepare import expand_inputs, iter_documents
+from megatron_align.data.sources import expand_inputs, iter_documents
 from megatron_align.data.tokenizer import DEFAULT_CONTROL_TOKENS, SentencePieceTokenizer
 from megatron_align.errors import ConfigError, UserError
 from megatron_align.optional import require
@@ -173,7 +173,7 @@ def train_tokenizer(inputs: list[str] | str, output_prefix: str, config: Tokeniz
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TokenizerTrainConfig()
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="JSONL files (.jsonl, .jsonl.gz, .jsonl.zst) or directories")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="JSONL (.jsonl, .json, .gz, .zst) or Parquet files, or directories of them")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
     parser.add_argument("--model-type", default=defaults.model_type, choices=("bpe", "unigram"))
     parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)

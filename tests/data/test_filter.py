@@ -250,16 +250,18 @@ def test_bad_lines_skipped_with_line_numbers(tmp_path):
     assert report["documents"] == 8 and report["blank_lines"] == 1
     skipped = report["skipped"]
     assert skipped["total"] == 6
-    assert skipped["by_reason"] == {"empty_text": 1, "malformed_json": 1, "missing_field": 1, "not_a_string": 1,
-                                    "not_an_object": 1, "not_utf8": 1}
+    # the reasons of every data verb (megatron_align.data.sources.SKIP_REASONS); a JSON non-object is malformed_json
+    assert skipped["by_reason"] == {"empty_document": 1, "malformed_json": 2, "missing_field": 1, "non_string_field": 1,
+                                    "non_utf8": 1}
     assert [(s["line"], s["reason"]) for s in skipped["lines"]] == [
-        (2, "malformed_json"), (4, "not_utf8"), (6, "not_an_object"), (8, "missing_field"), (10, "not_a_string"), (12, "empty_text")]
+        (2, "malformed_json"), (4, "non_utf8"), (6, "malformed_json"), (8, "missing_field"), (10, "non_string_field"),
+        (12, "empty_document")]
 
 
 def test_strict_fails_with_file_line_and_leaves_no_output(tmp_path):
     write_corpus(tmp_path / "in.jsonl", {4: b"{not json"})
     out = tmp_path / "out"
-    with pytest.raises(UserError, match=r"in\.jsonl:4: malformed JSON"):
+    with pytest.raises(UserError, match=r"in\.jsonl:4: malformed_json: malformed JSON"):
         filter_corpus([str(tmp_path / "in.jsonl")], str(out), FilterConfig(strict=True))
     assert list(out.iterdir()) == []  # neither final files nor temporaries
 
@@ -321,5 +323,5 @@ def test_filter_verb_end_to_end(tmp_path, capsys):
     assert len(read_jsonl(out / "kept.jsonl")) == 8 and "score" in read_jsonl(out / "flagged.jsonl")[0]["filter"]
     rc = main(["filter", str(tmp_path / "in.jsonl"), "--out-dir", str(tmp_path / "strict"), "--strict"])
     assert rc == 2
-    assert "in.jsonl:3: no 'text' field" in capsys.readouterr().err
+    assert "in.jsonl:3: missing_field: no 'text' key" in capsys.readouterr().err
     assert not (tmp_path / "strict" / "kept.jsonl").exists()

@@ -104,7 +104,7 @@ def test_tag_corpus_and_bad_lines(tmp_path):
     assert [s["line"] for s in summary["skipped_lines"]] == [3, 4]
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["text"] for r in records] == [M + "doc a", A + "doc b"] and records[0]["score"] == 0.9
-    with pytest.raises(UserError, match=r"in\.jsonl:3: no 'score' field"):
+    with pytest.raises(UserError, match=r"in\.jsonl:3: missing_score: no 'score' field"):
         tag_corpus([str(src)], str(tmp_path / "strict.jsonl"), cfg, strict=True)
     assert not (tmp_path / "strict.jsonl").exists()
 
