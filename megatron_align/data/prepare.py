@@ -26,6 +26,7 @@ import datetime
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -36,7 +37,7 @@ from collections.abc import Iterator
 import numpy as np
 
 import megatron_align
-from megatron_align.data.tokenizer import DEFAULT_CONTROL_TOKENS, TokenizerConfig, build_tokenizer
+from megatron_align.data.tokenizer import DEFAULT_CONTROL_TOKENS, TokenizerConfig, build_tokenizer, encode_documents
 from megatron_align.errors import UserError
 from megatron_align.optional import optional_import, require
 
@@ -153,9 +154,7 @@ ChunkResult = tuple[int, np.ndarray, list[int], list[tuple[int, str, str]], int]
 
 
 def tokenize_chunk(tokenizer, text_field: str, file_index: int, first_line: int, lines: list[bytes]) -> ChunkResult:
-    encode, eod = tokenizer.encode, tokenizer.eod
-    flat: list[int] = []
-    lengths: list[int] = []
+    texts: list[tuple[int, str]] = []
     problems: list[tuple[int, str, str]] = []
     num_blank = 0
     for offset, line in enumerate(lines):
@@ -166,18 +165,23 @@ def tokenize_chunk(tokenizer, text_field: str, file_index: int, first_line: int,
             else:
                 problems.append((first_line + offset, reason, detail))
             continue
-        try:
-            ids = encode(text)
-        except (UnicodeEncodeError, RuntimeError):  # sentencepiece raises RuntimeError for such text
-            if _is_utf8_encodable(text):
-                raise
-            # a lone surrogate escape ("\ud800") decodes to text that no UTF-8 can hold
-            problems.append((first_line + offset, "non_utf8", "lone surrogate escape in text"))
-            continue
-        flat.extend(ids)
-        flat.append(eod)
-        lengths.append(len(ids) + 1)
-    return file_index, np.array(flat, dtype=np.int32), lengths, problems, num_blank
+        texts.append((first_line + offset, text))
+    try:  # one batch per chunk (HF tokenizers encode it on their thread pool)
+        documents = encode_documents(tokenizer, [t for _, t in texts])
+    except Exception:  # noqa: BLE001 - find the line, below
+        documents = []
+        for line_number, text in texts:
+            try:
+                documents += encode_documents(tokenizer, [text])
+            except Exception:  # sentencepiece: RuntimeError; tokenizers: its own error types
+                if _is_utf8_encodable(text):
+                    raise
+                # a lone surrogate escape ("\ud800") decodes to text that no UTF-8 can hold
+                problems.append((line_number, "non_utf8", "lone surrogate escape in text"))
+        problems.sort()
+    lengths = [len(ids) for ids in documents]
+    flat = np.array(list(itertools.chain.from_iterable(documents)), dtype=np.int32)
+    return file_index, flat, lengths, problems, num_blank
 
 
 _worker_state: tuple | None = None
@@ -370,7 +374,7 @@ def prepare_source(
             "eod_appended": True,
             "text_field": text_field,
             "tokenizer": {"kind": tokenizer_config.kind, "identity": tokenizer.identity,
-                          "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod,
+                          "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod, "bos": tokenizer.bos,
                           "model": os.path.abspath(tokenizer_config.model) if tokenizer_config.model else None,
                           "control_tokens": dict(tokenizer.control_token_ids)},
             "inputs": inputs_meta,
@@ -403,11 +407,15 @@ def prepare_source(
 
 
 def tokenizer_config_from_arg(tokenizer: str, control_tokens: str | None) -> TokenizerConfig:
-    """``byte`` or a path to a sentencepiece ``.model``; control tokens comma-separated."""
-    tokens = DEFAULT_CONTROL_TOKENS if control_tokens is None else [t for t in control_tokens.split(",") if t]
+    """``byte``, a sentencepiece ``.model``, or a Hugging Face model directory / ``tokenizer.json`` (kind=hf);
+    control tokens comma-separated. kind=hf defaults to none: adding tokens changes the vocabulary, so pass the
+    ``data.tokenizer.control_tokens`` of the training config (``convert from-hf`` writes them there)."""
+    hf = os.path.isdir(tokenizer) or tokenizer.endswith(".json")
+    default = [] if hf else DEFAULT_CONTROL_TOKENS
+    tokens = default if control_tokens is None else [t for t in control_tokens.split(",") if t]
     if tokenizer == "byte":
         return TokenizerConfig(kind="byte", control_tokens=list(tokens))
-    return TokenizerConfig(kind="sentencepiece", model=tokenizer, control_tokens=list(tokens))
+    return TokenizerConfig(kind="hf" if hf else "sentencepiece", model=tokenizer, control_tokens=list(tokens))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -415,9 +423,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSONL files (.jsonl, .jsonl.gz, .jsonl.zst) or directories of them; one source")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.manifest.json/.skipped.jsonl")
     parser.add_argument("--source-name", default=None, help="name of the source in the manifest (default: prefix basename)")
-    parser.add_argument("--tokenizer", default="byte", help="`byte` or a sentencepiece PATH.model (default: byte)")
+    parser.add_argument("--tokenizer", default="byte", help="`byte`, a sentencepiece PATH.model, or a Hugging Face model DIR / "
+                        "tokenizer.json (the model's own tokenizer; BOS/EOS as the model does) (default: byte)")
     parser.add_argument("--control-tokens", default=None,
-                        help=f"comma-separated reserved control tokens (default: {','.join(DEFAULT_CONTROL_TOKENS)})")
+                        help=f"comma-separated reserved control tokens (default: {','.join(DEFAULT_CONTROL_TOKENS)}; "
+                        "none for an HF tokenizer: pass the training config's data.tokenizer.control_tokens)")
     parser.add_argument("--text-field", default="text", help="JSON key holding the document text (default: text)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (output is identical for any count)")
     parser.add_argument("--strict", action="store_true", help="fail on the first unusable line, writing nothing")

@@ -145,6 +145,10 @@ class PlanModel:
     attention_dropout: float = 0.0
     make_vocab_size_divisible_by: int = 128
     """Megatron pads the vocabulary to a multiple of this x TP."""
+    add_qkv_bias: bool = False
+    """Q/K/V projection biases (Qwen2): q_size + 2 kv_size parameters per layer."""
+    qk_layernorm: bool = False
+    """Per-head RMSNorm of queries and keys (Qwen3): 2 head_dim parameters per layer."""
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -181,7 +185,8 @@ class PlanModel:
         return h * (self.q_size + 2 * self.kv_size) + self.q_size * h + mlp
 
     def params_per_layer(self) -> int:
-        return self.linear_params_per_layer() + 2 * self.hidden_size
+        extras = (self.q_size + 2 * self.kv_size) * self.add_qkv_bias + 2 * self.head_dim * self.qk_layernorm
+        return self.linear_params_per_layer() + 2 * self.hidden_size + extras
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any], source: str = "config") -> "PlanModel":
@@ -196,7 +201,7 @@ class PlanModel:
             tie = _lookup(cfg, "model.tie_embeddings")
             untie = True if tie is None else not tie
         extras = {k: _lookup(cfg, f"model.{k}") for k in ("kv_channels", "hidden_dropout", "attention_dropout",
-                                                           "make_vocab_size_divisible_by")}
+                                                           "make_vocab_size_divisible_by", "add_qkv_bias", "qk_layernorm")}
         return cls(
             num_layers=_required(cfg, "model.num_layers", source), hidden_size=h, ffn_hidden_size=ffn,
             num_attention_heads=heads, num_query_groups=_lookup(cfg, "model.num_query_groups") or heads,
