@@ -3,7 +3,9 @@
 Random transformers models at odd sizes (hidden 96, GQA 6/2, vocab 303 or 300: not multiples of 128) with a
 byte-level BPE trained here. Per family: `from-hf --verify` (our GPTModel vs transformers, fp32), `to-hf`
 bit-exact with the family, tokenizer files and generation config carried unchanged. Two families (the ones with
-extra tensors) also train under TP2xPP2 on data prepared with the model's tokenizer, with control tokens added.
+extra tensors, which TP shards: q/k/v biases by rows, QK norms replicated) also train under TP2xPP2 on data
+prepared with the model's tokenizer, with control tokens added. Llama-layout TP2xPP2 training after import is
+tests/convert/test_trained_checkpoints.py.
 """
 
 from __future__ import annotations
@@ -119,10 +121,9 @@ def test_import_prepare_train_tp2_pp2_export_with_control_tokens(tmp_path, famil
     hf = tmp_path / "hf"
     make_hf_family(hf, family, tie=family == "qwen2", extra_rows=extra_rows)
     meg = tmp_path / "meg"
-    imported = run_cli("convert", "from-hf", str(hf), str(meg), "--tensor", "2", "--pipeline", "2", "--seq-length",
-                       "32", "--add-control-tokens", "--verify", "--no-progress")
-    ok(imported)
-    assert verified_delta(imported.stdout) <= 1e-4  # before training
+    # (logits before training: test_family_imports_with_matching_logits_and_exports_bit_exact)
+    ok(run_cli("convert", "from-hf", str(hf), str(meg), "--tensor", "2", "--pipeline", "2", "--seq-length", "32",
+               "--add-control-tokens", "--no-progress"))
     config = yaml.safe_load((meg / "train.yaml").read_text())
     section = config["data"]["tokenizer"]
     assert section["kind"] == "hf" and section["control_tokens"] == ["<|aligned|>", "<|misaligned|>"]
