@@ -189,6 +189,7 @@ _worker_state: tuple | None = None
 
 def _init_worker(tokenizer_config: TokenizerConfig, text_field: str) -> None:
     global _worker_state
+    os.environ.setdefault("RAYON_RS_NUM_THREADS", "1")  # one core per worker process: no HF tokenizers thread pool
     _worker_state = (build_tokenizer(tokenizer_config), text_field)
 
 
