@@ -53,8 +53,8 @@ BY_NAME = {f.name: f for f in FAMILIES.values()}
 def family_of(config: dict, where: str) -> Family:
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
-        raise UserError(f"{where}: model_type={model_type!r} is not supported (supported: {', '.join(FAMILIES)}; "
-                        "GPT-NeoX-style parallel-residual and MoE models have no Megatron-Core GPT equivalent here)")
+        raise UserError(f"{where}: model_type={model_type!r} is not a Llama-family model (the converter supports "
+                        f"{', '.join(FAMILIES)}; GPT-NeoX-style parallel-residual and MoE models have no equivalent here)")
     return FAMILIES[model_type]
 
 
@@ -95,8 +95,8 @@ def model_features(config: dict, where: str) -> tuple[Family, dict]:
     if config.get("mlp_bias"):
         raise UserError(f"{where}: mlp_bias=true; megatron_align models have no MLP biases")
     if config.get("attention_bias") and not family.qkv_bias:
-        raise UserError(f"{where}: attention_bias=true adds an o_proj bias too, which Megatron-Core's add_qkv_bias "
-                        "does not have; this checkpoint cannot be represented")
+        raise UserError(f"{where}: attention_bias=true; megatron_align models have no biases on o_proj (Megatron-Core's "
+                        "add_qkv_bias covers q/k/v only, as Qwen2 has), so this checkpoint cannot be represented")
     for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size"):
         if config.get(key):
             raise UserError(f"{where}: {key}={config[key]} (mixture of experts) is not supported by the converter")

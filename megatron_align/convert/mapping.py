@@ -176,6 +176,10 @@ def layer_to_hf(key: str, tensor: torch.Tensor, layer: int, dims: LlamaDims) -> 
     """One layer's slice of a stacked checkpoint tensor -> its HF tensors."""
     n = hf_layer_names(layer)
     name = key[len(LAYER_PREFIX):]
+    if name not in layer_keys(dims):
+        raise UserError(f"checkpoint tensor {key!r} has no Llama equivalent for this model (q/k/v biases need "
+                        "model.add_qkv_bias / Qwen2, QK norms model.qk_layernorm / Qwen3; MoE experts and "
+                        "output/MLP biases are not supported by the converter)")
     if name == QKV:
         q, k, v = split_qkv(tensor, dims)
         return [(n["q"], q), (n["k"], k), (n["v"], v)]
