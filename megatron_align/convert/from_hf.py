@@ -73,8 +73,8 @@ def _hf_tokenizer(hf_dir: str, out: str, add_control_tokens: bool):
         tokenizer = SentencePieceTokenizer(sp_path, control_tokens=present)
         return tokenizer, {"kind": "sentencepiece", "model": os.path.join(out, "tokenizer.model"),
                            "control_tokens": present}, None
-    note = (f"{hf_dir} has no tokenizer.json or tokenizer.model: {YAML_NAME} sets data.tokenizer.kind=byte and "
-            "model.vocab_size to the HF vocabulary; tokenize your data with the model's own tokenizer")
+    note = (f"{hf_dir} has no tokenizer.json and no sentencepiece tokenizer.model: {YAML_NAME} sets "
+            "data.tokenizer.kind=byte and model.vocab_size to the HF vocabulary; tokenize your data with the model's own tokenizer")
     return ByteTokenizer(), {"kind": "byte"}, note
 
 
