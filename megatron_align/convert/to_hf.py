@@ -185,7 +185,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                         help="tensor dtype of the safetensors (auto: as saved)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
-    parser.add_argument("--tokenizer-model", help="the run's sentencepiece .model when its saved path moved")
+    parser.add_argument("--tokenizer-model", help="the run's sentencepiece .model or HF tokenizer directory when its saved path "
+                        "moved")
     parser.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files (needs --vocab-size)")
     parser.add_argument("--vocab-size", type=int, help="override the real vocabulary size (trims TP padding rows)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

@@ -40,7 +40,8 @@ def flops_per_token(config: RootConfig, padded_vocab: int) -> float:
     h, L, s = m.hidden_size, m.num_layers, m.seq_length
     kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
     per_layer = h * (h + 2 * kv) + h * h + 3 * h * m.ffn_size  # qkv, proj, SwiGLU (gate, up, down)
-    # QKV biases (add_qkv_bias) and QK RMSNorm (qk_layernorm): elementwise, ~3 FLOPs per element fwd+bwd
+    # QKV biases (add_qkv_bias: ~3 FLOPs per element, fwd add + bwd sum) and QK RMSNorm (qk_layernorm: ~6 per
+    # element) are elementwise; counted in the same 6x-per-parameter-token units as the GEMMs above
     per_layer += (h + 2 * kv) * m.add_qkv_bias / 2 + (h + kv) * m.qk_layernorm
     return 6.0 * L * per_layer + 6.0 * h * padded_vocab + 6.0 * L * s * h
 

@@ -69,6 +69,23 @@ def test_config_json_features_and_refusals():
         assert message in str(err.value) and "cfg.json" in str(err.value), name
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_planner_counts_the_family_parameters_as_transformers_builds_them(family):
+    import transformers
+
+    from megatron_align.parallel.planner import PlanModel, count_parameters
+
+    config_cls, model_cls = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[family]
+    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(
+        vocab_size=301, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=16, tie_word_embeddings=False))
+    plan = PlanModel.from_dict({"model": {"num_layers": 2, "hidden_size": 96, "ffn_hidden_size": 160,
+                                          "num_attention_heads": 6, "num_query_groups": 2, "vocab_size": 301,
+                                          "seq_length": 64, "make_vocab_size_divisible_by": 1,
+                                          **model_features({"model_type": family}, "c")[1]}})
+    assert count_parameters(plan) == sum(p.numel() for p in hf.parameters())
+
+
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_family_imports_with_matching_logits_and_exports_bit_exact(tmp_path, family):
     hf = tmp_path / "hf"
