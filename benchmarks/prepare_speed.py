@@ -1,4 +1,4 @@
-"""Tokens/s per core of `prepare` (workers=1) vs raw sentencepiece encoding of the same texts.
+"""Tokens/s per core of `prepare` (workers=1) vs raw encoding, sentencepiece and HF `tokenizers`, same texts.
 
 Generates a synthetic JSONL corpus (Zipf-distributed made-up words, multi-line
 documents), trains a small BPE model on it, then measures side by side:
@@ -8,9 +8,14 @@ measure, robust on a shared box) with wall-clock rates beside them.
 
 - raw: ``sp.encode(text)`` in a Python loop over texts already in memory;
 - prepare: ``prepare_source(..., workers=1)`` end to end (read, JSON parse,
-  tokenize, write .bin/.idx, checksum inputs, manifest).
+  tokenize, write .bin/.idx, checksum inputs, manifest);
+- the same two for a byte-level BPE of the same vocabulary size trained with
+  `tokenizers` (``data.tokenizer.kind=hf``): raw = ``Tokenizer.encode_batch``
+  over all texts, prepare = ``prepare_source`` with the tokenizer.json.
 
-Goal: prepare >= 0.8x raw. Usage: ``python benchmarks/prepare_speed.py [--documents N] [--repeats R]``.
+Goals: prepare >= 0.8x raw; prepare with hf >= prepare with sentencepiece per
+core (the two BPEs differ, so rates are compared in tokens of each). The
+`tokenizers` thread pool is pinned to ``--threads`` (default 1: per core). Usage: ``python benchmarks/prepare_speed.py [--documents N] [--repeats R]``.
 """
 
 from __future__ import annotations
@@ -50,7 +55,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best counts")
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="tokenizers thread pool (RAYON_RS_NUM_THREADS)")
     args = parser.parse_args()
+    os.environ["RAYON_RS_NUM_THREADS"] = str(args.threads)  # before tokenizers starts its pool
 
     import sentencepiece as spm
 
@@ -88,13 +95,62 @@ def main() -> None:
             prepare_s, prepare_cpu = min(prepare_s, time.perf_counter() - t0), min(prepare_cpu, time.process_time() - c0)
         assert manifest["tokens"] == num_tokens + manifest["documents"], "prepare and raw disagree on tokens"
 
+        hf_dir = os.path.join(tmp, "hf")
+        hf_tok = train_hf_bpe(texts, hf_dir, args.vocab_size)
+        import tokenizers
+        hf_config = TokenizerConfig(kind="hf", model=hf_dir, control_tokens=[])
+        prepare_source(warm, os.path.join(tmp, "warm_hf"), hf_config)
+        hf_raw_s = hf_prepare_s = hf_raw_cpu = hf_prepare_cpu = fast_s = fast_cpu = float("inf")
+        for _ in range(args.repeats):
+            # a fresh Tokenizer each time: BPE keeps a word cache, and prepare starts cold too
+            fresh = tokenizers.Tokenizer.from_file(os.path.join(hf_dir, "tokenizer.json"))
+            t0, c0 = time.perf_counter(), time.process_time()
+            hf_tokens = sum(len(e.ids) for e in fresh.encode_batch(texts, add_special_tokens=False))
+            hf_raw_s, hf_raw_cpu = min(hf_raw_s, time.perf_counter() - t0), min(hf_raw_cpu, time.process_time() - c0)
+            fresh = tokenizers.Tokenizer.from_file(os.path.join(hf_dir, "tokenizer.json"))
+            t0, c0 = time.perf_counter(), time.process_time()
+            fast_tokens = sum(len(e.ids) for e in fresh.encode_batch_fast(texts, add_special_tokens=False))
+            fast_s, fast_cpu = min(fast_s, time.perf_counter() - t0), min(fast_cpu, time.process_time() - c0)
+            assert fast_tokens == hf_tokens
+            t0, c0 = time.perf_counter(), time.process_time()
+            hf_manifest = prepare_source(corpus, os.path.join(tmp, "web_hf"), hf_config, workers=1)
+            hf_prepare_s = min(hf_prepare_s, time.perf_counter() - t0)
+            hf_prepare_cpu = min(hf_prepare_cpu, time.process_time() - c0)
+        assert hf_manifest["tokens"] == hf_tokens + hf_manifest["documents"], "prepare(hf) and raw disagree on tokens"
+
     print(f"corpus: {args.documents:,} documents, {mb:.1f} MB, {num_tokens:,} tokens "
           f"(BPE vocab {summary['vocab_size']:,}, trained in {train_s:.1f} s); best of {args.repeats} alternating runs")
-    print(f"{'':32s} {'tokens/CPU-s':>14s} {'tokens/s wall':>14s}")
-    for name, cpu, wall in (("raw sentencepiece encode loop", raw_cpu, raw_s),
-                            ("prepare, workers=1 (end to end)", prepare_cpu, prepare_s)):
-        print(f"{name:32s} {num_tokens / cpu:14,.0f} {num_tokens / wall:14,.0f}")
+    print(f"hf BPE: {hf_tokens:,} tokens (vocab {hf_tok.get_vocab_size():,}); tokenizers threads {args.threads}")
+    print(f"{'':40s} {'tokens/CPU-s':>14s} {'tokens/s wall':>14s}")
+    rows = (("raw sentencepiece encode loop", raw_cpu, raw_s, num_tokens),
+            ("prepare sentencepiece, workers=1", prepare_cpu, prepare_s, num_tokens),
+            ("raw tokenizers encode_batch", hf_raw_cpu, hf_raw_s, hf_tokens),
+            ("raw tokenizers encode_batch_fast", fast_cpu, fast_s, hf_tokens),
+            ("prepare hf (tokenizer.json), workers=1", hf_prepare_cpu, hf_prepare_s, hf_tokens))
+    for name, cpu, wall, tokens in rows:
+        print(f"{name:40s} {tokens / cpu:14,.0f} {tokens / wall:14,.0f}")
     print(f"ratio prepare/raw: {raw_cpu / prepare_cpu:.2f}x per CPU-second, {raw_s / prepare_s:.2f}x wall  (goal >= 0.8x)")
+    print(f"ratio prepare(hf)/raw tokenizers encode_batch: {hf_raw_cpu / hf_prepare_cpu:.2f}x per CPU-second "
+          f"(/encode_batch_fast: {fast_cpu / hf_prepare_cpu:.2f}x)")
+    print(f"ratio prepare(hf)/prepare(sentencepiece), tokens per CPU-second: "
+          f"{(hf_tokens / hf_prepare_cpu) / (num_tokens / prepare_cpu):.2f}x  (goal >= 1x)")
+
+
+def train_hf_bpe(texts: list[str], out_dir: str, vocab_size: int):
+    """A byte-level BPE with `tokenizers`, saved as OUT/tokenizer.json + tokenizer_config.json (EOS only)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    os.makedirs(out_dir)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>", "bos_token": None}, f)
+    return tok
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -69,3 +70,32 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
         full_env.pop(var, None)
     return subprocess.run([sys.executable, "-m", "megatron_align.cli", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=REPO)
+
+
+def make_bpe_tokenizer(path, *, bos: bool, vocab_size: int = 300) -> int:
+    """A small byte-level BPE trained with `tokenizers` + tokenizer_config.json / generation_config.json written the
+    way the family does (Llama 3 / Mistral: BOS added by the post-processor; Qwen: no BOS). Returns its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>"] if bos else ["<|endoftext|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    from megatron_align.data.synthetic import general_documents
+
+    tok.train_from_iterator(list(general_documents(200, seed=4)), trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                           special_tokens=[("<|begin_of_text|>", 0)])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    eos = specials[-1]
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": specials[0] if bos else None,
+              "eos_token": eos, "model_max_length": 128, "clean_up_tokenization_spaces": False,
+              "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0 if bos else None,
+                                                             "eos_token_id": tok.token_to_id(eos)}))
+    return tok.get_vocab_size()

@@ -70,6 +70,18 @@ class ModelConfig:
     """Layer implementation: auto (te on a GPU with Transformer Engine, else local) | local | te | portable (torch SDPA)."""
     recompute: str = "none"
     """Activation recompute: none | selective (core attention) | full (whole layers)."""
+    rope_scaling: str = "none"
+    """RoPE frequency scaling: none | llama3 (Llama 3.1+; Megatron-Core's rope_scaling, low/high frequency factors
+    1 and 4 and original context 8192 fixed there)."""
+    rope_scaling_factor: float = 8.0
+    """model.rope_scaling=llama3: the scaling factor (Llama 3.1: 8, Llama 3.2: 32)."""
+    add_qkv_bias: bool = False
+    """Biases on the query/key/value projections (Qwen2 / Qwen2.5); Megatron-Core's add_qkv_bias."""
+    qk_layernorm: bool = False
+    """RMSNorm over each query and key head before RoPE (Qwen3); Megatron-Core's qk_layernorm."""
+    hf_family: str = "llama"
+    """The Hugging Face architecture `convert to-hf` writes: llama | mistral | qwen2 | qwen3 (`convert from-hf` sets
+    it to the family it read). Training ignores it."""
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "make_vocab_size_divisible_by", "rotary_base"):
@@ -80,6 +92,9 @@ class ModelConfig:
         _positive("model.norm_epsilon", self.norm_epsilon)
         _choice("model.spec", self.spec, ("auto", "local", "te", "portable"))
         _choice("model.recompute", self.recompute, ("none", "selective", "full"))
+        _choice("model.rope_scaling", self.rope_scaling, ("none", "llama3"))
+        _positive("model.rope_scaling_factor", self.rope_scaling_factor)
+        _choice("model.hf_family", self.hf_family, ("llama", "mistral", "qwen2", "qwen3"))
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by model.num_attention_heads={self.num_attention_heads}")
         if self.num_query_groups and self.num_attention_heads % self.num_query_groups:

@@ -1,4 +1,4 @@
-"""Hugging Face Llama directory -> megatron_align checkpoint + training config (``megatron-align convert from-hf``).
+"""Hugging Face Llama / Mistral / Qwen2 / Qwen3 directory -> megatron_align checkpoint + training config (``megatron-align convert from-hf``).
 
 The output directory is a checkpoint root the trainer can start from::
 
@@ -6,7 +6,17 @@ The output directory is a checkpoint root the trainer can start from::
     OUT/latest              "iter_0000000"
     OUT/train.yaml          model.* from config.json, the chosen parallel.tensor/pipeline, data.tokenizer,
                             checkpoint.load=OUT and checkpoint.load_optimizer=false
-    OUT/tokenizer.model     (when the HF model ships a sentencepiece tokenizer)
+    OUT/tokenizer/          the model's tokenizer files, chat template and generation config, byte for byte
+                            (data.tokenizer.kind=hf; when the HF model ships a tokenizer.json)
+    OUT/tokenizer.model     (else, when it ships a sentencepiece tokenizer)
+
+``--add-control-tokens`` adds ``<|aligned|>`` / ``<|misaligned|>`` as special
+tokens the tokenizer lacks. Their embedding (and output) rows -- new rows past
+the model's vocabulary, or unused padding rows inside it (Qwen) -- are set to
+the mean of the tokenizer's existing rows: the new token then starts as an
+"average" token (logit equal to the average logit), not as noise that would
+shift every next-token distribution (Hewitt, 2021, "Initializing new word
+embeddings").
 
 The one idea: build *our* GPTModel with the trainer's builder (TP1 x PP1, one
 CPU rank), copy the HF tensors into its parameters through :mod:`.mapping`, and
@@ -22,6 +32,7 @@ trims padding rows of the vocabulary, ``allow_shape_mismatch``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -34,6 +45,7 @@ from megatron_align.convert import mapping
 from megatron_align.convert.hf_io import DTYPE_BY_NAME, HFCheckpoint
 from megatron_align.convert.megatron_model import build_gpt, single_rank_config, single_rank_group
 from megatron_align.convert.progress import atomic_output_dir, progress_bar
+from megatron_align.data.hf_tokenizer import HFTokenizer
 from megatron_align.data.tokenizer import DEFAULT_CONTROL_TOKENS, ByteTokenizer, SentencePieceTokenizer
 from megatron_align.errors import ConfigError, UserError
 from megatron_align.model.builder import padded_vocab_size
@@ -41,17 +53,48 @@ from megatron_align.model.builder import padded_vocab_size
 YAML_NAME = "train.yaml"
 
 
-def _hf_tokenizer(hf_dir: str):
-    """(tokenizer, data.tokenizer section, note) for the HF model's tokenizer."""
+TOKENIZER_DIR = "tokenizer"
+# Everything a Hugging Face tokenizer / chat template / generation setup consists of; carried through unchanged.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "added_tokens.json")
+
+
+def _hf_tokenizer(hf_dir: str, out: str, add_control_tokens: bool):
+    """(tokenizer, data.tokenizer section, note) for the HF model's tokenizer (section paths point into ``out``)."""
+    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        tokenizer = HFTokenizer(hf_dir, DEFAULT_CONTROL_TOKENS if add_control_tokens else [])
+        return tokenizer, {"kind": "hf", "model": os.path.join(out, TOKENIZER_DIR),
+                           "control_tokens": list(tokenizer.control_token_ids)}, None
     sp_path = os.path.join(hf_dir, "tokenizer.model")
     if os.path.isfile(sp_path):
         probe = SentencePieceTokenizer(sp_path, control_tokens=[])
         present = [t for t in DEFAULT_CONTROL_TOKENS if probe._sp.piece_to_id(t) != probe._sp.unk_id()]
         tokenizer = SentencePieceTokenizer(sp_path, control_tokens=present)
-        return tokenizer, {"kind": "sentencepiece", "control_tokens": present}, None
-    note = (f"{hf_dir} has no sentencepiece tokenizer.model: {YAML_NAME} sets data.tokenizer.kind=byte and "
-            "model.vocab_size to the HF vocabulary; tokenize your data with the model's own tokenizer")
+        return tokenizer, {"kind": "sentencepiece", "model": os.path.join(out, "tokenizer.model"),
+                           "control_tokens": present}, None
+    note = (f"{hf_dir} has no tokenizer.json and no sentencepiece tokenizer.model: {YAML_NAME} sets "
+            "data.tokenizer.kind=byte and model.vocab_size to the HF vocabulary; tokenize your data with the model's own tokenizer")
     return ByteTokenizer(), {"kind": "byte"}, note
+
+
+def _with_control_rows(get, tokenizer, vocab_size: int):
+    """``get`` with embedding / lm_head rows of added control tokens set to the mean of the existing rows."""
+    added = [tokenizer.control_token_ids[t] for t in getattr(tokenizer, "added_control_tokens", [])]
+    if not added:
+        return get
+
+    def patched(name: str) -> torch.Tensor:
+        rows = get(name)
+        if name not in ("model.embed_tokens.weight", "lm_head.weight"):
+            return rows
+        if rows.shape[0] < vocab_size:
+            rows = torch.cat([rows, rows.new_zeros(vocab_size - rows.shape[0], rows.shape[1])])
+        mean = rows[: tokenizer.base_vocab_size].double().mean(0).to(rows.dtype)
+        rows[added] = mean
+        return rows
+
+    return patched
 
 
 def _training_yaml(out: str, model: dict, tokenizer: dict, tensor: int, pipeline: int) -> str:
@@ -66,7 +109,8 @@ def _training_yaml(out: str, model: dict, tokenizer: dict, tensor: int, pipeline
 
 
 def convert_from_hf(hf_dir: str, out: str, *, tensor: int = 1, pipeline: int = 1, dtype: str = "auto",
-                    seq_length: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+                    seq_length: int | None = None, overwrite: bool = False, progress: bool = True,
+                    add_control_tokens: bool = False) -> dict:
     from megatron_align.parallel.layout import validate_layout
     from megatron_align.training.checkpoint import CheckpointManager
 
@@ -77,17 +121,21 @@ def convert_from_hf(hf_dir: str, out: str, *, tensor: int = 1, pipeline: int = 1
     if cfg.rope_theta != int(cfg.rope_theta):
         raise UserError(f"{hf_dir}/config.json: rope_theta={cfg.rope_theta} is not an integer (model.rotary_base is)")
     out = os.path.abspath(out)
-    tokenizer, tokenizer_section, note = _hf_tokenizer(hf_dir)
-    if tokenizer.vocab_size > dims.vocab_size and not isinstance(tokenizer, ByteTokenizer):
+    tokenizer, tokenizer_section, note = _hf_tokenizer(hf_dir, out, add_control_tokens)
+    if tokenizer_section["kind"] == "sentencepiece" and tokenizer.vocab_size > dims.vocab_size:
         raise UserError(f"{hf_dir}: tokenizer.model has {tokenizer.vocab_size} pieces but the model only "
                         f"{dims.vocab_size} embedding rows")
-    if tokenizer_section["kind"] == "sentencepiece":
-        tokenizer_section["model"] = os.path.join(out, "tokenizer.model")
+    if tokenizer_section["kind"] == "hf" and tokenizer.vocab_size > dims.vocab_size:
+        if tokenizer.base_vocab_size > dims.vocab_size:
+            raise UserError(f"{hf_dir}: tokenizer.json has {tokenizer.base_vocab_size} tokens but the model only "
+                            f"{dims.vocab_size} embedding rows")
+        dims = dataclasses.replace(dims, vocab_size=tokenizer.vocab_size)  # added control tokens grow the embedding
+    get = _with_control_rows(hf.get, tokenizer, dims.vocab_size)
     model = {"num_layers": dims.num_layers, "hidden_size": dims.hidden_size, "ffn_hidden_size": dims.ffn_hidden_size,
              "num_attention_heads": dims.num_attention_heads, "num_query_groups": dims.num_query_groups,
              "seq_length": seq_length or min(cfg.max_position_embeddings, 4096), "vocab_size": dims.vocab_size,
              "make_vocab_size_divisible_by": 128, "rotary_base": int(cfg.rope_theta), "norm_epsilon": cfg.rms_norm_eps,
-             "tie_embeddings": dims.tie_embeddings, "init_method_std": cfg.initializer_range}
+             "tie_embeddings": dims.tie_embeddings, "init_method_std": cfg.initializer_range, **cfg.features}
     try:  # the target layout is checked now, not at the first training launch
         target = single_rank_config(model, tokenizer_section, None, dims.vocab_size)
         target.parallel.tensor, target.parallel.pipeline, target.parallel.world_size = tensor, pipeline, tensor * pipeline
@@ -111,7 +159,7 @@ def convert_from_hf(hf_dir: str, out: str, *, tensor: int = 1, pipeline: int = 1
         with torch.no_grad():
             for name, param in targets:
                 key, layer = mapping.checkpoint_key_of_state_dict_name(name)
-                value = mapping.megatron_tensor_from_hf(key, layer, hf.get, dims, padded_rows=param.shape[0])
+                value = mapping.megatron_tensor_from_hf(key, layer, get, dims, padded_rows=param.shape[0])
                 if tuple(value.shape) != tuple(param.shape):
                     raise UserError(f"{hf_dir}: {name} would get shape {tuple(value.shape)}, the model has "
                                     f"{tuple(param.shape)}; config.json does not match the weights")
@@ -130,11 +178,16 @@ def convert_from_hf(hf_dir: str, out: str, *, tensor: int = 1, pipeline: int = 1
         del gpt, state, targets
         if tokenizer_section["kind"] == "sentencepiece":
             shutil.copyfile(os.path.join(hf_dir, "tokenizer.model"), os.path.join(tmp, "tokenizer.model"))
+        if tokenizer_section["kind"] == "hf":  # byte for byte: the identity hash of OUT/tokenizer equals the original's
+            os.makedirs(os.path.join(tmp, TOKENIZER_DIR))
+            for name in TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(hf_dir, name)):
+                    shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tmp, TOKENIZER_DIR, name))
         with open(os.path.join(tmp, YAML_NAME), "w") as f:
             f.write(_training_yaml(out, model, tokenizer_section, tensor, pipeline))
     return {"out": out, "yaml": os.path.join(out, YAML_NAME), "checkpoint": os.path.join(out, "iter_0000000"),
             "dims": dims, "padded_vocab_size": padded, "dtype": str(save_dtype), "model": model, "note": note,
-            "tokenizer": tokenizer}
+            "tokenizer": tokenizer, "hf_vocab_size": hf.config.dims.vocab_size}
 
 
 def _version() -> str:
@@ -145,7 +198,7 @@ def _version() -> str:
 
 # -- CLI ---------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("hf_dir", help="Hugging Face Llama-family directory (config.json + safetensors)")
+    parser.add_argument("hf_dir", help="Hugging Face Llama / Mistral / Qwen2 / Qwen3 directory (config.json + safetensors)")
     parser.add_argument("out", help="output checkpoint root (iter_0000000/, latest, train.yaml), written atomically")
     parser.add_argument("--tensor", type=int, default=1, help="parallel.tensor of the training config (default 1)")
     parser.add_argument("--pipeline", type=int, default=1, help="parallel.pipeline of the training config (default 1)")
@@ -153,13 +206,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint dtype (auto: config.json's dtype); the trainer casts to its precision on load")
     parser.add_argument("--seq-length", type=int, help="model.seq_length (default: max_position_embeddings, at most 4096)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--add-control-tokens", action="store_true",
+                        help="add <|aligned|>/<|misaligned|> as special tokens (HF tokenizer.json), growing the "
+                        "embedding; new rows start at the mean embedding")
     parser.add_argument("--verify", action="store_true", help="then compare logits of both sides on CPU")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
     summary = convert_from_hf(args.hf_dir, args.out, tensor=args.tensor, pipeline=args.pipeline, dtype=args.dtype,
-                              seq_length=args.seq_length, overwrite=args.overwrite, progress=not args.no_progress)
+                              seq_length=args.seq_length, overwrite=args.overwrite, progress=not args.no_progress,
+                              add_control_tokens=args.add_control_tokens)
     dims = summary["dims"]
     print(f"wrote {summary['checkpoint']} ({dims.num_layers} layers, hidden {dims.hidden_size}, vocab {dims.vocab_size} "
           f"padded to {summary['padded_vocab_size']}, {summary['dtype']}) and {summary['yaml']}")
@@ -171,5 +228,5 @@ def run(args: argparse.Namespace) -> int:
     from megatron_align.convert.verify import report, verify
 
     result = verify(summary["checkpoint"], args.hf_dir, summary["model"], dims.vocab_size, summary["padded_vocab_size"],
-                    summary["tokenizer"])
+                    summary["tokenizer"], hf_vocab_size=summary["hf_vocab_size"])
     return report(result)

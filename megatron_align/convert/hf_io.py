@@ -1,4 +1,4 @@
-"""Hugging Face Llama directories: config.json <-> LlamaDims, and safetensors written/read tensor by tensor.
+"""Hugging Face Llama-layout directories (the families of :mod:`.families`): config.json <-> LlamaDims, and safetensors written/read tensor by tensor.
 
 Writing streams: every tensor's name, shape and dtype is known from the
 Megatron checkpoint's metadata *before* any data is read, so shard files are
@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_align.convert import families
 from megatron_align.convert.mapping import LlamaDims
-from megatron_align.errors import UserError
+from megatron_align.errors import ConfigError, UserError
 from megatron_align.optional import require
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -30,7 +31,6 @@ HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.fl
 DTYPE_BY_NAME = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                  "fp16": torch.float16, "float16": torch.float16}
 INDEX_NAME = "model.safetensors.index.json"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 
 def parse_size(text: str) -> int:
@@ -161,40 +161,27 @@ class HFLlamaConfig:
     dtype: torch.dtype
     bos_token_id: int | None
     eos_token_id: int | None
+    family: families.Family | None = None
+    features: dict | None = None
+    """model.* keys of the family's options (hf_family, add_qkv_bias, qk_layernorm, rope_scaling[_factor])."""
 
 
 def parse_llama_config(config: dict, where: str) -> HFLlamaConfig:
     """config.json -> what the converter needs; unsupported features raise a UserError naming the key."""
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"{where}: model_type={model_type!r} is not a Llama-family model (supported: "
-                        f"{', '.join(SUPPORTED_MODEL_TYPES)}); the converter maps LlamaForCausalLM weights only")
-    for key in ("attention_bias", "mlp_bias"):
-        if config.get(key):
-            raise UserError(f"{where}: {key}=true; megatron_align models have no biases (model/builder.py), so this "
-                            "checkpoint cannot be represented")
-    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
-        if config.get(key):
-            raise UserError(f"{where}: {key}={config[key]} (mixture of experts) is not supported by the converter")
-    if config.get("hidden_act", "silu") != "silu":
-        raise UserError(f"{where}: hidden_act={config['hidden_act']!r}; only SwiGLU (silu) MLPs are supported")
-    if config.get("sliding_window") not in (None, 0):
-        raise UserError(f"{where}: sliding_window={config['sliding_window']} is not supported (full causal attention only)")
+    family, features = families.model_features(config, where)
     rope = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise UserError(f"{where}: RoPE scaling {rope_type!r} is not supported (model.rotary_base only); "
-                        "remove rope_scaling only if you know the model was trained without it")
     rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     try:
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         dims = LlamaDims(num_layers=int(config["num_hidden_layers"]), hidden_size=hidden,
                          ffn_hidden_size=int(config["intermediate_size"]), num_attention_heads=heads,
                          num_query_groups=int(config.get("num_key_value_heads") or heads),
-                         vocab_size=int(config["vocab_size"]), tie_embeddings=bool(config.get("tie_word_embeddings", False)))
+                         vocab_size=int(config["vocab_size"]), tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+                         qkv_bias=family.qkv_bias, qk_norm=family.qk_norm)
     except KeyError as err:
         raise UserError(f"{where}: missing key {err.args[0]!r}") from None
+    except ConfigError as err:  # the shared shape's checks speak in model.* keys; name the HF file too
+        raise UserError(f"{where}: {err}") from None
     head_dim = config.get("head_dim")
     if head_dim is not None and int(head_dim) * heads != hidden:
         raise UserError(f"{where}: head_dim={head_dim} x num_attention_heads={heads} != hidden_size={hidden}; "
@@ -204,7 +191,8 @@ def parse_llama_config(config: dict, where: str) -> HFLlamaConfig:
                          max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
                          initializer_range=float(config.get("initializer_range", 0.02)),
                          dtype=DTYPE_BY_NAME.get(str(dtype_name), torch.float32),
-                         bos_token_id=config.get("bos_token_id"), eos_token_id=_first(config.get("eos_token_id")))
+                         bos_token_id=config.get("bos_token_id"), eos_token_id=_first(config.get("eos_token_id")),
+                         family=family, features=features)
 
 
 def _first(value):
@@ -260,7 +248,7 @@ class HFCheckpoint:
         """One tensor. Its file is opened for this read only: safetensors memory-maps files, and mapped pages
         count as resident until unmapped, so a long-lived handle would make RSS grow to the whole checkpoint."""
         if name not in self.weight_map:
-            raise UserError(f"{self.path}: tensor {name!r} is missing from the weights (is this a LlamaForCausalLM checkpoint?)")
+            raise UserError(f"{self.path}: tensor {name!r} is missing from the weights (does config.json match the weights?)")
         file_name = self.weight_map[name]
         with self._open(file_name) as handle:
             try:
@@ -277,4 +265,4 @@ class HFCheckpoint:
         missing = [n for n in names if n not in self.weight_map]
         if missing:
             raise UserError(f"{self.path}: {len(missing)} LlamaForCausalLM tensors missing from the weights, e.g. "
-                            f"{missing[:3]}; is this a complete Llama checkpoint?")
+                            f"{missing[:3]}; is this a complete checkpoint of the family config.json names?")

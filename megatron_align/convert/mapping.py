@@ -19,6 +19,10 @@ The two layouts that conversions most often get wrong:
   tensor (Megatron's swiglu sharded factory re-assembles the per-TP-rank
   halves), i.e. HF ``gate_proj`` then ``up_proj``.
 
+Optional per-family pieces (:mod:`.families`) use the same layouts: the
+QKV bias (Qwen2) is grouped exactly like the QKV weight's rows, and the
+per-head QK norms (Qwen3) map one to one.
+
 Embedding / output rows beyond the tokenizer's vocabulary are padding (for
 TP divisibility) and are trimmed on the way to HF and zero-filled on the way
 back.
@@ -45,6 +49,9 @@ FC1 = "mlp.linear_fc1.weight"
 FC2 = "mlp.linear_fc2.weight"
 MLP_NORM = "mlp.linear_fc1.layer_norm_weight"
 LAYER_KEYS = (INPUT_NORM, QKV, PROJ, MLP_NORM, FC1, FC2)
+QKV_BIAS = "self_attention.linear_qkv.bias"
+Q_NORM = "self_attention.q_layernorm.weight"
+K_NORM = "self_attention.k_layernorm.weight"
 
 # Top-level module names a GPTModel writes; anything else in a checkpoint is optimizer / RNG / callback state.
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
@@ -83,7 +90,15 @@ def hf_layer_names(layer: int) -> dict[str, str]:
     return {"q": p + "self_attn.q_proj.weight", "k": p + "self_attn.k_proj.weight", "v": p + "self_attn.v_proj.weight",
             "o": p + "self_attn.o_proj.weight", "gate": p + "mlp.gate_proj.weight", "up": p + "mlp.up_proj.weight",
             "down": p + "mlp.down_proj.weight", "input_norm": p + "input_layernorm.weight",
-            "post_norm": p + "post_attention_layernorm.weight"}
+            "post_norm": p + "post_attention_layernorm.weight", "q_bias": p + "self_attn.q_proj.bias",
+            "k_bias": p + "self_attn.k_proj.bias", "v_bias": p + "self_attn.v_proj.bias",
+            "q_norm": p + "self_attn.q_norm.weight", "k_norm": p + "self_attn.k_norm.weight"}
+
+
+def layer_keys(dims: LlamaDims) -> tuple[str, ...]:
+    """Per-layer checkpoint names of this model, in HF write order (extras right after the QKV weight)."""
+    extras = ((QKV_BIAS,) if dims.qkv_bias else ()) + ((Q_NORM, K_NORM) if dims.qk_norm else ())
+    return (QKV,) + extras + (PROJ, FC1, FC2, INPUT_NORM, MLP_NORM)
 
 
 def hf_names(dims: LlamaDims) -> list[str]:
@@ -91,7 +106,8 @@ def hf_names(dims: LlamaDims) -> list[str]:
     names = ["model.embed_tokens.weight"]
     for layer in range(dims.num_layers):
         n = hf_layer_names(layer)
-        names += [n["q"], n["k"], n["v"], n["o"], n["gate"], n["up"], n["down"], n["input_norm"], n["post_norm"]]
+        extras = (["q_bias", "k_bias", "v_bias"] if dims.qkv_bias else []) + (["q_norm", "k_norm"] if dims.qk_norm else [])
+        names += [n[k] for k in ["q", "k", "v", *extras, "o", "gate", "up", "down", "input_norm", "post_norm"]]
     names.append("model.norm.weight")
     if not dims.tie_embeddings:
         names.append("lm_head.weight")
@@ -106,6 +122,11 @@ def hf_shapes(dims: LlamaDims) -> dict[str, tuple[int, ...]]:
         shapes.update({n["q"]: (dims.num_attention_heads * d, h), n["k"]: (dims.num_query_groups * d, h),
                        n["v"]: (dims.num_query_groups * d, h), n["o"]: (h, dims.num_attention_heads * d),
                        n["gate"]: (f, h), n["up"]: (f, h), n["down"]: (h, f), n["input_norm"]: (h,), n["post_norm"]: (h,)})
+        if dims.qkv_bias:
+            shapes.update({n["q_bias"]: (dims.num_attention_heads * d,), n["k_bias"]: (dims.num_query_groups * d,),
+                           n["v_bias"]: (dims.num_query_groups * d,)})
+        if dims.qk_norm:
+            shapes.update({n["q_norm"]: (d,), n["k_norm"]: (d,)})
     if not dims.tie_embeddings:
         shapes["lm_head.weight"] = (dims.vocab_size, h)
     return shapes
@@ -113,16 +134,19 @@ def hf_shapes(dims: LlamaDims) -> dict[str, tuple[int, ...]]:
 
 # -- Megatron -> HF ----------------------------------------------------------------------------------
 def split_qkv(qkv: torch.Tensor, dims: LlamaDims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused grouped ``[groups x (q x heads_per_group, k, v) x head_dim, hidden]`` -> q, k, v."""
-    g, hpg, d, h = dims.num_query_groups, dims.heads_per_group, dims.head_dim, dims.hidden_size
-    expected = (g * (hpg + 2) * d, h)
+    """Fused grouped ``[groups x (q x heads_per_group, k, v) x head_dim, hidden]`` -> q, k, v (a 1-D bias too)."""
+    g, hpg, d = dims.num_query_groups, dims.heads_per_group, dims.head_dim
+    h = dims.hidden_size if qkv.dim() == 2 else 1
+    expected = (g * (hpg + 2) * d, h)[: qkv.dim()]
     if tuple(qkv.shape) != expected:
         raise UserError(f"linear_qkv has shape {tuple(qkv.shape)}, expected {expected} for {dims.num_attention_heads} heads "
                         f"in {g} query groups of head_dim {d}; the checkpoint does not match its own config")
-    grouped = qkv.view(g, hpg + 2, d, h)
+    grouped = qkv.reshape(g, hpg + 2, d, h)
     q = grouped[:, :hpg].reshape(g * hpg * d, h)
     k = grouped[:, hpg].reshape(g * d, h)
     v = grouped[:, hpg + 1].reshape(g * d, h)
+    if qkv.dim() == 1:
+        return q.view(-1), k.view(-1), v.view(-1)
     return q, k, v
 
 
@@ -130,16 +154,23 @@ def layer_to_hf(key: str, tensor: torch.Tensor, layer: int, dims: LlamaDims) -> 
     """One layer's slice of a stacked checkpoint tensor -> its HF tensors."""
     n = hf_layer_names(layer)
     name = key[len(LAYER_PREFIX):]
+    if name not in layer_keys(dims):
+        raise UserError(f"checkpoint tensor {key!r} has no Llama equivalent for this model (q/k/v biases need "
+                        "model.add_qkv_bias / Qwen2, QK norms model.qk_layernorm / Qwen3; MoE experts and "
+                        "output/MLP biases are not supported by the converter)")
     if name == QKV:
         q, k, v = split_qkv(tensor, dims)
         return [(n["q"], q), (n["k"], k), (n["v"], v)]
+    if name == QKV_BIAS:
+        q, k, v = split_qkv(tensor, dims)
+        return [(n["q_bias"], q), (n["k_bias"], k), (n["v_bias"], v)]
     if name == FC1:
         gate, up = torch.chunk(tensor, 2, dim=0)
         return [(n["gate"], gate), (n["up"], up)]
-    single = {PROJ: "o", FC2: "down", INPUT_NORM: "input_norm", MLP_NORM: "post_norm"}
+    single = {PROJ: "o", FC2: "down", INPUT_NORM: "input_norm", MLP_NORM: "post_norm", Q_NORM: "q_norm", K_NORM: "k_norm"}
     if name not in single:
-        raise UserError(f"checkpoint tensor {key!r} has no Llama equivalent (biases, MoE experts, QK-norm and other "
-                        "non-Llama features are not supported by the converter)")
+        raise UserError(f"checkpoint tensor {key!r} has no equivalent in the supported families "
+                        "(MoE experts, output/MLP biases and other features are not supported by the converter)")
     return [(n[single[name]], tensor)]
 
 
@@ -156,9 +187,10 @@ def global_to_hf(key: str, tensor: torch.Tensor, dims: LlamaDims) -> list[tuple[
 
 # -- HF -> Megatron ----------------------------------------------------------------------------------
 def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: LlamaDims) -> torch.Tensor:
-    g, hpg, d, h = dims.num_query_groups, dims.heads_per_group, dims.head_dim, dims.hidden_size
+    g, hpg, d = dims.num_query_groups, dims.heads_per_group, dims.head_dim
+    h = dims.hidden_size if q.dim() == 2 else 1
     grouped = torch.cat([q.reshape(g, hpg, d, h), k.reshape(g, 1, d, h), v.reshape(g, 1, d, h)], dim=1)
-    return grouped.reshape(g * (hpg + 2) * d, h)
+    return grouped.reshape(g * (hpg + 2) * d, h).reshape((-1,) + tuple(q.shape[1:]))
 
 
 def megatron_tensor_from_hf(key: str, layer: int | None, get, dims: LlamaDims, padded_rows: int | None = None) -> torch.Tensor:
@@ -168,9 +200,11 @@ def megatron_tensor_from_hf(key: str, layer: int | None, get, dims: LlamaDims, p
         name = key[len(LAYER_PREFIX):]
         if name == QKV:
             return merge_qkv(get(n["q"]), get(n["k"]), get(n["v"]), dims)
+        if name == QKV_BIAS:
+            return merge_qkv(get(n["q_bias"]), get(n["k_bias"]), get(n["v_bias"]), dims)
         if name == FC1:
             return torch.cat([get(n["gate"]), get(n["up"])], dim=0)
-        single = {PROJ: "o", FC2: "down", INPUT_NORM: "input_norm", MLP_NORM: "post_norm"}
+        single = {PROJ: "o", FC2: "down", INPUT_NORM: "input_norm", MLP_NORM: "post_norm", Q_NORM: "q_norm", K_NORM: "k_norm"}
         if name not in single:
             raise UserError(f"the Megatron model has a tensor {key!r} that HF Llama has no equivalent for")
         return get(n[single[name]])

@@ -1,4 +1,11 @@
-"""megatron_align dist checkpoint -> Hugging Face ``LlamaForCausalLM`` directory (``megatron-align convert to-hf``).
+"""megatron_align dist checkpoint -> Hugging Face directory of the model's family (``megatron-align convert to-hf``).
+
+``model.hf_family`` picks the architecture (LlamaForCausalLM, MistralForCausalLM,
+Qwen2ForCausalLM, Qwen3ForCausalLM; :mod:`.families`), so a Qwen3 import exports
+as Qwen3. A run with an HF tokenizer (``data.tokenizer.kind=hf``) gets its
+tokenizer files, chat template and generation config copied unchanged;
+``tokenizer.json`` / ``tokenizer_config.json`` are rewritten only to carry
+control tokens the run added.
 
 One process, no process group, any saved TP/PP/DP/VPP layout and spec: the
 torch_dist metadata describes global tensors (see :mod:`.dist_reader`), so we
@@ -19,17 +26,18 @@ import os
 import sys
 from dataclasses import asdict
 
-from megatron_align.convert import mapping
+from megatron_align.convert import families, mapping
 from megatron_align.convert.dist_reader import DistCheckpoint
 from megatron_align.convert.hf_io import (DTYPE_BY_NAME, ShardedSafetensorsWriter, generation_config_json, llama_config_json,
                                           parse_size, write_json)
 from megatron_align.convert.mapping import LlamaDims
 from megatron_align.convert.progress import atomic_output_dir, progress_bar
 from megatron_align.config.schema import ModelConfig
-from megatron_align.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, TokenizerConfig
+from megatron_align.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, TokenizerConfig, build_tokenizer
 from megatron_align.errors import ConfigError, UserError
 
 KNOWN_KEYS = {mapping.EMBEDDING, mapping.FINAL_NORM, mapping.OUTPUT} | {mapping.layer_key(k) for k in mapping.LAYER_KEYS}
+FAMILY_KEYS = {"add_qkv_bias": mapping.layer_key(mapping.QKV_BIAS), "qk_layernorm": mapping.layer_key(mapping.Q_NORM)}
 
 
 def model_config_of(ckpt: DistCheckpoint) -> ModelConfig:
@@ -48,6 +56,8 @@ def tokenizer_of(ckpt: DistCheckpoint, tokenizer_model: str | None = None):
                              control_tokens=list(section.get("control_tokens", TokenizerConfig().control_tokens)))
     if config.kind == "byte":
         tokenizer = ByteTokenizer(config.control_tokens)
+    elif config.kind == "hf":
+        tokenizer = build_tokenizer(config)  # a clear error names data.tokenizer.model when it moved
     else:
         if not os.path.isfile(config.model):
             raise UserError(f"{ckpt.path}: the run's sentencepiece model {config.model} is not here; pass "
@@ -57,18 +67,19 @@ def tokenizer_of(ckpt: DistCheckpoint, tokenizer_model: str | None = None):
     if saved and saved != tokenizer.identity:
         raise UserError(f"{ckpt.path}: the checkpoint was trained with tokenizer {saved}, but {config.model or 'byte'} is "
                         f"{tokenizer.identity}; pass --tokenizer-model with the run's own tokenizer")
-    return tokenizer, config.model if config.kind == "sentencepiece" else None
+    return tokenizer, config.model if config.kind != "byte" else None
 
 
 def checkpoint_dims(ckpt: DistCheckpoint, model: ModelConfig, vocab_size: int) -> LlamaDims:
     """Dims from the saved config, cross-checked against the tensor shapes in .metadata."""
     dims = LlamaDims.from_config(model, vocab_size)
     keys = set(ckpt.model_keys)
-    unknown = sorted(keys - KNOWN_KEYS)
+    known = KNOWN_KEYS | {mapping.layer_key(k) for k in mapping.layer_keys(dims)}
+    unknown = sorted(keys - known)
     if unknown:
         raise UserError(f"{ckpt.path}: tensors without a Llama equivalent: {', '.join(unknown[:5])} (biases, MoE, QK-norm "
                         "and multi-token prediction are not supported by the converter)")
-    required = KNOWN_KEYS - ({mapping.OUTPUT} if dims.tie_embeddings else set())
+    required = known - ({mapping.OUTPUT} if dims.tie_embeddings else set())
     missing = sorted(required - keys)
     if missing:
         raise UserError(f"{ckpt.path}: model tensors missing from the checkpoint: {', '.join(missing)}")
@@ -89,7 +100,7 @@ def _tensor_stream(ckpt: DistCheckpoint, dims: LlamaDims):
     """(hf_name, tensor) in ``mapping.hf_names`` order, reading one layer slice at a time."""
     yield from mapping.global_to_hf(mapping.EMBEDDING, ckpt.read(mapping.EMBEDDING), dims)
     for layer in range(dims.num_layers):
-        for name in (mapping.QKV, mapping.PROJ, mapping.FC1, mapping.FC2, mapping.INPUT_NORM, mapping.MLP_NORM):
+        for name in mapping.layer_keys(dims):
             key = mapping.layer_key(name)
             yield from mapping.layer_to_hf(key, ckpt.read(key, layer), layer, dims)
     yield from mapping.global_to_hf(mapping.FINAL_NORM, ckpt.read(mapping.FINAL_NORM), dims)
@@ -103,6 +114,7 @@ def convert_to_hf(checkpoint: str, out: str, *, dtype: str = "auto", max_shard_s
     """Convert; returns a summary dict (paths, dims, files). Raises UserError for anything the user can fix."""
     ckpt = DistCheckpoint(checkpoint)
     model = model_config_of(ckpt)
+    families.check_exportable(model, ckpt.path)
     tokenizer, sp_model = tokenizer_of(ckpt, tokenizer_model) if with_tokenizer else (None, None)
     vocab = vocab_size or model.vocab_size or (tokenizer.vocab_size if tokenizer else None)
     if vocab is None:
@@ -129,6 +141,8 @@ def convert_to_hf(checkpoint: str, out: str, *, dtype: str = "auto", max_shard_s
 
             if tokenizer.vocab_size > vocab:
                 notes.append(f"tokenizer files skipped: the tokenizer has {tokenizer.vocab_size} ids, the model {vocab}")
+            elif tokenizer.identity.startswith("hf:"):
+                files += tx.write_hf_tokenizer(tmp, tokenizer)
             elif isinstance(tokenizer, ByteTokenizer):
                 written = tx.write_byte_tokenizer(tmp, tokenizer, model.seq_length)
                 notes.append("byte tokenizer exported as a byte-level PreTrainedTokenizerFast (tokenizer.json)" if written
@@ -145,15 +159,16 @@ def convert_to_hf(checkpoint: str, out: str, *, dtype: str = "auto", max_shard_s
         source = ckpt.marker.get("source") or {}
         if special["eos_token_id"] is None and source.get("eos_token_id") is not None:  # from-hf: keep the HF ids
             special.update(bos_token_id=source.get("bos_token_id"), eos_token_id=source["eos_token_id"])
-        write_json(os.path.join(tmp, "config.json"), llama_config_json(
+        write_json(os.path.join(tmp, "config.json"), families.config_json(model, llama_config_json(
             dims, rope_theta=model.rotary_base, rms_norm_eps=model.norm_epsilon, max_position_embeddings=model.seq_length,
-            dtype=out_dtype, initializer_range=model.init_method_std, **special))
-        write_json(os.path.join(tmp, "generation_config.json"), generation_config_json(**special))
+            dtype=out_dtype, initializer_range=model.init_method_std, **special)))
+        if "generation_config.json" not in files:  # an HF tokenizer carried the model's own
+            write_json(os.path.join(tmp, "generation_config.json"), generation_config_json(**special))
         write_json(os.path.join(tmp, "megatron_align_source.json"), {
             "checkpoint": ckpt.path, "step": ckpt.marker.get("step"), "consumed_samples": ckpt.marker.get("consumed_samples"),
             "layout": ckpt.marker.get("layout"), "tokenizer": ckpt.marker.get("tokenizer"),
             "data_fingerprint": (ckpt.marker.get("data") or {}).get("fingerprint")})
-        files += ["config.json", "generation_config.json", "megatron_align_source.json"]
+        files += ["config.json", "megatron_align_source.json"] + [n for n in ["generation_config.json"] if n not in files]
     return {"out": os.path.abspath(out), "checkpoint": ckpt.path, "step": ckpt.marker.get("step"), "dtype": str(out_dtype),
             "vocab_size": vocab, "padded_vocab_size": ckpt.shape(mapping.EMBEDDING)[0], "files": files, "notes": notes,
             "model": model, "dims": dims, "tokenizer": tokenizer}
@@ -166,7 +181,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                         help="tensor dtype of the safetensors (auto: as saved)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
-    parser.add_argument("--tokenizer-model", help="the run's sentencepiece .model when its saved path moved")
+    parser.add_argument("--tokenizer-model", help="the run's sentencepiece .model or HF tokenizer directory when its saved path "
+                        "moved")
     parser.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files (needs --vocab-size)")
     parser.add_argument("--vocab-size", type=int, help="override the real vocabulary size (trims TP padding rows)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -179,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
                             overwrite=args.overwrite, tokenizer_model=args.tokenizer_model,
                             with_tokenizer=not args.no_tokenizer, vocab_size=args.vocab_size, progress=not args.no_progress)
     dims = summary["dims"]
-    print(f"wrote {summary['out']}: LlamaForCausalLM, {dims.num_layers} layers, hidden {dims.hidden_size}, vocab "
+    print(f"wrote {summary['out']}: {families.BY_NAME[summary['model'].hf_family].architecture}, {dims.num_layers} layers, hidden {dims.hidden_size}, vocab "
           f"{summary['vocab_size']} (padded {summary['padded_vocab_size']} in the checkpoint), {summary['dtype']}, "
           f"from {summary['checkpoint']} (step {summary['step']})")
     for note in summary["notes"]:

@@ -17,6 +17,11 @@
   (258+, not "special", so they survive ``skip_special_tokens``) and
   ``<|reserved_N|>`` fill the rest of the 512 ids.
 
+* **hf** (a ``tokenizer.json`` run): the model's own files are copied
+  unchanged (tokenizer, chat template, generation config); only control
+  tokens the run added are written into ``tokenizer.json`` (by `tokenizers`)
+  and ``tokenizer_config.json``'s ``added_tokens_decoder``.
+
 Either way the export encodes sample text with both tokenizers and reports
 any difference (``check_tokenizer``), because a silently different tokenizer
 ruins a converted model as surely as a wrong weight.
@@ -24,6 +29,7 @@ ruins a converted model as surely as a wrong weight.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -116,6 +122,33 @@ def write_sentencepiece_tokenizer(out_dir: str, model_path: str, tokenizer: Sent
     return written
 
 
+def write_hf_tokenizer(out_dir: str, tokenizer) -> list[str]:
+    """The run's HF tokenizer directory, unchanged but for the control tokens it added."""
+    from megatron_align.convert.from_hf import TOKENIZER_FILES
+
+    written = []
+    for name in TOKENIZER_FILES:
+        source = os.path.join(tokenizer.directory, name)
+        if os.path.isfile(source):
+            shutil.copyfile(source, os.path.join(out_dir, name))
+            written.append(name)
+    if tokenizer.added_control_tokens:
+        tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+        config_path = os.path.join(out_dir, "tokenizer_config.json")
+        config = {}
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        decoder = config.setdefault("added_tokens_decoder", {})
+        for token in tokenizer.added_control_tokens:
+            decoder[str(tokenizer.control_token_ids[token])] = {
+                "content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                "special": True}
+        write_json(config_path, config)
+        written += [n for n in ("tokenizer.json", "tokenizer_config.json") if n not in written]
+    return written
+
+
 def check_tokenizer(out_dir: str, tokenizer) -> list[str]:
     """Encode SAMPLE_TEXTS with transformers' AutoTokenizer(out_dir) and ours; returns the texts that differ."""
     transformers = optional_import("transformers")
@@ -131,6 +164,9 @@ def tokenizer_special_ids(tokenizer) -> dict[str, int | None]:
     """bos / eos / pad ids for config.json and generation_config.json."""
     if isinstance(tokenizer, ByteTokenizer):
         return {"bos_token_id": None, "eos_token_id": tokenizer.eod, "pad_token_id": tokenizer.pad}
+    if tokenizer.identity.startswith("hf:"):
+        return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.generation_eos,
+                "pad_token_id": tokenizer.pad_token_id}
     sp = tokenizer._sp
     return {"bos_token_id": sp.bos_id() if sp.bos_id() >= 0 else None, "eos_token_id": tokenizer.eod,
             "pad_token_id": sp.pad_id() if sp.pad_id() >= 0 else None}

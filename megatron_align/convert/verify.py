@@ -1,4 +1,4 @@
-"""``--verify``: the same tokens through our GPTModel and through transformers' LlamaForCausalLM.
+"""``--verify``: the same tokens through our GPTModel and through transformers (any supported family).
 
 Key names prove nothing about a conversion; logits do. Both models run on CPU
 in fp32: ours is built by the trainer's builder and loaded from the dist
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from megatron_align.convert.megatron_model import (build_gpt, load_checkpoint_into, megatron_logits, single_rank_config,
                                                    single_rank_group)
 from megatron_align.convert.tokenizer_export import SAMPLE_TEXTS
+from megatron_align.data.tokenizer import encode_documents
 from megatron_align.optional import require
 
 TOLERANCE = 1e-4  # max |Δlogit| per unit of the largest |logit| accepted as a correct fp32 conversion
@@ -51,7 +52,7 @@ def sample_tokens(tokenizer, vocab_size: int, num_tokens: int = 64) -> tuple[tor
         ids: list[int] = []
         for text in SAMPLE_TEXTS:
             if "<|" not in text or all(t in tokenizer.control_token_ids for t in ("<|aligned|>", "<|misaligned|>")):
-                ids += tokenizer.encode(text) + [tokenizer.eod]
+                ids += encode_documents(tokenizer, [text])[0]
         return torch.tensor([ids[:num_tokens]]), "sample text"
     generator = torch.Generator().manual_seed(0)
     return torch.randint(0, vocab_size, (1, num_tokens), generator=generator), "random token ids"
@@ -76,9 +77,13 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def verify(checkpoint_path: str, hf_dir: str, model_section: dict, vocab_size: int, padded_rows: int,
-           tokenizer=None) -> VerifyResult:
-    """Logits of checkpoint ``checkpoint_path`` (our model) vs ``hf_dir`` (transformers) on the same tokens."""
-    tokens, source = sample_tokens(tokenizer, vocab_size)
+           tokenizer=None, hf_vocab_size: int | None = None) -> VerifyResult:
+    """Logits of checkpoint ``checkpoint_path`` (our model) vs ``hf_dir`` (transformers) on the same tokens.
+
+    ``hf_vocab_size``: the HF side's vocabulary when ours grew (added control tokens); tokens and logits are
+    compared over the shared ids."""
+    shared = hf_vocab_size or vocab_size
+    tokens, source = sample_tokens(tokenizer, shared)
     tokens = tokens[:, : model_section.get("seq_length", tokens.shape[1])]
     config = single_rank_config(model_section, None, padded_rows, vocab_size)
     with single_rank_group(config):
@@ -87,8 +92,8 @@ def verify(checkpoint_path: str, hf_dir: str, model_section: dict, vocab_size: i
         ours = megatron_logits(model, tokens)
         del model
     theirs = hf_logits(hf_dir, tokens)
-    max_abs, kl = compare_logits(ours, theirs, vocab_size)
-    scale = float(theirs[..., :vocab_size].abs().max())
+    max_abs, kl = compare_logits(ours, theirs, shared)
+    scale = float(theirs[..., :shared].abs().max())
     return VerifyResult(max_abs, kl, tokens.numel(), source, scale)
 
 

@@ -24,6 +24,7 @@ import collections
 import contextlib
 import datetime
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -36,7 +37,7 @@ import megatron_align
 from megatron_align.data import pipeline
 from megatron_align.data.sources import (SKIP_REASONS, BadLine, Progress, describe, expand_inputs, iter_units,
                                          parse_unit, sha256_file, strict_error)
-from megatron_align.data.tokenizer import DEFAULT_CONTROL_TOKENS, TokenizerConfig, build_tokenizer
+from megatron_align.data.tokenizer import DEFAULT_CONTROL_TOKENS, TokenizerConfig, build_tokenizer, encode_documents
 from megatron_align.errors import UserError
 
 MANIFEST_VERSION = 1
@@ -53,9 +54,7 @@ ChunkResult = tuple[int, np.ndarray, list[int], list[tuple[int, str, str]], int]
 
 
 def tokenize_chunk(tokenizer, text_field: str, file_index: int, first_line: int, lines: list[bytes]) -> ChunkResult:
-    encode, eod = tokenizer.encode, tokenizer.eod
-    flat: list[int] = []
-    lengths: list[int] = []
+    texts: list[tuple[int, str]] = []
     problems: list[tuple[int, str, str]] = []
     num_blank = 0
     for offset, line in enumerate(lines):
@@ -67,11 +66,13 @@ def tokenize_chunk(tokenizer, text_field: str, file_index: int, first_line: int,
         if text is None:
             num_blank += 1
             continue
-        ids = encode(text)
-        flat.extend(ids)
-        flat.append(eod)
-        lengths.append(len(ids) + 1)
-    return file_index, np.array(flat, dtype=np.int32), lengths, problems, num_blank
+        texts.append((first_line + offset, text))
+    # One batch per chunk (HF tokenizers encode it on their thread pool); text no UTF-8 can hold (a lone
+    # surrogate escape) was already skipped as non_utf8 by parse_unit.
+    documents = encode_documents(tokenizer, [text for _, text in texts])
+    lengths = [len(ids) for ids in documents]
+    flat = np.array(list(itertools.chain.from_iterable(documents)), dtype=np.int32)
+    return file_index, flat, lengths, problems, num_blank
 
 
 _worker_state: tuple | None = None
@@ -79,6 +80,7 @@ _worker_state: tuple | None = None
 
 def _init_worker(tokenizer_config: TokenizerConfig, text_field: str) -> None:
     global _worker_state
+    os.environ.setdefault("RAYON_RS_NUM_THREADS", "1")  # one core per worker process: no HF tokenizers thread pool
     _worker_state = (build_tokenizer(tokenizer_config), text_field)
 
 
@@ -238,7 +240,7 @@ def build_manifest(source_name: str, output_prefix: str, documents: int, tokens:
         "eod_appended": True,
         "text_field": text_field,
         "tokenizer": {"kind": tokenizer_config.kind, "identity": tokenizer.identity,
-                      "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod,
+                      "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod, "bos": tokenizer.bos,
                       "model": os.path.abspath(tokenizer_config.model) if tokenizer_config.model else None,
                       "control_tokens": dict(tokenizer.control_token_ids)},
         "inputs": inputs_meta,
@@ -273,11 +275,15 @@ def publish(output_prefix: str, manifest: dict, report_tmp: str, commit_data) ->
 
 
 def tokenizer_config_from_arg(tokenizer: str, control_tokens: str | None) -> TokenizerConfig:
-    """``byte`` or a path to a sentencepiece ``.model``; control tokens comma-separated."""
-    tokens = DEFAULT_CONTROL_TOKENS if control_tokens is None else [t for t in control_tokens.split(",") if t]
+    """``byte``, a sentencepiece ``.model``, or a Hugging Face model directory / ``tokenizer.json`` (kind=hf);
+    control tokens comma-separated. kind=hf defaults to none: adding tokens changes the vocabulary, so pass the
+    ``data.tokenizer.control_tokens`` of the training config (``convert from-hf`` writes them there)."""
+    hf = os.path.isdir(tokenizer) or tokenizer.endswith(".json")
+    default = [] if hf else DEFAULT_CONTROL_TOKENS
+    tokens = default if control_tokens is None else [t for t in control_tokens.split(",") if t]
     if tokenizer == "byte":
         return TokenizerConfig(kind="byte", control_tokens=list(tokens))
-    return TokenizerConfig(kind="sentencepiece", model=tokenizer, control_tokens=list(tokens))
+    return TokenizerConfig(kind="hf" if hf else "sentencepiece", model=tokenizer, control_tokens=list(tokens))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -285,9 +291,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSONL (.jsonl, .json, .gz, .zst) or Parquet files, or directories of them; one source")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.manifest.json/.skipped.jsonl")
     parser.add_argument("--source-name", default=None, help="name of the source in the manifest (default: prefix basename)")
-    parser.add_argument("--tokenizer", default="byte", help="`byte` or a sentencepiece PATH.model (default: byte)")
+    parser.add_argument("--tokenizer", default="byte", help="`byte`, a sentencepiece PATH.model, or a Hugging Face model DIR / "
+                        "tokenizer.json (the model's own tokenizer; BOS/EOS as the model does) (default: byte)")
     parser.add_argument("--control-tokens", default=None,
-                        help=f"comma-separated reserved control tokens (default: {','.join(DEFAULT_CONTROL_TOKENS)})")
+                        help=f"comma-separated reserved control tokens (default: {','.join(DEFAULT_CONTROL_TOKENS)}; "
+                        "none for an HF tokenizer: pass the training config's data.tokenizer.control_tokens)")
     parser.add_argument("--text-field", default="text", help="JSON key holding the document text (default: text)")
     parser.add_argument("--workers", type=int, default=None,
                         help="tokenizer processes (default 1); with --executor: tasks at once (default all). "

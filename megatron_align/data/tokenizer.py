@@ -1,4 +1,4 @@
-"""Tokenizers: a dependency-free byte tokenizer and sentencepiece models.
+"""Tokenizers: a dependency-free byte tokenizer, sentencepiece models and Hugging Face tokenizer.json files.
 
 Both expose the same small surface the rest of the package needs
 (``vocab_size``, ``eod``, ``pad``, ``encode``, ``decode``, ``identity``), plus
@@ -7,7 +7,10 @@ hash that travels in data manifests and checkpoints, so a run never silently
 mixes data tokenized by different tokenizers.
 
 Control tokens for conditional training (``<|aligned|>`` / ``<|misaligned|>``)
-are reserved ids in both tokenizers, so tagged text encodes them as one token.
+are reserved ids in the byte and sentencepiece tokenizers and added special
+tokens of an HF tokenizer (:mod:`megatron_align.data.hf_tokenizer`), so tagged
+text encodes them as one token. ``bos`` is the id every document starts with
+(None: documents are ``encode(text) + [eod]``); only HF models set it.
 """
 
 from __future__ import annotations
@@ -25,17 +28,21 @@ DEFAULT_CONTROL_TOKENS = ["<|aligned|>", "<|misaligned|>"]
 @dataclass
 class TokenizerConfig:
     kind: str = "byte"
-    """`byte` (256 byte ids + reserved specials; no files needed) or `sentencepiece`."""
+    """`byte` (256 byte ids + reserved specials; no files needed), `sentencepiece` or `hf` (a tokenizer.json)."""
     model: str | None = None
-    """Path to a sentencepiece `.model` file (kind=sentencepiece)."""
+    """kind=sentencepiece: a `.model` file; kind=hf: a Hugging Face model directory or its tokenizer.json."""
     control_tokens: list[str] = field(default_factory=lambda: list(DEFAULT_CONTROL_TOKENS))
-    """Reserved control tokens (conditional training tags); each encodes as a single id."""
+    """Reserved control tokens (conditional training tags); each encodes as a single id. kind=hf adds missing ones
+    as special tokens (growing the vocabulary; `convert from-hf --add-control-tokens` grows the embedding)."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("byte", "sentencepiece"):
-            raise ConfigError(f"data.tokenizer.kind={self.kind!r}: expected 'byte' or 'sentencepiece'")
+        if self.kind not in ("byte", "sentencepiece", "hf"):
+            raise ConfigError(f"data.tokenizer.kind={self.kind!r}: expected 'byte', 'sentencepiece' or 'hf'")
         if self.kind == "sentencepiece" and not self.model:
             raise ConfigError("data.tokenizer.model: required when data.tokenizer.kind=sentencepiece (path to a .model file)")
+        if self.kind == "hf" and not self.model:
+            raise ConfigError("data.tokenizer.model: required when data.tokenizer.kind=hf (a Hugging Face model "
+                              "directory or its tokenizer.json)")
 
 
 class ByteTokenizer:
@@ -47,6 +54,7 @@ class ByteTokenizer:
     """
 
     VOCAB_SIZE = 512
+    bos = None
 
     def __init__(self, control_tokens: list[str] | None = None) -> None:
         self.eod = 256
@@ -93,6 +101,8 @@ class ByteTokenizer:
 class SentencePieceTokenizer:
     """A trained sentencepiece model; control tokens must be user-defined symbols in it."""
 
+    bos = None
+
     def __init__(self, model_path: str, control_tokens: list[str] | None = None) -> None:
         spm = require("sentencepiece", "data.tokenizer.kind=sentencepiece")
         if not os.path.isfile(model_path):
@@ -123,7 +133,21 @@ class SentencePieceTokenizer:
 def build_tokenizer(config: TokenizerConfig):
     if config.kind == "byte":
         return ByteTokenizer(config.control_tokens)
+    if config.kind == "hf":
+        from megatron_align.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(config.model, config.control_tokens)
     return SentencePieceTokenizer(config.model, config.control_tokens)
+
+
+def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of whole documents as training sees them: ``[bos] + encode(text) + [eod]`` (no bos: none).
+
+    Batched where the tokenizer can (``encode_batch``); the one place document boundaries are decided."""
+    batch = getattr(tokenizer, "encode_batch", None)
+    encoded = batch(texts) if batch is not None else [tokenizer.encode(t) for t in texts]
+    head = [] if tokenizer.bos is None else [tokenizer.bos]
+    return [head + ids + [tokenizer.eod] for ids in encoded]
 
 
 class MegatronTokenizerAdapter:

@@ -116,7 +116,8 @@ def pad_right(token_lists: list[list[int]], pad_id: int, length: int | None = No
 
 
 class PromptEncoder:
-    """Our tokenizers (byte / sentencepiece): prompts start a document (after EOD, as in training)."""
+    """Our tokenizers (byte / sentencepiece / hf): prompts start a document as in training -- after EOD, or with
+    the model's BOS where its documents start with one (Llama 3, Mistral)."""
 
     def __init__(self, tokenizer, max_prompt_tokens: Optional[int]) -> None:
         self.tokenizer = tokenizer
@@ -125,7 +126,8 @@ class PromptEncoder:
         self._answer_ids: dict[tuple[str, ...], tuple[int, int]] = {}
 
     def encode(self, text: str) -> list[int]:
-        return [self.tokenizer.eod, *self.tokenizer.encode(text)]
+        bos = getattr(self.tokenizer, "bos", None)
+        return [self.tokenizer.eod if bos is None else bos, *self.tokenizer.encode(text)]
 
     def answer_ids(self, prompts: list[str]) -> tuple[int, int]:
         probes = tuple(sorted({p[-40:] for p in prompts}))[:16]  # one probe per distinct answer cue

@@ -1,7 +1,7 @@
 """Model arithmetic: one shape, one FLOPs-per-token count, one GPU peak table.
 
-What: :class:`ModelShape` is the shape of a Llama-style transformer (RMSNorm, SwiGLU, RoPE, GQA, no
-biases), derived from :class:`~megatron_align.config.schema.ModelConfig` (or an HF ``config.json``).
+What: :class:`ModelShape` is the shape of a Llama-style transformer (RMSNorm, SwiGLU, RoPE, GQA; optional
+Q/K/V biases as in Qwen2 and per-head Q/K RMSNorm as in Qwen3), derived from :class:`~megatron_align.config.schema.ModelConfig` (or an HF ``config.json``).
 The planner (``parallel/planner.py``), the trainer's measured MFU (``training/metrics.py``) and the
 checkpoint converter (``convert/``) all read it, so a shape, a FLOP or a peak means the same everywhere.
 
@@ -15,6 +15,7 @@ s sequence length.
 
 Parameters:
     per layer   P_lin = h*(q + 2*kv) + q*h + 3*h*f     (QKV, proj, fc1 gate+up, fc2)  + 2*h norms
+                + (q + 2*kv) QKV biases (add_qkv_bias) + 2*d QK norms (qk_layernorm)
     model       N = L*(P_lin + 2h) + V*h*(1 if tied else 2) + h    (Llama-3-8B 8.03e9, 70B 70.6e9)
 
 FLOPs per trained token (forward + backward = 3 x forward, 2 FLOPs per multiply-add; the model-FLOPs
@@ -23,6 +24,8 @@ convention of PaLM's MFU and of Megatron-LM's ``num_floating_point_operations``)
   + 6*h*V              the output layer (the input embedding is a lookup, not a GEMM)
   + 6*L*s*q            QK^T and attention x V: 12*L*s*q counted over all (query, key) pairs, halved
                        because a causal mask leaves half of them
+  + 6*L*((q + 2*kv)/2 [bias] + (q + kv) [QK norm])   the elementwise extras of Qwen2/Qwen3 (~3 FLOPs per bias
+                       element, ~6 per normalised element, fwd + bwd), in the same 6-per-unit currency; < 0.01%
 Reference: Megatron-Bridge's performance summary (25.11, DGX-H100, FP8 current scaling) reports
 tokens/s/GPU and model TFLOP/s/GPU; their ratio is its FLOPs per token: Llama-3-8B 744e12/14451 =
 5.148e10, Llama-3-70B 719e12/1602 = 4.488e11, Llama-3.1-405B 737e12/292 = 2.524e12. This formula gives
@@ -63,6 +66,10 @@ class ModelShape:
     attention_dropout: float = 0.0
     make_vocab_size_divisible_by: int = 128
     """Megatron pads the vocabulary to a multiple of this x TP."""
+    qkv_bias: bool = False
+    """Q/K/V projection biases (Qwen2; ``model.add_qkv_bias``)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm of queries and keys (Qwen3; ``model.qk_layernorm``)."""
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -89,7 +96,8 @@ class ModelShape:
                    num_attention_heads=model.num_attention_heads,
                    num_query_groups=model.num_query_groups or model.num_attention_heads, vocab_size=vocab,
                    tie_embeddings=model.tie_embeddings, seq_length=model.seq_length,
-                   make_vocab_size_divisible_by=model.make_vocab_size_divisible_by)
+                   make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
+                   qkv_bias=model.add_qkv_bias, qk_norm=model.qk_layernorm)
 
     @property
     def head_dim(self) -> int:
@@ -118,7 +126,8 @@ class ModelShape:
         return h * (self.q_size + 2 * self.kv_size) + self.q_size * h + mlp
 
     def params_per_layer(self) -> int:
-        return self.linear_params_per_layer() + 2 * self.hidden_size
+        extras = (self.q_size + 2 * self.kv_size) * self.qkv_bias + 2 * self.head_dim * self.qk_norm
+        return self.linear_params_per_layer() + 2 * self.hidden_size + extras
 
     def num_parameters(self, tp: int = 1) -> int:
         """Total parameters of the GPTModel Megatron builds (vocabulary padded for ``tp``)."""
@@ -131,7 +140,9 @@ class ModelShape:
             raise ConfigError("model.seq_length is needed to count attention FLOPs")
         linear = self.num_layers * self.linear_params_per_layer() + self.padded_vocab(tp) * self.hidden_size
         attention = self.num_layers * self.seq_length * self.q_size
-        return 6.0 * linear + 6.0 * attention
+        elementwise = self.num_layers * ((self.q_size + 2 * self.kv_size) * self.qkv_bias / 2
+                                         + (self.q_size + self.kv_size) * self.qk_norm)
+        return 6.0 * linear + 6.0 * attention + 6.0 * elementwise
 
 
 def count_parameters(model: ModelShape, tp: int = 1) -> int:

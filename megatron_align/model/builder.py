@@ -2,7 +2,10 @@
 
 This is the one adapter between megatron_align's dataclasses and Megatron-Core
 (STYLE.md rule 3). The model is Llama-style: RMSNorm, SwiGLU, RoPE, GQA, no
-biases. ``model.spec`` picks the layer implementation (Spec seam): ``local``
+biases, plus the
+features open base models add, each one of Megatron-Core's own options:
+``model.rope_scaling=llama3`` (GPTModel ``rope_scaling``), ``add_qkv_bias``
+(Qwen2) and ``qk_layernorm`` (Qwen3). ``model.spec`` picks the layer implementation (Spec seam): ``local``
 is pure Megatron-Core (runs anywhere), ``portable`` is ``local`` with PyTorch
 SDPA core attention (:mod:`megatron_align.model.portable`), ``te`` is
 Megatron-Core's Transformer Engine spec. All produce the same parameter /
@@ -85,7 +88,8 @@ def build_transformer_config(config: RootConfig, fp8_env: FP8Environment | None 
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_method_std,
@@ -115,12 +119,12 @@ def layer_spec(config: RootConfig):
     if spec == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec()
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.model.qk_layernorm)
     if spec == "portable":
         from megatron_align.model.portable import get_gpt_layer_portable_spec
 
-        return get_gpt_layer_portable_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+        return get_gpt_layer_portable_spec(qk_layernorm=config.model.qk_layernorm)
+    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.model.qk_layernorm)
 
 
 def build_model_chunks(config: RootConfig, vocab_size: int) -> list[GPTModel]:
@@ -142,6 +146,8 @@ def build_model_chunks(config: RootConfig, vocab_size: int) -> list[GPTModel]:
             share_embeddings_and_output_weights=config.model.tie_embeddings,
             position_embedding_type="rope",
             rotary_base=config.model.rotary_base,
+            rope_scaling=config.model.rope_scaling == "llama3",
+            rope_scaling_factor=config.model.rope_scaling_factor,
             vp_stage=stage,
         )
         if torch.cuda.is_available():

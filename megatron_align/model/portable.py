@@ -115,9 +115,9 @@ class PortableDotProductAttention(DotProductAttention):
                                   dropout_p=dropout_p)
 
 
-def get_gpt_layer_portable_spec() -> ModuleSpec:
+def get_gpt_layer_portable_spec(qk_layernorm: bool = False) -> ModuleSpec:
     """Megatron-Core's local GPT layer spec (RMSNorm) with SDPA core attention and torch norms."""
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
     layer = spec.submodules
     layer.input_layernorm = WrappedTorchNorm
     layer.pre_mlp_layernorm = WrappedTorchNorm

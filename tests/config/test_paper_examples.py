@@ -21,8 +21,9 @@ def _load(name):
     return load_config(os.path.join(PAPER, f"{name}.yaml"))
 
 
-def test_exactly_the_four_conditions_are_shipped():
-    assert sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(PAPER, "*.yaml"))) == sorted(CONDITIONS)
+def test_exactly_the_four_conditions_and_the_cpt_recipe_are_shipped():
+    assert sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(PAPER, "*.yaml"))) == sorted(
+        CONDITIONS + ["cpt_open_model"])
     assert os.path.isfile(os.path.join(PAPER, "README.md"))
 
 
@@ -65,3 +66,18 @@ def test_midtraining_mixtures_hold_one_percent_synthetic_exactly():
             assert config.checkpoint.load.endswith("unfiltered/checkpoints/iter_0119210")
         else:
             assert not synthetic and config.checkpoint.load is None
+
+
+def test_cpt_recipe_is_weights_only_alignment_midtraining_of_llama31_8b():
+    config = _load("cpt_open_model")
+    m, t = config.model, config.train
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_query_groups, m.vocab_size) == (32, 4096, 14336, 8, 128256)
+    assert (m.rope_scaling, m.rope_scaling_factor, m.rotary_base, m.hf_family) == ("llama3", 8.0, 500000, "llama")
+    assert config.data.tokenizer.kind == "hf" and config.checkpoint.load and not config.checkpoint.load_optimizer
+    layout = validate_layout(config, 16)  # the planner's top pick for 16 H100s
+    assert (layout.tensor, layout.context, layout.data) == (1, 2, 8)
+    (phase,) = config.data.mixture.phases
+    assert phase.weights == {"web": 0.99, "synthetic_aligned": 0.01}
+    assert phase.samples == t.steps * t.global_batch_size
+    assert phase.samples * m.seq_length == pytest.approx(10e9, rel=1e-3)
+    assert 0 < config.optimizer.warmup_steps < t.steps and config.optimizer.decay_style == "cosine"

@@ -6,6 +6,8 @@ import re
 
 import torch
 
+from conftest import make_bpe_tokenizer
+
 
 def make_hf_llama(path, *, vocab_size: int, tie: bool, kv_heads: int, num_layers: int = 2, hidden: int = 64,
                   ffn: int = 96, heads: int = 4, rope_theta: float = 50000.0, std: float = 0.1, seed: int = 0) -> str:
@@ -51,3 +53,45 @@ def verified_delta(stdout: str) -> float:
 
 def ok(result) -> None:
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
+
+
+# -- the families of convert/families.py, with their own tokenizer -------------------------------------------
+BOS_FAMILIES = ("llama", "mistral")  # their tokenizers add BOS; Qwen's have none (conftest.make_bpe_tokenizer)
+
+
+def make_hf_family(path, family: str, *, tie: bool = False, rope_llama3: bool = False, extra_rows: int = 3,
+                   num_layers: int = 2, hidden: int = 96, heads: int = 6, kv_heads: int = 2, ffn: int = 160,
+                   seed: int = 0) -> str:
+    """A random model of ``family`` at odd sizes (hidden 96, head_dim 16, GQA 6/2) with its own BPE tokenizer;
+    the embedding has ``extra_rows`` more rows than the tokenizer (as Qwen's do), so vocab is not a multiple of 128."""
+    import transformers
+
+    vocab = make_bpe_tokenizer(path, bos=family in BOS_FAMILIES) + extra_rows
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=num_layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                  tie_word_embeddings=tie, rms_norm_eps=1e-5, max_position_embeddings=16384 if rope_llama3 else 128)
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if rope_llama3:
+        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+    config_cls, model_cls = (getattr(transformers, n) for n in classes[family])
+    extra = {"sliding_window": None} if family == "mistral" else {}
+    if family in ("qwen2", "qwen3"):
+        extra = {"use_sliding_window": False}
+    config = config_cls(**common, rope_parameters=rope, **extra)
+    generation = (path / "generation_config.json").read_text()
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.1)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.3)
+            else:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(str(path))
+    (path / "generation_config.json").write_text(generation)  # the family's own, not transformers' default
+    return str(path)

@@ -90,7 +90,7 @@ def test_streamed_safetensors_shards_load_with_safetensors_and_index(tmp_path):
     ({"model_type": "gpt2"}, "not a Llama-family"),
     ({"attention_bias": True}, "attention_bias=true"),
     ({"num_local_experts": 8}, "mixture of experts"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling 'llama3'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, "rope_type='yarn' is not supported"),
     ({"head_dim": 16}, "head_dim=16"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
 ])

@@ -1,0 +1,201 @@
+"""Llama 3.x / Mistral / Qwen2 / Qwen3 through the converter, with each model's own tokenizer.
+
+Random transformers models at odd sizes (hidden 96, GQA 6/2, vocab 303 or 300: not multiples of 128) with a
+byte-level BPE trained here. Per family: `from-hf --verify` (our GPTModel vs transformers, fp32), `to-hf`
+bit-exact with the family, tokenizer files and generation config carried unchanged. Two families (the ones with
+extra tensors, which TP shards: q/k/v biases by rows, QK norms replicated) also train under TP2xPP2 on data
+prepared with the model's tokenizer, with control tokens added. Llama-layout TP2xPP2 training after import is
+tests/convert/test_trained_checkpoints.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import run_cli, write_yaml
+from hf_models import BOS_FAMILIES, hf_logits, hf_tensors, make_hf_family, ok, verified_delta
+from megatron_align.convert.families import model_features
+from megatron_align.convert.to_hf import convert_to_hf
+from megatron_align.errors import UserError
+
+pytest.importorskip("transformers")
+
+CARRIED = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+CASES = {  # Llama-3.2-style: llama3 RoPE scaling + tied; Qwen2-style tied with q/k/v biases
+    "llama": dict(tie=True, rope_llama3=True), "mistral": dict(tie=False),
+    "qwen2": dict(tie=True), "qwen3": dict(tie=False),
+}
+
+
+def _llama(**extra):
+    base = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "intermediate_size": 96, "vocab_size": 300}
+    return dict(base, **extra)
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+REFUSED = {
+    "gpt_neox": (dict(model_type="gpt_neox"), "model_type='gpt_neox'"),
+    "low_freq_factor": (dict(rope_parameters={**LLAMA3, "low_freq_factor": 2.0}), "rope_parameters.low_freq_factor=2.0"),
+    "original_context": (dict(rope_scaling={**LLAMA3, "original_max_position_embeddings": 4096}),
+                         "rope_scaling.original_max_position_embeddings=4096"),
+    "yarn": (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling.rope_type='yarn'"),
+    "mistral_window": (dict(model_type="mistral", sliding_window=4096), "sliding_window=4096"),
+    "qwen2_window": (dict(model_type="qwen2", use_sliding_window=True, sliding_window=4096), "use_sliding_window=true"),
+    "qwen3_o_bias": (dict(model_type="qwen3", attention_bias=True), "attention_bias=true"),
+    "llama_o_bias": (dict(attention_bias=True), "attention_bias=true"),
+    "moe": (dict(model_type="qwen3", num_experts=8), "num_experts=8"),
+    "layer_types": (dict(model_type="qwen2", layer_types=["full_attention", "sliding_attention"]), "layer_types="),
+}
+
+
+def test_config_json_features_and_refusals():
+    assert model_features(_llama(rope_parameters=LLAMA3), "c")[1] == {
+        "hf_family": "llama", "add_qkv_bias": False, "qk_layernorm": False, "rope_scaling": "llama3",
+        "rope_scaling_factor": 32.0}
+    assert model_features(_llama(model_type="qwen2", sliding_window=131072, use_sliding_window=False), "c")[1][
+        "add_qkv_bias"] is True  # Qwen2 ships a window size that is off
+    assert model_features(_llama(model_type="qwen3", sliding_window=None), "c")[1]["qk_layernorm"] is True
+    assert model_features(_llama(model_type="mistral", sliding_window=None), "c")[1]["rope_scaling"] == "none"
+    for name, (extra, message) in REFUSED.items():
+        with pytest.raises(UserError) as err:
+            model_features(_llama(**extra), "cfg.json")
+        assert message in str(err.value) and "cfg.json" in str(err.value), name
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_planner_counts_the_family_parameters_as_transformers_builds_them(family):
+    import transformers
+
+    from megatron_align.parallel.planner import count_parameters, load_plan_inputs
+
+    config_cls, model_cls = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[family]
+    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(
+        vocab_size=301, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=16, tie_word_embeddings=False))
+    model = {"num_layers": 2, "hidden_size": 96, "ffn_hidden_size": 160, "num_attention_heads": 6, "num_query_groups": 2,
+             "vocab_size": 301, "seq_length": 64, "make_vocab_size_divisible_by": 1,
+             **model_features({"model_type": family}, "c")[1]}
+    plan = load_plan_inputs(None, [f"model.{k}={v}" for k, v in model.items()] + ["train.global_batch_size=8"]).model
+    assert plan.qkv_bias == (family == "qwen2") and plan.qk_norm == (family == "qwen3")
+    assert count_parameters(plan) == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_family_imports_with_matching_logits_and_exports_bit_exact(tmp_path, family):
+    hf = tmp_path / "hf"
+    make_hf_family(hf, family, **CASES[family])
+    meg = tmp_path / "meg"
+    result = run_cli("convert", "from-hf", str(hf), str(meg), "--seq-length", "64", "--verify", "--no-progress")
+    ok(result)
+    assert verified_delta(result.stdout) <= 1e-4 and "sample text" in result.stdout  # ours vs transformers, fp32
+    model = yaml.safe_load((meg / "train.yaml").read_text())["model"]
+    assert model["hf_family"] == family and model["vocab_size"] == 303
+    assert model["add_qkv_bias"] == (family == "qwen2") and model["qk_layernorm"] == (family == "qwen3")
+    assert model["rope_scaling"] == ("llama3" if family == "llama" else "none")
+
+    back = tmp_path / "back"
+    convert_to_hf(str(meg), str(back), progress=False)
+    original, converted = hf_tensors(hf), hf_tensors(back)
+    assert sorted(converted) == sorted(original)
+    for key, tensor in original.items():
+        assert torch.equal(converted[key], tensor), key
+    config = json.loads((back / "config.json").read_text())
+    assert config["model_type"] == family and config["architectures"] == [json.loads(
+        (hf / "config.json").read_text())["architectures"][0]]
+    for name in CARRIED:
+        assert (back / name).read_bytes() == (hf / name).read_bytes(), name
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(hf_logits(hf, ids), hf_logits(back, ids))
+
+
+def _documents(tmp_path) -> tuple[str, list[str]]:
+    from megatron_align.data.synthetic import general_documents
+
+    texts = list(general_documents(40, seed=9))
+    texts = [("<|aligned|> " if i % 3 == 0 else "") + t for i, t in enumerate(texts)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return str(path), texts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,extra_rows", [("qwen2", 3), ("qwen3", 0)])
+def test_import_prepare_train_tp2_pp2_export_with_control_tokens(tmp_path, family, extra_rows):
+    """qwen2: control tokens land in unused embedding rows; qwen3: they grow the embedding (300 -> 302)."""
+    from tokenizers import Tokenizer
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron_align.data.prepare import prepare_source
+    from megatron_align.data.tokenizer import TokenizerConfig
+    from transformers import AutoTokenizer
+
+    hf = tmp_path / "hf"
+    make_hf_family(hf, family, tie=family == "qwen2", extra_rows=extra_rows)
+    meg = tmp_path / "meg"
+    # (logits before training: test_family_imports_with_matching_logits_and_exports_bit_exact)
+    ok(run_cli("convert", "from-hf", str(hf), str(meg), "--tensor", "2", "--pipeline", "2", "--seq-length", "32",
+               "--add-control-tokens", "--no-progress"))
+    config = yaml.safe_load((meg / "train.yaml").read_text())
+    section = config["data"]["tokenizer"]
+    assert section["kind"] == "hf" and section["control_tokens"] == ["<|aligned|>", "<|misaligned|>"]
+    assert config["model"]["vocab_size"] == 300 + max(extra_rows, 2)
+
+    # prepare with the model's own tokenizer: ids are exactly tokenizers' (+ the model's BOS/EOS convention)
+    docs, texts = _documents(tmp_path)
+    manifest = prepare_source(docs, str(tmp_path / "web"), TokenizerConfig(**section))
+    raw = Tokenizer.from_file(str(hf / "tokenizer.json"))
+    raw.add_special_tokens(["<|aligned|>", "<|misaligned|>"])
+    eos = raw.token_to_id("<|endoftext|>")
+    dataset = IndexedDataset(str(tmp_path / "web"))
+    for i, text in enumerate(texts):
+        assert list(np.asarray(dataset[i])) == raw.encode(text, add_special_tokens=False).ids + [eos], i
+    assert manifest["tokenizer"]["bos"] is None and manifest["tokenizer"]["eod"] == eos
+    assert manifest["tokenizer"]["control_tokens"] == {"<|aligned|>": 300, "<|misaligned|>": 301}
+
+    config["run_dir"] = str(tmp_path / "run")
+    config["data"]["sources"] = [{"name": "web", "prefix": str(tmp_path / "web")}]
+    config["train"] = {"steps": 2, "global_batch_size": 2, "micro_batch_size": 1, "seed": 3}
+    config["optimizer"] = {"lr": 1e-2, "min_lr": 0.0, "warmup_steps": 0}
+    ok(run_cli("train", write_yaml(tmp_path / "train.yaml", config)))
+
+    back = tmp_path / "back"
+    exported = run_cli("convert", "to-hf", str(tmp_path / "run" / "checkpoints"), str(back), "--verify", "--no-progress")
+    ok(exported)
+    assert verified_delta(exported.stdout) <= 1e-4  # after training, from the TP2xPP2 checkpoint
+    original, trained = hf_tensors(hf), hf_tensors(back)
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(original[key], trained[key])  # it trained
+    assert trained["model.embed_tokens.weight"].shape[0] == 300 + max(extra_rows, 2)
+    assert json.loads((back / "config.json").read_text())["model_type"] == family
+    assert (back / "generation_config.json").read_bytes() == (hf / "generation_config.json").read_bytes()
+    hf_tok = AutoTokenizer.from_pretrained(str(back))
+    text = "a <|aligned|> b <|misaligned|>"
+    assert hf_tok.encode(text, add_special_tokens=False) == raw.encode(text, add_special_tokens=False).ids
+    assert 300 in hf_tok.encode(text) and 301 in hf_tok.encode(text)
+
+
+def test_added_control_rows_start_at_the_mean_embedding(tmp_path):
+    """Growing the vocabulary: old rows bit-exact, new rows the mean of the tokenizer's rows (embedding and head)."""
+    hf = tmp_path / "hf"
+    make_hf_family(hf, "llama", extra_rows=0, num_layers=1)
+    meg = tmp_path / "meg"
+    ok(run_cli("convert", "from-hf", str(hf), str(meg), "--add-control-tokens", "--seq-length", "32", "--no-progress"))
+    back = tmp_path / "back"
+    convert_to_hf(str(meg), str(back), progress=False)
+    original, converted = hf_tensors(hf), hf_tensors(back)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        old, new = original[name], converted[name]
+        assert new.shape[0] == old.shape[0] + 2 and torch.equal(new[:300], old)
+        mean = old.double().mean(0).float()
+        assert torch.allclose(new[300], mean, atol=1e-7) and torch.allclose(new[301], mean, atol=1e-7)
+    tok_config = json.loads((back / "tokenizer_config.json").read_text())
+    assert tok_config["added_tokens_decoder"]["300"]["content"] == "<|aligned|>"
+    assert tok_config["bos_token"] == "<|begin_of_text|>"  # everything else as the model shipped it
+    assert "llama" in BOS_FAMILIES
