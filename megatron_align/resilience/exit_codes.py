@@ -19,6 +19,14 @@ code  name                   supervisor action
 87    EXIT_NUMERICS          NaN/Inf or loss spike with policy ``stop``, too many skipped
                              steps, or a trajectory stop: restart from the newest
                              complete checkpoint (same nodes)
+88    EXIT_CHECKPOINT_LOAD   this rank could not load checkpoint directory X (any
+                             library error, a bad marker, a checksum mismatch); it
+                             appended ``{"rank", "checkpoint": X, "error"}`` to
+                             ``checkpoint_load_failures.jsonl`` first. The supervisor
+                             sets X aside (``X.corrupt-<time>``, never deleted) when X
+                             is one of this run's checkpoints and restarts from the one
+                             before; otherwise (``checkpoint.load`` of another run, no
+                             record) it stops
 93    EXIT_DO_NOT_REQUEUE    give up: do not restart or requeue (nvidia-resiliency-ext's
                              convention)
 ====  =====================  ===========================================================
@@ -35,6 +43,8 @@ Files in ``<run_dir>`` written by the in-rank detectors (rank 0 only):
 - ``stragglers.jsonl`` -- one JSON object per flagged (rank, section, score).
 - ``health.jsonl`` -- one JSON object per failed or warning health check.
 - ``numerics.jsonl`` -- NaN/Inf, spikes, trajectory deviations.
+- ``checkpoint_load_failures.jsonl`` -- checkpoint directories a rank failed to load (with exit 88);
+  the supervisor reads only the records an attempt appended, never the message text.
 - ``faults_fired.jsonl`` -- injected faults that already fired (every rank appends its own);
   an injection fires at most once per run_dir, so a restart does not re-inject it.
 """
@@ -50,6 +60,7 @@ EXIT_USER_ERROR = 2
 EXIT_REQUEUE = 75
 EXIT_FAULTY_HARDWARE = 86
 EXIT_NUMERICS = 87
+EXIT_CHECKPOINT_LOAD = 88
 EXIT_DO_NOT_REQUEUE = 93
 
 EXCLUDE_NODES_FILE = "exclude_nodes.txt"
@@ -57,6 +68,7 @@ STRAGGLERS_FILE = "stragglers.jsonl"
 HEALTH_FILE = "health.jsonl"
 NUMERICS_FILE = "numerics.jsonl"
 FAULTS_FIRED_FILE = "faults_fired.jsonl"
+CHECKPOINT_LOAD_FAILURES_FILE = "checkpoint_load_failures.jsonl"
 
 
 def append_jsonl(path: str, record: dict) -> None:
@@ -68,6 +80,38 @@ def append_jsonl(path: str, record: dict) -> None:
         os.write(fd, line)
     finally:
         os.close(fd)
+
+
+def record_checkpoint_load_failure(run_dir: str, rank: int, checkpoint: str, error: str) -> None:
+    """A rank's note, before it exits ``EXIT_CHECKPOINT_LOAD``, of the checkpoint directory it could not load."""
+    append_jsonl(os.path.join(run_dir, CHECKPOINT_LOAD_FAILURES_FILE),
+                 {"rank": rank, "checkpoint": os.path.abspath(checkpoint), "error": error})
+
+
+def checkpoint_load_failures_size(run_dir: str) -> int:
+    """Current length of the records file: pass it to :func:`read_checkpoint_load_failures` after an attempt."""
+    try:
+        return os.path.getsize(os.path.join(run_dir, CHECKPOINT_LOAD_FAILURES_FILE))
+    except OSError:
+        return 0
+
+
+def read_checkpoint_load_failures(run_dir: str, offset: int = 0) -> dict[int, str]:
+    """rank -> checkpoint directory, from the records appended after byte ``offset`` (one attempt's)."""
+    try:
+        with open(os.path.join(run_dir, CHECKPOINT_LOAD_FAILURES_FILE), "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return {}
+    found = {}
+    for line in data.decode(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            found[int(record["rank"])] = str(record["checkpoint"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line of a rank killed mid-write
+    return found
 
 
 def read_exclude_nodes(run_dir: str) -> list[str]:

@@ -29,9 +29,11 @@ import torch
 from megatron.core import dist_checkpointing
 
 from megatron_align.errors import UserError
+from megatron_align.training import async_save as async_writer
 from megatron_align.training.checkpoint_files import (  # noqa: F401  (re-exported: the public checkpoint API)
     LATEST,
     MARKER,
+    CheckpointLoadError,
     _fsync_write,
     complete_checkpoints,
     is_complete,
@@ -59,9 +61,10 @@ def load_sharded(path: str, sharded_state_dict: dict) -> dict:
         state, _missing, unexpected = dist_checkpointing.load(
             sharded_state_dict, path, sharded_strategy=get_default_load_sharded_strategy(path),
             strict=StrictHandling.RETURN_UNEXPECTED)
-    except Exception as err:  # corrupt shards, missing files, shape mismatch
+    except Exception as err:  # corrupt shards, missing files, shape mismatch: whatever this library version raises
         rank = torch.distributed.get_rank()
-        raise UserError(f"loading checkpoint {path} failed on rank {rank}: {type(err).__name__}: {err}") from err
+        raise CheckpointLoadError(path, f"loading checkpoint {path} failed on rank {rank}: {type(err).__name__}: "
+                                  f"{err}") from err
     real = sorted(k for k in unexpected if not k.endswith("_extra_state"))
     if real:
         raise UserError(f"checkpoint {path} lacks {len(real)} tensors this model needs (e.g. {real[:3]}); "
@@ -69,7 +72,7 @@ def load_sharded(path: str, sharded_state_dict: dict) -> dict:
     return state
 
 
-def _start_writer_manager_with_signals_blocked() -> None:
+def _start_writer_manager_with_signals_blocked(strategy: async_writer.AsyncStrategy) -> None:
     """Start dist_checkpointing's writer-results Manager process with SIGUSR1/SIGTERM blocked.
 
     Megatron-Core starts that Manager lazily, in a fresh process, at the first save. SLURM delivers
@@ -80,13 +83,9 @@ def _start_writer_manager_with_signals_blocked() -> None:
     """
     import signal
 
-    try:
-        from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
-    except ImportError:  # another megatron-core version: nothing to pre-start
-        return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
     try:
-        _get_write_results_queue()
+        async_writer.start_results_queue(strategy)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
@@ -102,12 +101,12 @@ class CheckpointManager:
         self.dp_group = dp_group
         self.rank = torch.distributed.get_rank()
         self._queue = None
-        if async_save:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
-            self._queue = AsyncCallsQueue()
+        self.async_strategy = async_writer.choose()
+        if self.async_save:
+            log.info("async checkpoint save: %s (%s)", self.async_strategy.name, self.async_strategy.reason)
+            self._queue = async_writer.calls_queue(self.async_strategy)
         self.last_saved_step: int | None = None
-        _start_writer_manager_with_signals_blocked()
+        _start_writer_manager_with_signals_blocked(self.async_strategy)
 
     # -- save ---------------------------------------------------------------------------------
     def _save_strategy(self):
@@ -133,8 +132,9 @@ class CheckpointManager:
             os.makedirs(tmp)
         torch.distributed.barrier()
         started = time.time()
+        extra = async_writer.save_kwargs(self.async_strategy) if self.async_save else {}
         request = dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy=self._save_strategy(),
-                                          async_sharded_save=self.async_save)
+                                          async_sharded_save=self.async_save, **extra)
         marker = dict(marker, step=step, saved_at=time.time())
 
         def commit() -> None:

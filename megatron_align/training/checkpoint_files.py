@@ -18,6 +18,21 @@ LATEST = "latest"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 
 
+class CheckpointLoadError(UserError):
+    """Checkpoint directory ``path`` could not be loaded (damaged shards, unreadable marker, a checksum).
+
+    Raised by our own load path whatever the library underneath raised, so the cause is known from
+    *where* it failed, not from a library's message: the rank records ``path`` and exits
+    ``EXIT_CHECKPOINT_LOAD`` (see :mod:`megatron_align.resilience.exit_codes`). Re-exported by
+    :mod:`megatron_align.training.checkpoint`, the public checkpoint API.
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+        """The checkpoint directory (an ``iter_*`` dir) whose load failed."""
+
+
 def iter_dir_name(step: int) -> str:
     return f"iter_{step:07d}"
 
@@ -46,7 +61,8 @@ def read_marker(path: str) -> dict:
         with open(marker) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{marker}: unreadable checkpoint marker ({err}); the checkpoint is incomplete or corrupt") from None
+        raise CheckpointLoadError(path, f"{marker}: unreadable checkpoint marker ({err}); the checkpoint is incomplete "
+                                  "or corrupt") from None
 
 
 def complete_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:

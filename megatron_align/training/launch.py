@@ -23,6 +23,8 @@ import time
 from megatron_align.config import load_config
 from megatron_align.config.loader import config_to_yaml
 from megatron_align.errors import UserError
+from megatron_align.resilience.exit_codes import EXIT_CHECKPOINT_LOAD, record_checkpoint_load_failure
+from megatron_align.training.checkpoint_files import CheckpointLoadError
 
 log = logging.getLogger("megatron_align")
 
@@ -153,6 +155,10 @@ def run_rank(config, rank: int, world_size: int, local_rank: int) -> int:
         if rank == 0:
             log.info("training %s at step %d; checkpoints in %s", reason, trainer.step, trainer.ckpt_dir)
         return trainer.exit_code if trainer.exit_code is not None else EXIT_STOPPED if reason.startswith("stop") else EXIT_OK
+    except CheckpointLoadError as err:
+        print(f"megatron-align train: error on rank {rank}: {err}", file=sys.stderr)
+        record_checkpoint_load_failure(config.run_dir, rank, err.path, str(err))
+        return EXIT_CHECKPOINT_LOAD
     except UserError as err:
         print(f"megatron-align train: error on rank {rank}: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
