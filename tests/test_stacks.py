@@ -93,19 +93,23 @@ def test_an_nvrx_that_cannot_import_falls_back_to_megatron_cores_writer(tmp_path
     assert ("GLIBC_2.39" in reason and "unusable" in reason) if on_019 else "has only its own" in reason
 
 
-def test_only_megatrons_gptmodel_deprecation_record_is_dropped(caplog):
+def test_only_the_deprecation_records_we_acted_on_are_dropped(caplog):
+    import inspect
+
+    from megatron.core.dist_checkpointing.strategies import common
     from megatron.core.models.gpt import gpt_model
 
-    from megatron_align.model import builder
+    from megatron_align.model.builder import GPT_DEPRECATION
+    from megatron_align.training.checkpoint import LOAD_COMMON_DEPRECATION
 
-    if on_019:  # the filter must keep matching the text this version really logs
-        import inspect
-
-        assert builder._GPT_DEPRECATION in inspect.getsource(gpt_model.GPTModel.__init__)
-    logger = logging.getLogger(gpt_model.__name__)  # the logger 0.19's GPTModel warns on
-    with caplog.at_level(logging.INFO):
-        logger.warning(builder._GPT_DEPRECATION + ". GPTModel is only accepting critical bug fixes")
-        logger.warning("another Megatron warning")
-    messages = [r.getMessage() for r in caplog.records]
-    assert "another Megatron warning" in messages
-    assert not any(m.startswith(builder._GPT_DEPRECATION) for m in messages)
+    for module, prefix in ((gpt_model, GPT_DEPRECATION), (common, LOAD_COMMON_DEPRECATION)):
+        if on_019:  # the filter must keep matching the text this version really logs
+            assert prefix in inspect.getsource(module)
+        logger = logging.getLogger(module.__name__)  # the logger the module warns on
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            logger.warning(prefix + ". and the rest of Megatron's message")
+            logger.warning("another Megatron warning")
+        messages = [r.getMessage() for r in caplog.records]
+        assert "another Megatron warning" in messages
+        assert not any(m.startswith(prefix) for m in messages), messages

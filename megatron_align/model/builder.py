@@ -17,8 +17,6 @@ so that one warning is replaced by one line of ours; every other Megatron warnin
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -28,32 +26,15 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_align.config.schema import RootConfig
 from megatron_align.errors import ConfigError
+from megatron_align.known_warnings import drop_known_record
 from megatron_align.model.fp8 import FP8Environment, fp8_transformer_kwargs, validate_fp8
 from megatron_align.optional import have_te
 
 
-log = logging.getLogger(__name__)
-_GPT_DEPRECATION = "GPTModel IS DEPRECATED"
-
-
-class _KnownGPTModelDeprecation(logging.Filter):
-    """Drops exactly Megatron-Core 0.19's GPTModel deprecation record (we decided; see the module docstring)."""
-
-    noted = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(_GPT_DEPRECATION):
-            return True
-        if not _KnownGPTModelDeprecation.noted:
-            _KnownGPTModelDeprecation.noted = True
-            log.info("megatron-core deprecates GPTModel for HybridModel; megatron_align keeps GPTModel for now "
-                     "(checkpoints stay loadable on 0.16 and 0.19): see docs/megatron_core_versions.md")
-        return False
-
-
-_gpt_logger = logging.getLogger("megatron.core.models.gpt.gpt_model")
-if not any(isinstance(f, _KnownGPTModelDeprecation) for f in _gpt_logger.filters):
-    _gpt_logger.addFilter(_KnownGPTModelDeprecation())
+GPT_DEPRECATION = "GPTModel IS DEPRECATED"
+drop_known_record("megatron.core.models.gpt.gpt_model", GPT_DEPRECATION,
+                  "megatron-core deprecates GPTModel for HybridModel; megatron_align keeps GPTModel for now "
+                  "(checkpoints stay loadable on 0.16 and 0.19): see docs/megatron_core_versions.md")
 
 
 def resolve_precision(config: RootConfig, fp8_env: FP8Environment | None = None) -> str:

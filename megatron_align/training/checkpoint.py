@@ -5,7 +5,8 @@ Commit protocol (a crash at any point leaves the previous checkpoint as
 
 1. every rank writes its shards into ``checkpoints/.tmp_iter_XXXXXXX/``
    (dist_checkpointing.save; in the background on GPU);
-2. once *all* ranks have finished, rank 0 writes ``megatron_align.json``
+2. once *all* ranks have finished, rank 0 writes ``common.pt`` if megatron-core did not (0.19+; see
+   :func:`_write_legacy_common_state`), then ``megatron_align.json``
    (step, consumed samples, layout, data fingerprint, resolved config) into the
    temporary directory and fsyncs it; this file is the completeness marker;
 3. rank 0 renames the directory to ``iter_XXXXXXX`` (atomic on one filesystem);
@@ -29,6 +30,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from megatron_align.errors import UserError
+from megatron_align.known_warnings import drop_known_record
 from megatron_align.training import async_save as async_writer
 from megatron_align.training.checkpoint_files import (  # noqa: F401  (re-exported: the public checkpoint API)
     LATEST,
@@ -44,6 +46,10 @@ from megatron_align.training.checkpoint_files import (  # noqa: F401  (re-export
 )
 
 log = logging.getLogger(__name__)
+LOAD_COMMON_DEPRECATION = "load_common is deprecated"
+drop_known_record("megatron.core.dist_checkpointing.strategies.common", LOAD_COMMON_DEPRECATION,
+                  "megatron-core 0.19 reads this checkpoint's common.pt through its deprecated legacy path; "
+                  "megatron_align writes common.pt on purpose, so that 0.16 can load the checkpoint too")
 
 def load_sharded(path: str, sharded_state_dict: dict) -> dict:
     """dist_checkpointing.load of exactly the requested keys (collective); clear errors for users.
@@ -88,6 +94,27 @@ def _start_writer_manager_with_signals_blocked(strategy: async_writer.AsyncStrat
         async_writer.start_results_queue(strategy)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _write_legacy_common_state(path: str) -> None:
+    """Make checkpoint dir ``path`` loadable by every supported megatron-core (rank 0, before the marker).
+
+    The common (non-tensor) state (step, scheduler, optimizer param groups) is ``common.pt`` up to 0.16;
+    0.19 writes it as a ``common_state`` object inside the torch_dist files instead, and 0.16 cannot load
+    such a checkpoint ("Common file .../common.pt does not exist"). 0.19 reads ``common.pt`` first when it
+    exists, so writing the same state there too keeps checkpoints movable in both directions.
+    """
+    target = os.path.join(path, "common.pt")
+    if os.path.exists(target):
+        return
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    tmp = f"{target}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(load_common_state_dict(path), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
 
 
 class CheckpointManager:
@@ -155,6 +182,7 @@ class CheckpointManager:
         from megatron_align.resilience.inject import fault_point
 
         fault_point("checkpoint.before_commit", marker["step"])
+        _write_legacy_common_state(tmp)
         _fsync_write(os.path.join(tmp, MARKER), json.dumps(marker, indent=1, sort_keys=True, default=str))
         if os.path.exists(final):  # re-saving a step after a restart: replace the old one whole
             trash = final + f".old-{os.getpid()}"
