@@ -20,15 +20,18 @@ fail() { echo "gpu_check: $*" >&2; exit 3; }
 ls "$wheels"/megatron_core-*.whl >/dev/null 2>&1 || fail "no megatron-core wheel in $wheels/: run 'make gpu-wheels' on a machine with network first"
 ls "$wheels"/megatron_align-*.whl >/dev/null 2>&1 || fail "no megatron_align wheel in $wheels/: run 'make gpu-wheels' first"
 
-# A venv on top of the machine's packages (its torch with CUDA), the wheels installed without network.
-venv="$out/venv"
-mkdir -p "$out"
-"$python" -m venv --system-site-packages "$venv"
-"$venv/bin/python" -m pip install -q --no-index --find-links "$wheels" "$wheels"/megatron_core-*.whl "$wheels"/megatron_align-*.whl \
-  || fail "installing from $wheels/ failed (a dependency missing from the wheels? see pip's message above)"
-# nvidia-resiliency-ext (the async writer megatron-core 0.19 prefers) only where its wheel fits this glibc.
+# The wheels go into OUT/site (pip --target, no network), put first on PYTHONPATH: the machine's torch is used
+# wherever it lives (system or a venv), and nothing is installed into the machine's environment.
+site="$out/site"
+rm -rf "$site" && mkdir -p "$out"
+main=()
+for w in "$wheels"/*.whl; do [[ "$(basename "$w")" == nvidia_resiliency_ext-* ]] || main+=("$w"); done
+"$python" -m pip install -q --no-index --no-deps --target "$site" "${main[@]}" \
+  || fail "installing the wheels of $wheels/ into $site failed (see pip's message above)"
+# nvidia-resiliency-ext (the async writer megatron-core 0.19 prefers) only where pip accepts its wheel's glibc tag.
 if ls "$wheels"/nvidia_resiliency_ext-*.whl >/dev/null 2>&1; then
-  "$venv/bin/python" -m pip install -q --no-index --no-deps "$wheels"/nvidia_resiliency_ext-*.whl \
-    || echo "gpu_check: nvidia-resiliency-ext wheel does not install here (glibc?); async save uses megatron-core's own"
+  "$python" -m pip install -q --no-index --no-deps --target "$site" "$wheels"/nvidia_resiliency_ext-*.whl \
+    || echo "gpu_check: the nvidia-resiliency-ext wheel does not install here (glibc?); async save uses megatron-core's own"
 fi
-exec "$venv/bin/python" benchmarks/gpu_check.py --out "$out"
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+exec "$python" benchmarks/gpu_check.py --out "$out"

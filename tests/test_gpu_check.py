@@ -26,7 +26,7 @@ def test_the_script_fails_fast_and_clearly_without_a_gpu(tmp_path):
     assert result.returncode == 3, result.stderr
     expected = "is not Python 3.12" if sys.version_info[:2] != (3, 12) else "needs a CUDA build of torch and a visible GPU"
     assert expected in result.stderr
-    assert not (out / "venv").exists()  # nothing installed, no GPU time spent
+    assert not (out / "site").exists()  # nothing installed, no GPU time spent
 
 
 def test_preflight_records_what_is_missing_in_the_summary(tmp_path):
