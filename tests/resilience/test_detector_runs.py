@@ -108,8 +108,15 @@ def test_stop_policies_exit_with_their_codes_and_leave_good_checkpoints(tmp_path
     assert is_complete(str(ckpts / "iter_0000002"))  # looks complete, but its shards are garbage
     from torch.distributed.checkpoint.api import CheckpointException
 
-    with pytest.raises(CheckpointException, match="invalid load key"):
+    import pickle
+
+    with pytest.raises(CheckpointException) as damaged:
         _loadable(ckpts / "iter_0000002")
+    # The garbage reached the unpickler on rank 0. Its message depends on which bytes the damage hit, i.e. on the
+    # shard layout of the megatron-core that wrote it ("invalid load key" on 0.16.1, "unpickling stack underflow"
+    # on 0.19.2), so the type and the rank are asserted, not the text.
+    assert list(damaged.value.failures) == [0]
+    assert isinstance(damaged.value.failures[0][0], pickle.UnpicklingError), damaged.value
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["skipped_step"].startswith("nan_loss")
     assert _jsonl(run / "numerics.jsonl")[0]["stop"] is True
