@@ -38,6 +38,7 @@ def _loadable(path) -> dict:
     return torch.load(out, weights_only=False)
 
 
+@pytest.mark.single_stack  # base stack only: our detector callbacks on 2 ranks; the stop-policy test below runs them on both stacks
 def test_faulty_dp2_run_flags_the_right_ranks_and_keeps_training(tmp_path, tiny_corpus):
     """2 DP ranks, 10 steps; rank 1 gets 8x slower from step 4 and corrupts its SDC GEMM from step 5;
     step 2's loss is NaN and step 8's spikes 50x (both skipped). Reports every 3 steps: 3 is healthy.
