@@ -3,8 +3,9 @@
 What it reports: versions of Python, torch (with its CUDA and NCCL), megatron-core and the optional
 libraries (Transformer Engine, apex, DALI, mlflow, sentencepiece, NVML); each GPU with its compute
 capability and whether it does FP8 (Hopper/Ada, cc >= 8.9) or MXFP8 (Blackwell, cc >= 10.0); NVML
-health per GPU (uncorrected ECC errors, temperature against the slowdown threshold); and which
-features are usable here.
+health per GPU (uncorrected ECC errors, temperature against the slowdown threshold); which async
+checkpoint writer a run would use (nvidia-resiliency-ext's or Megatron-Core's own, and why: see
+:mod:`megatron_align.training.async_save`); and which features are usable here.
 
 With a config it reads only the keys that imply a requirement (``precision``, ``model.spec``,
 ``parallel.*``, ``data.loader``, ``data.tokenizer.kind``, ``tracking.backend``) straight from the YAML
@@ -67,6 +68,8 @@ class Report:
     gpus: list[GPUInfo]
     nvml: str
     features: dict[str, bool]
+    async_save: str = ""
+    """The async checkpoint writer (``nvrx`` / ``mcore``) with the reason."""
     needs: list[str] = field(default_factory=list)
     unmet: list[str] = field(default_factory=list)
 
@@ -178,8 +181,12 @@ def collect() -> Report:
         "sentencepiece_tokenizer": have["sentencepiece"],
         "nvml_health": nvml.startswith("ok"),
     }
+    from megatron_align.training import async_save
+
+    writer = async_save.choose()
     return Report(python=sys.version.split()[0], platform=platform.platform(), torch=getattr(torch, "__version__", None),
-                  cuda=cuda, nccl=nccl, libraries=libraries, gpus=gpus, nvml=nvml, features=features)
+                  cuda=cuda, nccl=nccl, libraries=libraries, gpus=gpus, nvml=nvml, features=features,
+                  async_save=f"{writer.name} ({writer.reason})")
 
 
 def _load_needs_keys(path: str) -> dict:
@@ -258,6 +265,7 @@ def format_text(report: Report, config: str | None) -> str:
             ("cuda", report.cuda or "-"), ("nccl", report.nccl or "-")]
     rows += [(dist, version or "-") for dist, version in report.libraries.items()]
     rows.append(("nvml", report.nvml))
+    rows.append(("async checkpoint", report.async_save))
     lines = [f"{name:<20} {value}" for name, value in rows]
     if report.gpus:
         for g in report.gpus:

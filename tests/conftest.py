@@ -63,12 +63,14 @@ def write_yaml(path, data: dict) -> str:
     return str(path)
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `megatron-align ARGS` in a fresh interpreter (as a user would) and capture its output."""
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600, python: str | None = None) -> subprocess.CompletedProcess:
+    """Run `megatron-align ARGS` in a fresh interpreter (as a user would) and capture its output.
+
+    ``python``: another stack's interpreter (tests/test_cross_stack.py); default this one."""
     full_env = dict(os.environ, **(env or {}))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID", "SLURM_NTASKS"):
         full_env.pop(var, None)
-    return subprocess.run([sys.executable, "-m", "megatron_align.cli", *args], capture_output=True, text=True,
+    return subprocess.run([python or sys.executable, "-m", "megatron_align.cli", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=REPO)
 
 

@@ -1,12 +1,20 @@
 """Run real Megatron-Core on CPU/gloo by routing its CUDA-only calls to CPU.
 
-Megatron-Core assumes CUDA in a handful of places (measured on 0.16.1):
-``torch.cuda.current_device()`` as a device argument, literal ``device="cuda"``
-tensors (schedules, grad-norm), the CUDA RNG state used by the model-parallel
-RNG tracker, ``torch.cuda.synchronize``, and grad clipping that asserts
-``torch.cuda.FloatTensor``. This module is the only place that knows CUDA is
-absent: :func:`activate` is called once per process, only when
-``torch.cuda.is_available()`` is False, and the GPU path never imports it.
+Megatron-Core assumes CUDA in a handful of places. The call sites the test suite
+and the CPU examples reach, per version (each found by running them without CUDA):
+
+- 0.16.1: ``torch.cuda.current_device()`` as a device argument, literal
+  ``device="cuda"`` tensors (schedules, grad-norm), the CUDA RNG state used by
+  the model-parallel RNG tracker, ``torch.cuda.synchronize``, and grad clipping
+  that asserts ``torch.cuda.FloatTensor``.
+- 0.19.x adds: ``torch.cuda.current_stream()`` in
+  ``_ParamAndGradBucketGroup.start_grad_sync`` (it waits on CUDA-graph replay
+  events before reducing grads, every step). On CPU there is one stream, so a
+  stream object whose waits do nothing is exact.
+
+This module is the only place that knows CUDA is absent: :func:`activate` is
+called once per process, only when ``torch.cuda.is_available()`` is False, and
+the GPU path never imports it.
 
 The one idea: a process-wide ``TorchFunctionMode`` rewrites every CUDA device
 argument to CPU, so Megatron's own code runs unmodified; the few functions
@@ -59,6 +67,22 @@ def _cpu_clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_deco
         torch._foreach_mul_(grads, clip_coeff)
 
 
+class _CpuStream:
+    """The single CPU "stream": work is already ordered, so every wait/sync is a no-op."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
+
+
 def _get_cuda_rng_state(device="cuda", clone=False, graph_safe=False):
     return _cuda_generator.get_state()
 
@@ -83,6 +107,7 @@ def activate() -> None:
     torch.cuda.set_device = lambda device: None
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.empty_cache = lambda: None
+    torch.cuda.current_stream = lambda device=None: _CPU_STREAM  # 0.19: start_grad_sync
     torch.cuda.get_rng_state = lambda device="cuda": _cuda_generator.get_state()
     torch.cuda.set_rng_state = lambda state, device="cuda": _cuda_generator.set_state(state)
     torch.cuda.manual_seed = lambda seed: _cuda_generator.manual_seed(int(seed))

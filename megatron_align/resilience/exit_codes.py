@@ -19,10 +19,14 @@ code  name                   supervisor action
 87    EXIT_NUMERICS          NaN/Inf or loss spike with policy ``stop``, too many skipped
                              steps, or a trajectory stop: restart from the newest
                              complete checkpoint (same nodes)
-88    EXIT_CHECKPOINT_LOAD   the rank could not load checkpoint X (any load error, a bad
-                             marker, a checksum mismatch); it appended ``{rank, checkpoint,
-                             error}`` to ``checkpoint_load_failures.jsonl``: quarantine X
-                             (rename it ``X.corrupt-<time>``) and restart from the one before
+88    EXIT_CHECKPOINT_LOAD   this rank could not load checkpoint directory X (any
+                             library error, a bad marker, a checksum mismatch); it
+                             appended ``{"rank", "checkpoint": X, "error"}`` to
+                             ``checkpoint_load_failures.jsonl`` first. The supervisor
+                             sets X aside (``X.corrupt-<time>``, never deleted) when X
+                             is one of this run's checkpoints and restarts from the one
+                             before; otherwise (``checkpoint.load`` of another run, no
+                             record) it stops
 89    EXIT_STORAGE           a write hit ENOSPC / EDQUOT / EROFS / EIO, or the next checkpoint
                              would not fit (checked before writing); the rank appended
                              ``{rank, path, errno, free_bytes, needed_bytes}`` to
@@ -47,7 +51,8 @@ Files in ``<run_dir>`` written by the in-rank detectors (rank 0 only):
 - ``stragglers.jsonl`` -- one JSON object per flagged (rank, section, score).
 - ``health.jsonl`` -- one JSON object per failed or warning health check.
 - ``numerics.jsonl`` -- NaN/Inf, spikes, trajectory deviations.
-- ``checkpoint_load_failures.jsonl`` -- ``{rank, checkpoint, error}`` per rank that exited 88.
+- ``checkpoint_load_failures.jsonl`` -- checkpoint directories a rank failed to load (with exit 88);
+  the supervisor reads only the records an attempt appended, never the message text.
 - ``storage_failures.jsonl`` -- ``{rank, path, errno, free_bytes, needed_bytes}`` per rank that exited 89
   (any rank, best effort: a full disk may refuse the line; the rank's stderr has it too).
 - ``faults_fired.jsonl`` -- injected faults that already fired (every rank appends its own);
@@ -93,6 +98,32 @@ def record_checkpoint_load_failure(run_dir: str, rank: int, checkpoint: str, err
     """A rank's note, before it exits ``EXIT_CHECKPOINT_LOAD``, of the checkpoint directory it could not load."""
     append_jsonl(os.path.join(run_dir, CHECKPOINT_LOAD_FAILURES_FILE),
                  {"rank": rank, "checkpoint": os.path.abspath(checkpoint), "error": error})
+
+
+def checkpoint_load_failures_size(run_dir: str) -> int:
+    """Current length of the records file: pass it to :func:`read_checkpoint_load_failures` after an attempt."""
+    try:
+        return os.path.getsize(os.path.join(run_dir, CHECKPOINT_LOAD_FAILURES_FILE))
+    except OSError:
+        return 0
+
+
+def read_checkpoint_load_failures(run_dir: str, offset: int = 0) -> dict[int, str]:
+    """rank -> checkpoint directory, from the records appended after byte ``offset`` (one attempt's)."""
+    try:
+        with open(os.path.join(run_dir, CHECKPOINT_LOAD_FAILURES_FILE), "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return {}
+    found = {}
+    for line in data.decode(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            found[int(record["rank"])] = str(record["checkpoint"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line of a rank killed mid-write
+    return found
 
 
 def read_jsonl(path: str, since: float = 0.0) -> list[dict]:

@@ -5,7 +5,8 @@ Commit protocol (a crash at any point leaves the previous checkpoint as
 
 1. every rank writes its shards into ``checkpoints/.tmp_iter_XXXXXXX/``
    (dist_checkpointing.save; in the background on GPU);
-2. once *all* ranks have finished, rank 0 writes ``megatron_align.json``
+2. once *all* ranks have finished, rank 0 writes ``common.pt`` if megatron-core did not (0.19+; see
+   :func:`_write_legacy_common_state`), then ``megatron_align.json``
    (step, consumed samples, layout, data fingerprint, resolved config) into the
    temporary directory and fsyncs it; this file is the completeness marker;
 3. rank 0 renames the directory to ``iter_XXXXXXX`` (atomic on one filesystem);
@@ -43,6 +44,8 @@ from torch.distributed.checkpoint import CheckpointException
 from megatron_align.errors import UserError
 from megatron_align.resilience import storage
 from megatron_align.training.checksums import ALGORITHM, digest_files, verify_checkpoint
+from megatron_align.known_warnings import drop_known_record
+from megatron_align.training import async_save as async_writer
 from megatron_align.training.checkpoint_files import (  # noqa: F401  (re-exported: the public checkpoint API)
     LATEST,
     MARKER,
@@ -81,6 +84,11 @@ def verify_before_load(path: str) -> None:
     log.info("checkpoint %s: checksums verified (%.1f s)", path, time.time() - started)
 
 
+LOAD_COMMON_DEPRECATION = "load_common is deprecated"
+drop_known_record("megatron.core.dist_checkpointing.strategies.common", LOAD_COMMON_DEPRECATION,
+                  "megatron-core 0.19 reads this checkpoint's common.pt through its deprecated legacy path; "
+                  "megatron_align writes common.pt on purpose, so that 0.16 can load the checkpoint too")
+
 def load_sharded(path: str, sharded_state_dict: dict) -> dict:
     """dist_checkpointing.load of exactly the requested keys (collective); clear errors for users.
 
@@ -107,7 +115,7 @@ def load_sharded(path: str, sharded_state_dict: dict) -> dict:
     return state
 
 
-def _start_writer_manager_with_signals_blocked() -> None:
+def _start_writer_manager_with_signals_blocked(strategy: async_writer.AsyncStrategy) -> None:
     """Start dist_checkpointing's writer-results Manager process with SIGUSR1/SIGTERM blocked.
 
     Megatron-Core starts that Manager lazily, in a fresh process, at the first save. SLURM delivers
@@ -118,15 +126,32 @@ def _start_writer_manager_with_signals_blocked() -> None:
     """
     import signal
 
-    try:
-        from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
-    except ImportError:  # another megatron-core version: nothing to pre-start
-        return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
     try:
-        _get_write_results_queue()
+        async_writer.start_results_queue(strategy)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _write_legacy_common_state(path: str) -> None:
+    """Make checkpoint dir ``path`` loadable by every supported megatron-core (rank 0, before the marker).
+
+    The common (non-tensor) state (step, scheduler, optimizer param groups) is ``common.pt`` up to 0.16;
+    0.19 writes it as a ``common_state`` object inside the torch_dist files instead, and 0.16 cannot load
+    such a checkpoint ("Common file .../common.pt does not exist"). 0.19 reads ``common.pt`` first when it
+    exists, so writing the same state there too keeps checkpoints movable in both directions.
+    """
+    target = os.path.join(path, "common.pt")
+    if os.path.exists(target):
+        return
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    tmp = f"{target}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(load_common_state_dict(path), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
 
 
 class CheckpointManager:
@@ -140,15 +165,15 @@ class CheckpointManager:
         self.dp_group = dp_group
         self.rank = torch.distributed.get_rank()
         self._queue = None
-        if async_save:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
-            self._queue = AsyncCallsQueue()
+        self.async_strategy = async_writer.choose()
+        if self.async_save:
+            log.info("async checkpoint save: %s (%s)", self.async_strategy.name, self.async_strategy.reason)
+            self._queue = async_writer.calls_queue(self.async_strategy)
         self.last_saved_step: int | None = None
         self._saving: tuple[str, int | None] | None = None  # (tmp dir, bytes needed) of the save in flight
         if self.rank == 0:
             self._remove_leftovers(at_start=True)
-        _start_writer_manager_with_signals_blocked()
+        _start_writer_manager_with_signals_blocked(self.async_strategy)
 
     def _remove_leftovers(self, at_start: bool = False) -> None:
         """Remove ``.tmp_*`` directories of crashed saves (rank 0; nothing else writes there between saves)."""
@@ -187,14 +212,21 @@ class CheckpointManager:
                 self._remove_leftovers()
                 os.makedirs(tmp)
             torch.distributed.barrier()
+            extra = async_writer.save_kwargs(self.async_strategy) if self.async_save else {}
             request = dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy=self._save_strategy(),
-                                              async_sharded_save=self.async_save)
+                                              async_sharded_save=self.async_save, **extra)
         except _WRITE_ERRORS as err:
             self._raise_storage(err)
             raise
         marker = dict(marker, step=step, saved_at=time.time())
 
         def commit() -> None:
+            if self.rank == 0:  # before the digests: common.pt is one of rank 0's files
+                try:
+                    _write_legacy_common_state(tmp)
+                except OSError as err:
+                    self._raise_storage(err)
+                    raise
             # Every rank digests the files it wrote (in parallel); rank 0 records them all in the marker.
             digests = digest_files(tmp, self._own_files(tmp))
             gathered: list = [None] * torch.distributed.get_world_size()

@@ -61,7 +61,8 @@ def read_marker(path: str) -> dict:
         with open(marker) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{marker}: unreadable checkpoint marker ({err}); the checkpoint is incomplete or corrupt") from None
+        raise CheckpointLoadError(path, f"{marker}: unreadable checkpoint marker ({err}); the checkpoint is incomplete "
+                                  "or corrupt") from None
 
 
 def complete_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:

@@ -54,6 +54,7 @@ def test_hf_dir_without_tokenizer_files_says_what_to_pass(tiny_hf_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.single_stack  # base stack only: Hugging Face scorer only, megatron-core is not involved
 def test_cli_hf_report(tiny_hf_dir, tmp_path):
     path, _ = tiny_hf_dir
     questions = tmp_path / "q.jsonl"

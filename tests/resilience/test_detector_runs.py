@@ -63,6 +63,7 @@ def faulty_dp2(tmp_path_factory, tiny_corpus):
     return run, result, records
 
 
+@pytest.mark.single_stack  # base stack only: our detector callbacks on 2 ranks; the stop-policy tests run on both
 def test_faulty_dp2_numerics_skip_both_bad_steps_and_training_carries_on(faulty_dp2):
     run, result, records = faulty_dp2
     assert result.returncode == 0, _show(result)
@@ -74,6 +75,7 @@ def test_faulty_dp2_numerics_skip_both_bad_steps_and_training_carries_on(faulty_
     assert math.isfinite(records[10]["loss"]) and records[10]["loss"] < records[1]["loss"]
 
 
+@pytest.mark.single_stack  # base stack only: our detector callbacks on 2 ranks; the stop-policy tests run on both
 def test_faulty_dp2_straggler_blames_only_the_slow_rank(faulty_dp2):
     """The healthy report has no flags; afterwards only rank 1 is blamed, named with host and index."""
     run, result, records = faulty_dp2
@@ -90,6 +92,7 @@ def test_faulty_dp2_straggler_blames_only_the_slow_rank(faulty_dp2):
     assert read_exclude_nodes(str(run)) == [socket.gethostname()]  # blamed twice in a row (patience 2)
 
 
+@pytest.mark.single_stack  # base stack only: our detector callbacks on 2 ranks; the stop-policy tests run on both
 def test_faulty_dp2_health_flags_sdc_on_rank_1_only(faulty_dp2):
     """SDC on rank 1 from step 5; collectives and DP parameter hashes stay consistent throughout."""
     run, result, records = faulty_dp2
@@ -103,6 +106,7 @@ def test_faulty_dp2_health_flags_sdc_on_rank_1_only(faulty_dp2):
     assert len({records[s]["health/param_hash"] for s in (3, 6, 9)}) == 3  # the weights did change
 
 
+@pytest.mark.single_stack  # base stack only: our detector callbacks on 2 ranks; the stop-policy tests run on both
 def test_faulty_dp2_every_injection_fired_once_on_its_ranks(faulty_dp2):
     run, result, _records = faulty_dp2
     assert result.returncode == 0, _show(result)
@@ -161,8 +165,15 @@ def test_nan_stop_exits_87_and_saves_the_unharmed_weights(nan_stop):
     assert is_complete(str(ckpts / "iter_0000002"))  # looks complete, but its shards are garbage
     from torch.distributed.checkpoint.api import CheckpointException
 
-    with pytest.raises(CheckpointException, match="invalid load key"):
+    import pickle
+
+    with pytest.raises(CheckpointException) as damaged:
         _loadable(ckpts / "iter_0000002")
+    # The garbage reached the unpickler on rank 0. Its message depends on which bytes the damage hit, i.e. on the
+    # shard layout of the megatron-core that wrote it ("invalid load key" on 0.16.1, "unpickling stack underflow"
+    # on 0.19.2), so the type and the rank are asserted, not the text.
+    assert list(damaged.value.failures) == [0]
+    assert isinstance(damaged.value.failures[0][0], pickle.UnpicklingError), damaged.value
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["skipped_step"].startswith("nan_loss")
     assert _jsonl(run / "numerics.jsonl")[0]["stop"] is True

@@ -87,10 +87,30 @@ def test_classification_finds_the_culprit_among_victims():
 
     bad = classify_rank(0, 2, ["megatron-align train: error on rank 0: train.steps=0: must be > 0"])
     assert bad.cause == "user_error" and not bad.retryable and "train.steps" in bad.detail
-    corrupt = classify_rank(0, 2, ["megatron-align train: error on rank 0: loading checkpoint /r/checkpoints/iter_0000004 "
-                                   "failed on rank 0: CheckpointingException: ..."])
+    # A damaged checkpoint is known from exit 88 + the rank's record, whatever the library's text said.
+    corrupt = classify_rank(0, 88, ["CheckpointException ranks:dict_keys([0])", "Traceback: ..."],
+                            load_failure="/r/checkpoints/iter_0000004")
     assert corrupt.cause == "corrupt_checkpoint" and corrupt.retryable
     assert corrupt.checkpoint == "/r/checkpoints/iter_0000004"
+    unnamed = classify_rank(0, 88, [])
+    assert unnamed.cause == "corrupt_checkpoint" and unnamed.checkpoint is None  # nothing to set aside
+    looks_corrupt = classify_rank(0, 2, ["megatron-align train: error on rank 0: loading checkpoint "
+                                         "/r/checkpoints/iter_0000004 failed on rank 0: CheckpointingException: ..."])
+    assert looks_corrupt.cause == "user_error" and looks_corrupt.checkpoint is None  # text alone decides nothing
+
+
+def test_checkpoint_load_failure_records_are_read_per_attempt(tmp_path):
+    from megatron_align.resilience import exit_codes
+
+    run = str(tmp_path)
+    assert exit_codes.read_checkpoint_load_failures(run) == {} and exit_codes.checkpoint_load_failures_size(run) == 0
+    exit_codes.record_checkpoint_load_failure(run, 1, str(tmp_path / "c" / "iter_0000002"), "old attempt")
+    offset = exit_codes.checkpoint_load_failures_size(run)
+    exit_codes.record_checkpoint_load_failure(run, 0, str(tmp_path / "c" / "iter_0000004"), "multi\nline\nerror")
+    with open(tmp_path / exit_codes.CHECKPOINT_LOAD_FAILURES_FILE, "a") as f:
+        f.write('{"rank": 1, "checkp')  # a rank killed mid-write leaves a torn line
+    assert exit_codes.read_checkpoint_load_failures(run, offset) == {0: str(tmp_path / "c" / "iter_0000004")}
+    assert exit_codes.read_checkpoint_load_failures(run)[1] == str(tmp_path / "c" / "iter_0000002")
 
 
 def test_heartbeat_file_and_stack_dump(tmp_path):
@@ -204,6 +224,7 @@ def _kept(record: dict) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.single_stack  # base stack only: supervisor restart logic; exact resume on each stack is asserted by tests/test_cross_stack.py, and restart-from-checkpoint by the corrupt-checkpoint test on both
 def test_kill_and_hang_restart_to_identical_losses(tmp_path, tiny_corpus):
     """Rank 1 SIGKILLed at step 4, then rank 0 hangs at step 6: two restarts, same metrics as one clean run."""
     sections = dict(parallel={"world_size": 2}, train={"steps": 8})

@@ -19,6 +19,7 @@ def _ok(result):
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
 
 
+@pytest.mark.single_stack  # base stack only: MLflow tracking code, no megatron-core version dependence
 def test_resumed_run_continues_the_mlflow_run_with_eval_metrics(tmp_path, tiny_corpus):
     pytest.importorskip("mlflow")
     run = tmp_path / "run"

@@ -32,3 +32,17 @@ def test_resume_picks_newest_complete_and_ignores_partial_and_tmp(tmp_path):
     assert resolve_checkpoint(str(tmp_path)).endswith("iter_0000004")
     assert resolve_checkpoint(str(tmp_path / "iter_0000002")).endswith("iter_0000002")
     assert resolve_checkpoint(str(tmp_path / "nothing")) is None
+
+
+def test_an_unreadable_marker_is_a_checkpoint_load_error_naming_the_directory(tmp_path):
+    import pytest
+
+    from megatron_align.errors import UserError
+    from megatron_align.training.checkpoint_files import CheckpointLoadError, read_marker
+
+    ckpt = tmp_path / "iter_0000004"
+    ckpt.mkdir()
+    (ckpt / MARKER).write_text('{"step": 4, "consu')  # torn
+    with pytest.raises(CheckpointLoadError, match="unreadable checkpoint marker") as info:
+        read_marker(str(ckpt))
+    assert info.value.path == str(ckpt) and isinstance(info.value, UserError)

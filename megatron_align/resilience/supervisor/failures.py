@@ -3,7 +3,9 @@
 The supervisor's decision (restart, restart elsewhere, quarantine a checkpoint, give up) depends
 on the *cause*, and a crashing job usually tells it in three places: the exit code a rank chose
 (:mod:`megatron_align.resilience.exit_codes`), the signal that killed a rank, and the last lines
-the rank wrote to stderr (CUDA OOM text, NCCL/gloo timeout messages, a UserError).
+the rank wrote to stderr (CUDA OOM text, NCCL/gloo timeout messages, a UserError). A damaged
+checkpoint is known from our own code alone: exit 88 plus the directory the rank recorded in
+``checkpoint_load_failures.jsonl``, whatever error text the checkpoint library of the day produced.
 
 When several ranks fail together, most of them are *victims*: one rank dies and its peers then
 fail in the next collective ("Connection closed by peer", a collective timeout). The rule that
@@ -19,6 +21,7 @@ import signal
 from dataclasses import dataclass, field
 
 from megatron_align.resilience.exit_codes import (
+    EXIT_CHECKPOINT_LOAD,
     EXIT_DO_NOT_REQUEUE,
     EXIT_FAULTY_HARDWARE,
     EXIT_NUMERICS,
@@ -43,10 +46,6 @@ CAUSES: dict[str, tuple[int, bool]] = {
     "comm_error": (10, True),
 }
 
-_CORRUPT = [
-    re.compile(r"loading checkpoint (\S+) failed on rank"),
-    re.compile(r"(\S+)/megatron_align\.json: unreadable checkpoint marker"),
-]
 _CUDA_OOM = re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED|CUDA error: out of memory")
 _HOST_OOM = re.compile(r"oom-kill|oom_kill|Out of memory: Killed process|MemoryError")
 _GPU_FAULT = re.compile(r"uncorrectable ECC|ECC error|\bXid\b|GPU is lost|unspecified launch failure|"
@@ -106,15 +105,20 @@ def _first(pattern: re.Pattern, lines: list[str]) -> str | None:
     return None
 
 
-def classify_rank(rank: int | None, code: int, stderr: list[str], oom_killed: bool = False) -> Failure:
-    """Cause of one rank's non-zero exit ``code`` given its last stderr lines."""
+def classify_rank(rank: int | None, code: int, stderr: list[str], oom_killed: bool = False,
+                  load_failure: str | None = None) -> Failure:
+    """Cause of one rank's non-zero exit ``code`` given its last stderr lines.
+
+    ``load_failure``: the checkpoint directory this rank recorded in ``checkpoint_load_failures.jsonl``
+    during this attempt (with exit 88), if any.
+    """
     status = describe_status(code)
-    for pattern in _CORRUPT:
-        for line in reversed(stderr):
-            match = pattern.search(line)
-            if match:
-                return Failure("corrupt_checkpoint", rank, code, f"checkpoint {match.group(1)} failed to load",
-                               checkpoint=match.group(1), evidence=[line.strip()])
+    if code == EXIT_CHECKPOINT_LOAD:
+        if load_failure is None:
+            return Failure("corrupt_checkpoint", rank, code, "a checkpoint failed to load (exit 88) but the rank "
+                           "left no record naming it")
+        return Failure("corrupt_checkpoint", rank, code, f"checkpoint {load_failure} failed to load (exit 88)",
+                       checkpoint=load_failure)
     if code == EXIT_STORAGE:
         return Failure("storage", rank, code, "storage failure (exit 89): see storage_failures.jsonl")
     if code == EXIT_USER_ERROR:

@@ -153,6 +153,7 @@ class Supervisor:
         self._clear_stop_request()
         self.last_beats = {}
         self.attempt_started = time.time()
+        self.load_failures_from = exit_codes.checkpoint_load_failures_size(self.run_dir)  # this attempt's records only
         self.watchdog.start_attempt(self.attempt_started)
         env = self._rank_env(attempt)
         if not self.slurm:
@@ -188,7 +189,8 @@ class Supervisor:
             if failed:
                 self._read_beats()
                 oom = _oom_kills() > oom_before
-                failures = [classify_rank(r, c, job.stderr_tail(r), oom) for r, c in sorted(failed.items())]
+                loads = exit_codes.read_checkpoint_load_failures(self.run_dir, self.load_failures_from)
+                failures = [classify_rank(r, c, job.stderr_tail(r), oom, loads.get(r)) for r, c in sorted(failed.items())]
                 culprit = root_cause(failures)
                 job.terminate(self.cfg.term_grace_s)
                 return Outcome(self._note_injected(culprit), now)
