@@ -250,25 +250,35 @@ class SrunJob:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)  # srun forwards INT/TERM/USR1/USR2 ... to every task
 
-    def terminate(self, grace_s: float) -> None:
+    def terminate(self, grace_s: float, step_gone_timeout_s: float = 60.0) -> None:
+        """SIGTERM through srun, SIGKILL of srun after ``grace_s``; then the step is killed outright and waited for.
+
+        The next attempt's srun cannot start while this step still holds its nodes (srun then retries with a
+        growing delay, tens of seconds), and the step lingers for SLURM's KillWait after srun ends (helper
+        processes that ignore SIGTERM, a rank stuck in the kernel): ``scancel --signal=KILL`` skips that wait."""
         self.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=max(0.05, grace_s))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            self._cancel_step()
+        deadline = time.time() + step_gone_timeout_s
+        while self._steps() and time.time() < deadline:
+            for step_id in self._steps():
+                subprocess.run(["scancel", "--signal=KILL", step_id], capture_output=True, timeout=60)
+            time.sleep(0.2)
 
-    def _cancel_step(self) -> None:
-        """A killed srun may leave its step running: cancel the step of this name in our job."""
+    def _steps(self) -> list[str]:
+        """Ids of this attempt's steps still known to SLURM in our job."""
         job = os.environ.get("SLURM_JOB_ID")
         if not job:
-            return
-        steps = subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i %j"], capture_output=True, text=True, timeout=60)
-        for line in steps.stdout.splitlines():
-            step_id, _, step_name = line.strip().partition(" ")
-            if step_name == self.name:
-                subprocess.run(["scancel", "--signal=KILL", step_id], capture_output=True, timeout=60)
+            return []
+        try:
+            steps = subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i %j"], capture_output=True, text=True,
+                                   timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+        return [line.split()[0] for line in steps.stdout.splitlines() if line.split()[1:] == [self.name]]
 
     def stderr_tail(self, rank: int) -> list[str]:
         self.flush_output()

@@ -11,6 +11,10 @@ moment the child ends (``exit_code`` in the Popen convention: -9 = killed by SIG
 supervisor orders the ranks' failures by those times (:func:`megatron_align.resilience.failures.attribute`).
 A rank with no record ended with its node (the wrapper died too): the node is probed.
 
+The rank runs in its own session; when it ends, whatever is left of that session (helper processes such as
+the checkpoint writer, which outlive a SIGKILLed rank) is killed, so the task's output closes and
+slurmstepd ends the step at once instead of after its 60 s I/O timeout.
+
 The wrapper ignores the signals slurmstepd delivers to every process of a task (USR1, USR2, TERM,
 INT: the rank gets them itself), restores default dispositions in the child, and ends the way its
 child did (the same exit code, or the same signal), so srun reports the task exactly as before.
@@ -66,8 +70,12 @@ def main(argv: list[str]) -> int:
     rank = int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0")))
     for sig in FORWARDED_BY_SLURMSTEPD:
         signal.signal(sig, signal.SIG_IGN)
-    proc = subprocess.Popen(command, preexec_fn=_child_signals)
+    proc = subprocess.Popen(command, preexec_fn=_child_signals, start_new_session=True)
     code = proc.wait()
+    try:  # the rank's helper processes (checkpoint writers) die with it: they would hold the task's stdout/stderr
+        os.killpg(proc.pid, signal.SIGKILL)  # open, and slurmstepd waits 60 s for that before it ends the step
+    except (ProcessLookupError, PermissionError):
+        pass
     record = {"rank": rank, "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
               "host": socket.gethostname(), "pid": proc.pid, "exit_code": code, "signal": -code if code < 0 else None,
               "time": time.time()}
@@ -81,7 +89,10 @@ def main(argv: list[str]) -> int:
     except OSError as err:  # a full or vanished run dir: the supervisor falls back to srun's report
         print(f"megatron-align: rank {rank}: could not write its exit record {path}: {err}", file=sys.stderr)
     if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
+        try:
+            signal.signal(-code, signal.SIG_DFL)  # SIGKILL/SIGSTOP cannot be caught: nothing to reset
+        except (OSError, ValueError):
+            pass
         os.kill(os.getpid(), -code)
     return code if code >= 0 else 128 - code
 

@@ -51,7 +51,7 @@ from megatron_align.config import load_config
 from megatron_align.training.checkpoint_files import resolve_checkpoint
 from megatron_align.errors import UserError
 from megatron_align.resilience import exit_codes
-from megatron_align.resilience.failures import Failure, attribute, classify_rank
+from megatron_align.resilience.failures import Failure, attribute, classify_rank, describe_status
 from megatron_align.resilience.heartbeat import (
     ATTEMPT_ENV,
     STOP_REQUEST_FILE,
@@ -183,6 +183,9 @@ class Supervisor:
         while True:
             now = time.time()
             failed = {r: c for r, c in job.poll().items() if c != 0}
+            if job.kind == "srun":  # a rank's own exit record comes before srun reports anything (if it ever does)
+                failed.update({r: int(e["exit_code"]) for r, e in read_exit_records(self.run_dir, self.attempt_started).items()
+                               if int(e["exit_code"]) != 0})
             if failed:
                 culprit = self._attribute(job, failed, _oom_kills() > oom_before)
                 self.report.detected_at = time.time()
@@ -254,6 +257,13 @@ class Supervisor:
         culprit = attribute(failures)
         if culprit.cause == "faulty_gpu":
             self._blame_detected(culprit)
+        # Every other rank is a consequence: failed with it, or still running and ended by the teardown.
+        others = {f.rank: {"rank": f.rank, "node": f.node, "cause": f.cause, "status": describe_status(f.exit_code)}
+                  for f in failures}
+        others.update({r: {"rank": r, "node": node_of.get(r), "cause": "torn_down", "status": "running"}
+                       for r in range(self.world_size) if r not in others})
+        culprit.consequences = [c for r, c in sorted(others.items(), key=lambda rc: -1 if rc[0] is None else rc[0])
+                                if r != culprit.rank]
         return culprit
 
     def _blame_detected(self, failure: Failure) -> None:

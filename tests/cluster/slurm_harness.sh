@@ -56,7 +56,7 @@ cannot() {
 # Run a daemon with every inherited descriptor above stderr closed.
 detached() {
   (
-    for fd in /proc/$BASHPID/fd/*; do
+    for fd in "/proc/$BASHPID/fd"/*; do
       fd="${fd##*/}"
       [[ "$fd" -gt 2 ]] && eval "exec $fd>&-" 2>/dev/null
     done
