@@ -105,7 +105,7 @@ def test_killed_rank_on_n2_is_named_with_its_node_and_signal(reference, cluster,
 def _breakdown(restart: dict, fault_time: float) -> dict:
     """Seconds spent in each phase from the injected fault to the next completed step."""
     marks = [("detect", "detected_at"), ("teardown", "torn_down_at"), ("srun_launch", "restarted_at"),
-             ("process_start", "process_started_at"), ("rendezvous", "joined_at"),
+             ("process_start", "process_started_at"), ("imports_and_rendezvous", "joined_at"),
              ("model_and_checkpoint_load", "train_started_at"), ("first_step", "recovered_at")]
     out, prev = {}, fault_time
     for name, key in marks:
@@ -166,6 +166,7 @@ def test_lost_node_is_detected_excluded_and_the_run_continues_on_the_spare(refer
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        killed_at = time.time()
         out = _finish(job, log)
     finally:
         subprocess.run(["scancel", job], capture_output=True)
@@ -173,6 +174,8 @@ def test_lost_node_is_detected_excluded_and_the_run_continues_on_the_spare(refer
         subprocess.run(["bash", str(HARNESS), "up"], capture_output=True, timeout=300)
     row = _restarts(run_dir)[0]
     assert (row["cause"], row["node"]) == ("node_lost", lost), row
+    detected = json.loads((run_dir / "goodput.json").read_text())["restarts"][0]["detected_at"]
+    print(f"node {lost} lost: detected after {detected - killed_at:.1f} s")
     assert lost in row["excluded_nodes"]
     assert f"--nodelist={cluster[0]},{cluster[2]}" in out
     _assert_same_losses(run_dir, reference[0])
