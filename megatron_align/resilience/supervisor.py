@@ -473,8 +473,10 @@ class Supervisor:
         if len(left) >= needed:
             return None
         if self.cfg.requeue == "auto" and _requeueable(self.environ["SLURM_JOB_ID"]):
-            _scontrol("update", f"JobId={self.environ['SLURM_JOB_ID']}", f"ExcNodeList={','.join(self.excluded)}")
-            return exit_codes.EXIT_REQUEUE, f"requeued excluding {', '.join(self.excluded)}"
+            # Every node this run ever flagged, not only this allocation's: the requeued job may be placed anywhere.
+            every = list(dict.fromkeys(self.excluded + flagged + exit_codes.read_exclude_file(self.cfg.exclude_file)))
+            _scontrol("update", f"JobId={self.environ['SLURM_JOB_ID']}", f"ExcNodeList={','.join(every)}")
+            return exit_codes.EXIT_REQUEUE, f"requeued excluding {', '.join(every)}"
         return EXIT_GAVE_UP, (f"not enough nodes after excluding {', '.join(self.excluded)}: resubmit with "
                               f"sbatch --exclude={','.join(self.excluded)}")
 
