@@ -181,7 +181,8 @@ def test_preflight_excludes_slow_node_and_pretrain_honours_it(cluster, tiny_corp
     assert f"# {slow}: node all_reduce busbw 120.5 < 300 GB/s" in comments
 
     # `launch` leaves the excluded node out of its srun steps and trains on the other two ...
-    config = tiny_job_config(tmp_path, tiny_corpus, train__steps=4, checkpoint__interval=4, parallel__world_size=2)
+    config = tiny_job_config(tmp_path, tiny_corpus, train__steps=4, checkpoint__interval=4, parallel__world_size=2,
+                             optimizer__warmup_steps=1)
     log = tmp_path / "launch.out"
     job = sbatch([f"--output={log}", f"--nodes={len(cluster)}", "--ntasks-per-node=1", "--gpus-per-node=0",
                   str(REPO / "slurm" / "pretrain.sbatch"), str(config)], dict(env, MA_EXCLUDE_FILE=str(exclude)))
