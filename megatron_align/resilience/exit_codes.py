@@ -44,7 +44,8 @@ unclassified crash: the supervisor restarts within its retry budget.
 
 Files in ``<run_dir>`` written by the in-rank detectors (rank 0 only):
 
-- ``exclude_nodes.txt`` -- hostnames to leave out of the next launch, one per line,
+- ``exclude_nodes.txt`` -- node names (:func:`node_name`: the SLURM node name under SLURM, else the
+  hostname) to leave out of every later launch of this run, attempts and requeues alike, one per line,
   deduplicated, rewritten atomically (temp file + ``os.replace``). Written by the straggler
   detector (policy ``exclude_on_restart`` or ``stop``) and the health checks (same policies).
   :func:`read_exclude_nodes` is the reader.
@@ -63,6 +64,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 
 EXIT_OK = 0
@@ -143,9 +145,19 @@ def read_jsonl(path: str, since: float = 0.0) -> list[dict]:
     return found
 
 
+def node_name(environ=os.environ) -> str:
+    """This process's node as the scheduler names it: ``SLURMD_NODENAME`` in a SLURM step (what ``--exclude``
+    takes; several SLURM nodes may share one host), else the hostname."""
+    return environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def read_exclude_nodes(run_dir: str) -> list[str]:
-    """Hostnames listed in ``<run_dir>/exclude_nodes.txt`` (empty when the file is absent)."""
-    path = os.path.join(run_dir, EXCLUDE_NODES_FILE)
+    """Node names listed in ``<run_dir>/exclude_nodes.txt`` (empty when the file is absent)."""
+    return read_exclude_file(os.path.join(run_dir, EXCLUDE_NODES_FILE))
+
+
+def read_exclude_file(path: str) -> list[str]:
+    """Node names in an exclude file (this format and preflight's: '#' starts a comment); [] when absent."""
     if not os.path.isfile(path):
         return []
     with open(path) as f:

@@ -1,8 +1,9 @@
 """Rank heartbeats: what the supervisor outside the job knows about each rank.
 
 What: every rank keeps ``<run_dir>/heartbeats/rank_<R>.json`` up to date with where it is
-(step, section of the step, phase, time of that event, pid, host, local rank, the last step's
-duration), and installs ``faulthandler`` on SIGUSR2 so the supervisor can make every rank write
+(step, section of the step, phase, time of that event, pid, host and SLURM node, local rank, the
+last step's duration, and when the process started, joined the process group and began training:
+the start-up part of a restart's latency), and installs ``faulthandler`` on SIGUSR2 so the supervisor can make every rank write
 the Python stacks of all its threads to ``<run_dir>/stacks/rank_<R>.txt``.
 
 Why files: the supervisor talks to the ranks only through the run directory and exit codes
@@ -27,6 +28,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from megatron_align.config.schema import RootConfig
+from megatron_align.resilience.exit_codes import node_name
 from megatron_align.resilience.heartbeat_files import (
     ATTEMPT_ENV,
     PHASE_BETWEEN,
@@ -59,6 +61,7 @@ class HeartbeatCallback(Callback):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._state: dict[str, Any] = {
             "rank": rank, "local_rank": local_rank, "pid": os.getpid(), "hostname": socket.gethostname(),
+            "node": node_name(), "process_started": process_start_time(), "joined": time.time(), "train_started": None,
             "attempt": int(os.environ.get(ATTEMPT_ENV, "0")), "step": 0, "completed_step": 0, "steps_done": 0,
             "section": "init", "phase": PHASE_SETUP, "time": time.time(), "seq": 0,
             "step_time_s": None, "between_s": None, "checkpoint_s": None,
@@ -128,7 +131,7 @@ class HeartbeatCallback(Callback):
 
     # -- trainer hooks ----------------------------------------------------------------------------
     def on_train_start(self, trainer: "Trainer") -> None:
-        self._beat("train_start", PHASE_SETUP, step=trainer.step, completed_step=trainer.step)
+        self._beat("train_start", PHASE_SETUP, step=trainer.step, completed_step=trainer.step, train_started=time.time())
 
     def on_step_start(self, trainer: "Trainer", step: int) -> None:
         self._step_started = time.time()
@@ -156,6 +159,18 @@ class HeartbeatCallback(Callback):
 
     def on_error(self, trainer: "Trainer", error: BaseException) -> None:
         self.close(f"error: {type(error).__name__}")
+
+
+def process_start_time() -> float | None:
+    """Wall-clock time this process started (Linux ``/proc``), None where unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def heartbeat_enabled(setting: str, environ=os.environ) -> bool:

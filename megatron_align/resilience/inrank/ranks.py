@@ -10,17 +10,19 @@ process (one ``all_gather_object`` at train start). The detectors exchange numbe
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+
+from megatron_align.resilience.exit_codes import node_name
 
 
 @dataclass(frozen=True)
 class RankInfo:
     rank: int
     hostname: str
+    """The node as the scheduler names it (SLURMD_NODENAME under SLURM, else the hostname): what exclude lists hold."""
     local_rank: int
     """LOCAL_RANK / SLURM_LOCALID: the rank's index on its node."""
     gpu: int | None
@@ -44,7 +46,7 @@ def this_rank_info() -> RankInfo:
     from megatron.core import parallel_state
 
     pp = parallel_state.get_pipeline_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
-    return RankInfo(rank=dist.get_rank(), hostname=socket.gethostname(), local_rank=local_rank_from_env(),
+    return RankInfo(rank=dist.get_rank(), hostname=node_name(), local_rank=local_rank_from_env(),
                     gpu=torch.cuda.current_device() if torch.cuda.is_available() else None, pipeline_rank=pp)
 
 

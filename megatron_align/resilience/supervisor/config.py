@@ -65,6 +65,12 @@ class SupervisorConfig:
     (keep it below the lead time of SLURM's --signal=USR1@N)."""
     term_grace_s: float = 10.0
     """Teardown after a failure: SIGTERM, wait this long, then SIGKILL."""
+    attribution_wait_s: float = 5.0
+    """After the first rank's failure: how long to wait for srun to report the others' ends (it ends the step
+    itself with --kill-on-bad-exit), so the rank that failed first is told apart from its victims."""
+    exclude_file: str = ""
+    """An exclude list (one node per line, '#' comments: slurm/preflight.sbatch's format) whose nodes no attempt
+    uses; slurm/pretrain.sbatch passes its MA_EXCLUDE_FILE here. Empty = only ``<run_dir>/exclude_nodes.txt``."""
     stack_dump_wait_s: float = 3.0
     """After SIGUSR2 to a hung job: time for the ranks to write their Python stacks."""
     clear_fault_injection: bool = True
@@ -82,7 +88,7 @@ class SupervisorConfig:
     def __post_init__(self) -> None:
         for key in ("max_restarts", "max_restarts_per_hour", "max_no_progress_restarts", "warmup_steps", "tasks_per_node"):
             _at_least(f"supervisor.{key}", getattr(self, key), 0)
-        for key in ("backoff_s", "backoff_max_s", "stop_grace_s", "term_grace_s", "stack_dump_wait_s"):
+        for key in ("backoff_s", "backoff_max_s", "stop_grace_s", "term_grace_s", "stack_dump_wait_s", "attribution_wait_s"):
             _at_least(f"supervisor.{key}", getattr(self, key), 0.0)
         for key in ("initial_timeout_s", "min_timeout_s", "between_steps_timeout_s", "check_interval_s"):
             if getattr(self, key) <= 0:

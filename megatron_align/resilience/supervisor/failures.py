@@ -8,10 +8,13 @@ checkpoint is known from our own code alone: exit 88 plus the directory the rank
 ``checkpoint_load_failures.jsonl``, whatever error text the checkpoint library of the day produced.
 
 When several ranks fail together, most of them are *victims*: one rank dies and its peers then
-fail in the next collective ("Connection closed by peer", a collective timeout). The rule that
-finds the culprit: classify every failed rank, then keep the most specific cause (hardware,
-numerics, OOM, a bad checkpoint, a user error) over generic crashes, and generic crashes over
-communication errors, which are almost always secondary.
+fail in the next collective ("Connection closed by peer", a collective timeout), or srun's
+``--kill-on-bad-exit`` kills them. :func:`attribute` finds the rank that failed *first*: a
+communication error on a rank is a consequence when another rank failed otherwise, and so is a
+rank killed by a signal after another rank's failure had already been seen (srun or the
+teardown killed it); of the rest, the most specific cause (a lost node, hardware, numerics, OOM,
+a bad checkpoint, a user error) wins over generic crashes, then the earliest seen, then the
+lowest rank. The others are recorded as the culprit's ``consequences``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from megatron_align.resilience.exit_codes import (
 
 # cause -> (priority: lower wins when several ranks fail together, retried?)
 CAUSES: dict[str, tuple[int, bool]] = {
+    "node_lost": (0, True),
     "faulty_gpu": (0, True),
     "numerics": (1, True),
     "oom": (2, True),
@@ -72,6 +76,22 @@ class Failure:
     """For corrupt_checkpoint: the checkpoint directory that failed to load."""
     evidence: list[str] = field(default_factory=list)
     """The stderr lines that decided the cause."""
+    node: str | None = None
+    """The rank's node as SLURM names it (srun's task report or the rank's heartbeat), else its hostname."""
+    observed_at: float | None = None
+    """When the supervisor first saw this rank's failure (orders ranks that failed together)."""
+    consequences: list[dict] = field(default_factory=list)
+    """For the culprit: the other ranks that failed with it, as consequences ({rank, node, cause, status})."""
+
+    @property
+    def signal(self) -> int | None:
+        """The signal that killed the rank (from -N or a shell's 128+N), None when it exited."""
+        code = self.exit_code
+        if code is None:
+            return None
+        if code < 0:
+            return -code
+        return code - 128 if 128 < code < 128 + 65 else None
 
     @property
     def retryable(self) -> bool:
@@ -154,6 +174,28 @@ def classify_rank(rank: int | None, code: int, stderr: list[str], oom_killed: bo
 
 
 def root_cause(failures: list[Failure]) -> Failure:
-    """The culprit among ranks that failed together (most specific cause, then lowest rank)."""
+    """The culprit among ranks that failed together (most specific cause, then first seen, then lowest rank)."""
     assert failures, "root_cause needs at least one failure"
-    return min(failures, key=lambda f: (f.priority, f.rank if f.rank is not None else 1 << 30))
+    return min(failures, key=lambda f: (f.priority, f.observed_at if f.observed_at is not None else float("inf"),
+                                        f.rank if f.rank is not None else 1 << 30))
+
+
+_COMM = ("comm_error", "comm_timeout")
+_KILLED = (signal.SIGKILL, signal.SIGTERM)
+
+
+def attribute(failures: list[Failure]) -> Failure:
+    """The rank that failed first, with every other failed rank listed in its ``consequences``."""
+    assert failures, "attribute needs at least one failure"
+    candidates = [f for f in failures if f.cause not in _COMM] or failures
+    first_seen = min((f.observed_at for f in failures if f.observed_at is not None), default=None)
+    if first_seen is not None:
+        # Killed by a signal after another rank's failure was seen: srun's --kill-on-bad-exit or the teardown.
+        not_killed_later = [f for f in candidates if not (f.cause == "crash" and f.signal in _KILLED
+                                                           and (f.observed_at or first_seen) > first_seen)]
+        candidates = not_killed_later or candidates
+    culprit = root_cause(candidates)
+    culprit.consequences = [{"rank": f.rank, "node": f.node, "cause": f.cause, "status": describe_status(f.exit_code)}
+                            for f in sorted(failures, key=lambda f: f.rank if f.rank is not None else -1)
+                            if f is not culprit]
+    return culprit

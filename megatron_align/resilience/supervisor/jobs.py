@@ -16,6 +16,7 @@ import collections
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -50,6 +51,9 @@ class LocalJob:
     """``world_size`` local rank processes; rank r is ``self.procs[r]``."""
 
     kind = "local"
+    nodes: list[str] = []
+    task_nodes: dict[int, str] = {}
+    task_seen: dict[int, float] = {}
 
     def __init__(self, argv: list[str], world_size: int, env: dict[str, str]) -> None:
         port = free_port()
@@ -113,6 +117,18 @@ class LocalJob:
 
 
 _LABEL = re.compile(r"^\s*(\d+): ")
+_TASK_REPORT = re.compile(r"(?:error: (\S+): )?tasks? ([\d,\-]+): (?:Exited with exit code (\d+)|"
+                          r"(Killed|Terminated|Segmentation fault|Aborted|Bus error))")
+
+
+def _expand_ranks(spec: str) -> list[int]:
+    """srun's task lists: "1", "0-1", "0,2-3"."""
+    ranks: list[int] = []
+    for part in spec.split(","):
+        low, _, high = part.partition("-")
+        if low.isdigit():
+            ranks.extend(range(int(low), int(high) + 1) if high.isdigit() else [int(low)])
+    return ranks
 
 
 def allocation_nodes(environ=os.environ) -> list[str]:
@@ -122,6 +138,36 @@ def allocation_nodes(environ=os.environ) -> list[str]:
         return []
     out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
     return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def lost_nodes(nodes: list[str], timeout_s: float = 2.0) -> dict[str, str]:
+    """Nodes among ``nodes`` that are gone, with why: SLURM reports them DOWN / not responding, or their slurmd
+    does not accept a connection on its port (a dead slurmd is seen at once, before SLURM's SlurmdTimeout)."""
+    lost: dict[str, str] = {}
+    if not nodes:
+        return lost
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "node", ",".join(nodes)], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return lost
+    for line in out.splitlines():
+        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        node, state = fields.get("NodeName"), fields.get("State", "")
+        if not node or node not in nodes:
+            continue
+        if any(word in state for word in ("DOWN", "NOT_RESPONDING", "FAIL")):
+            lost[node] = f"SLURM node state {state}"
+            continue
+        addr, port = fields.get("NodeAddr") or node, fields.get("Port")
+        if port and port.isdigit():
+            try:
+                socket.create_connection((addr, int(port)), timeout=timeout_s).close()
+            except ConnectionRefusedError:
+                lost[node] = f"its slurmd does not answer on {addr}:{port} (connection refused)"
+            except OSError:
+                pass  # a slow network is not a lost node; SLURM marks a dead one DOWN within SlurmdTimeout
+    return lost
 
 
 def tasks_per_node_of_allocation(environ=os.environ) -> int:
@@ -139,34 +185,52 @@ class SrunJob:
     kind = "srun"
 
     def __init__(self, argv: list[str], world_size: int, env: dict[str, str], exclude: list[str], tasks_per_node: int,
-                 srun_args: list[str], rank_command: list[str], master_addr: str, master_port: int, name: str) -> None:
+                 srun_args: list[str], rank_command: list[str], master_addr: str, master_port: int, name: str,
+                 nodelist: list[str] | None = None, exit_records: str | None = None) -> None:
         self.world_size = world_size
         self.name = name
         self.tails: dict[int, collections.deque] = {}
+        self._task_codes: dict[int, int] = {}
+        self.task_nodes: dict[int, str] = {}
+        """rank -> node, from srun's own task reports ("srun: error: n2: task 1: Killed")."""
+        self.task_seen: dict[int, float] = {}
+        """rank -> when srun's report of its end was read."""
         cmd = ["srun", f"--ntasks={world_size}", "--kill-on-bad-exit=1", "--label", f"--job-name={name}"]
         if tasks_per_node:
             cmd += [f"--ntasks-per-node={tasks_per_node}", f"--nodes={-(-world_size // tasks_per_node)}"]
+        if nodelist:
+            cmd.append(f"--nodelist={','.join(nodelist)}")
         if exclude:
             cmd.append(f"--exclude={','.join(exclude)}")
-        cmd += [*srun_args, *(rank_command or [sys.executable, "-m", "megatron_align.cli"]), *argv]
+        if rank_command:
+            rank = list(rank_command)
+        else:  # this interpreter; each rank's exit is recorded under <exit_records>/exits/ (resilience.rank_exit)
+            rank = [sys.executable, "-m", "megatron_align.cli"]
+            if exit_records:
+                rank = [sys.executable, "-m", "megatron_align.resilience.rank_exit", exit_records, "--", *rank]
+        cmd += [*srun_args, *rank, *argv]
         self.command = cmd
+        self.nodes = list(nodelist or [])
         step_env = dict(env, MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         self.proc = subprocess.Popen(cmd, env=step_env, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
         self._tee = _Tee(self.proc.stderr, self.tails, None, self._rank_of_line)
         self._tee.start()
-        self._task_codes: dict[int, int] = {}
 
     def _rank_of_line(self, line: str) -> int | None:
         match = _LABEL.match(line)
         if match:
             return int(match.group(1))
-        # srun's own report: "srun: error: node1: task 3: Exited with exit code 2" / "task 1: Killed"
-        task = re.search(r"task (\d+): (?:Exited with exit code (\d+)|(Killed|Terminated|Segmentation fault))", line)
+        # srun's own report: "srun: error: n2: task 3: Exited with exit code 2" / "n1: tasks 0-1: Killed"
+        task = _TASK_REPORT.search(line)
         if task:
-            rank = int(task.group(1))
-            code = int(task.group(2)) if task.group(2) else {"Killed": -9, "Terminated": -15}.get(task.group(3), -11)
-            self._task_codes.setdefault(rank, code)
-            return rank
+            node, ranks = task.group(1), _expand_ranks(task.group(2))
+            code = int(task.group(3)) if task.group(3) else {"Killed": -9, "Terminated": -15}.get(task.group(4), -11)
+            for rank in ranks:
+                self._task_codes.setdefault(rank, code)
+                self.task_seen.setdefault(rank, time.time())
+                if node:
+                    self.task_nodes.setdefault(rank, node)
+            return ranks[0]
         return None
 
     def poll(self) -> dict[int, int]:
@@ -186,25 +250,35 @@ class SrunJob:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)  # srun forwards INT/TERM/USR1/USR2 ... to every task
 
-    def terminate(self, grace_s: float) -> None:
+    def terminate(self, grace_s: float, step_gone_timeout_s: float = 60.0) -> None:
+        """SIGTERM through srun, SIGKILL of srun after ``grace_s``; then the step is killed outright and waited for.
+
+        The next attempt's srun cannot start while this step still holds its nodes (srun then retries with a
+        growing delay, tens of seconds), and the step lingers for SLURM's KillWait after srun ends (helper
+        processes that ignore SIGTERM, a rank stuck in the kernel): ``scancel --signal=KILL`` skips that wait."""
         self.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=max(0.05, grace_s))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            self._cancel_step()
+        deadline = time.time() + step_gone_timeout_s
+        while self._steps() and time.time() < deadline:
+            for step_id in self._steps():
+                subprocess.run(["scancel", "--signal=KILL", step_id], capture_output=True, timeout=60)
+            time.sleep(0.2)
 
-    def _cancel_step(self) -> None:
-        """A killed srun may leave its step running: cancel the step of this name in our job."""
+    def _steps(self) -> list[str]:
+        """Ids of this attempt's steps still known to SLURM in our job."""
         job = os.environ.get("SLURM_JOB_ID")
         if not job:
-            return
-        steps = subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i %j"], capture_output=True, text=True, timeout=60)
-        for line in steps.stdout.splitlines():
-            step_id, _, step_name = line.strip().partition(" ")
-            if step_name == self.name:
-                subprocess.run(["scancel", "--signal=KILL", step_id], capture_output=True, timeout=60)
+            return []
+        try:
+            steps = subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i %j"], capture_output=True, text=True,
+                                   timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+        return [line.split()[0] for line in steps.stdout.splitlines() if line.split()[1:] == [self.name]]
 
     def stderr_tail(self, rank: int) -> list[str]:
         self.flush_output()

@@ -36,6 +36,10 @@ class RunReport:
         self.restarts: list[dict] = []
         self.attempt = 0
         self.startup_s: float | None = None
+        self.excluded: list[str] = []
+        """Nodes no attempt uses (the supervisor's list, shared)."""
+        self.detected_at: float | None = None
+        self.torn_down_at: float | None = None
         self._checkpoint_s: dict[tuple, float] = {}  # (pid, step) -> save seconds seen on rank 0
 
     def attempt_started(self, attempt: int) -> None:
@@ -45,8 +49,9 @@ class RunReport:
             self.restarts[-1]["restarted_at"] = self._attempt_started
 
     def failure(self, attempt: int, cause: str, failed_at: float) -> None:
-        self.restarts.append({"attempt": attempt, "cause": cause, "failed_at": failed_at, "restarted_at": None,
-                              "recovered_at": None})
+        self.restarts.append({"attempt": attempt, "cause": cause, "failed_at": failed_at, "detected_at": self.detected_at,
+                              "torn_down_at": self.torn_down_at, "restarted_at": None, "recovered_at": None})
+        self.detected_at = self.torn_down_at = None
 
     def observe_beats(self, beats: dict[int, dict]) -> None:
         now = time.time()
@@ -63,6 +68,12 @@ class RunReport:
         pending = self.restarts[-1] if self.restarts else None
         if pending and pending["attempt"] == self.attempt - 1 and pending["recovered_at"] is None:
             pending["recovered_at"] = first
+            # Start-up of the new attempt, from its ranks' heartbeats: processes started, process group joined
+            # (rendezvous done), training started (model built, checkpoint loaded).
+            mine = [b for b in beats.values() if b.get("attempt") == self.attempt]
+            for key in ("process_started", "joined", "train_started"):
+                times = [float(b[key]) for b in mine if b.get(key)]
+                pending[f"{key}_at"] = max(times) if times else None
 
     # -- the end --------------------------------------------------------------------------------
     def _productive(self) -> tuple[float, int, int]:
@@ -113,6 +124,7 @@ class RunReport:
                          for r in self.restarts],
             "checkpoint_interval": advice,
         }
+        report["excluded_nodes"] = list(self.excluded)
         try:
             write_json_atomic(os.path.join(self.config.run_dir, "goodput.json"), report)
         except OSError as err:  # a full run dir: the summary below still goes to stdout
@@ -122,6 +134,8 @@ class RunReport:
                  f"  steps {self.start_step} -> {final_step}, {len(self.restarts)} restart(s) [{causes}], "
                  f"{self.steps_lost} step(s) lost",
                  f"  goodput {report['goodput']:.3f}: {productive:.1f} s of kept training steps in {wall:.1f} s wall"]
+        if self.excluded:
+            lines.append(f"  excluded nodes: {', '.join(self.excluded)} (kept in {os.path.join(self.config.run_dir, 'exclude_nodes.txt')})")
         if recovery_s is not None:
             lines.append(f"  restart latency (failure -> next completed step): {recovery_s:.1f} s on average")
         if advice and not 0.5 <= advice["optimal_s"] / advice["configured_s"] <= 2.0:

@@ -48,6 +48,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,7 +60,7 @@ from megatron_align.errors import UserError
 from megatron_align.parallel.spawn import distributed_env
 from megatron_align.resilience import exit_codes, storage
 from megatron_align.resilience.faults import ENV_VAR as FAULT_ENV_VAR
-from megatron_align.resilience.supervisor.failures import Failure, classify_rank, root_cause
+from megatron_align.resilience.supervisor.failures import Failure, attribute, classify_rank, describe_status
 from megatron_align.resilience.heartbeat_files import (
     ATTEMPT_ENV,
     STOP_REQUEST_FILE,
@@ -68,7 +69,9 @@ from megatron_align.resilience.heartbeat_files import (
     stacks_path,
     write_json_atomic,
 )
-from megatron_align.resilience.supervisor.jobs import LocalJob, SrunJob, allocation_nodes, tasks_per_node_of_allocation
+from megatron_align.resilience.rank_exit import EXITS_DIR, read_exit_records
+from megatron_align.resilience.supervisor.jobs import (LocalJob, SrunJob, allocation_nodes, lost_nodes,
+                                                      tasks_per_node_of_allocation)
 from megatron_align.resilience.supervisor.run_report import RunReport, last_logged_step
 from megatron_align.resilience.supervisor.watchdog import HangWatchdog
 
@@ -110,8 +113,15 @@ class Supervisor:
         self.report = RunReport(config, self._checkpoint()[1])
         self.stop_signal: int | None = None
         self.signals_received = 0
-        self.excluded: list[str] = []
         self.last_beats: dict[int, dict] = {}
+        # Nodes left out of every attempt: this run's own list (kept across attempts and requeues) and the
+        # preflight's exclude file (resilience.supervisor.exclude_file).
+        self.excluded: list[str] = []
+        if self.slurm:
+            flagged = exit_codes.read_exclude_nodes(self.run_dir) + exit_codes.read_exclude_file(self.cfg.exclude_file)
+            allocation = allocation_nodes(self.environ)
+            self.excluded = [n for n in dict.fromkeys(flagged) if n in allocation]
+        self.report.excluded = self.excluded
 
     # -- small helpers ----------------------------------------------------------------------------
     def say(self, message: str) -> None:
@@ -150,6 +160,7 @@ class Supervisor:
     def _start(self, attempt: int):
         beats_dir = os.path.join(self.run_dir, "heartbeats")
         shutil.rmtree(beats_dir, ignore_errors=True)
+        shutil.rmtree(os.path.join(self.run_dir, EXITS_DIR), ignore_errors=True)
         self._clear_stop_request()
         self.last_beats = {}
         self.attempt_started = time.time()
@@ -161,11 +172,16 @@ class Supervisor:
         nodes = [n for n in allocation_nodes(self.environ) if n not in self.excluded]
         if not nodes:
             raise UserError(f"no usable node left in the allocation (excluded: {', '.join(self.excluded)})")
+        tpn = self._tasks_per_node()
+        # The step's nodes are named (the first `needed` usable ones), so rank 0 and MASTER_ADDR are on nodes[0].
+        chosen = nodes[:-(-self.world_size // tpn)] if tpn else []
         base = int(self.environ.get("MASTER_PORT") or 20000 + int(self.environ["SLURM_JOB_ID"]) % 20000)
-        job = SrunJob(self.argv, self.world_size, env, self.excluded, self._tasks_per_node(), list(self.cfg.srun_args),
-                      shlex.split(self.cfg.rank_command), master_addr=nodes[0], master_port=20000 + (base - 20000 + 7 * attempt) % 40000,
-                      name=f"megatron-align-attempt{attempt}")
-        self.say(f"attempt {attempt}: {' '.join(job.command)}")
+        job = SrunJob(self.argv, self.world_size, env, [] if chosen else self.excluded, tpn, list(self.cfg.srun_args),
+                      shlex.split(self.cfg.rank_command), master_addr=resolve_ipv4(nodes[0]),
+                      master_port=20000 + (base - 20000 + 7 * attempt) % 40000,
+                      name=f"megatron-align-attempt{attempt}", nodelist=chosen, exit_records=self.run_dir)
+        self.say(f"attempt {attempt}: {' '.join(job.command)}"
+                 + (f" (excluded nodes: {', '.join(self.excluded)})" if self.excluded else ""))
         return job
 
     def _tasks_per_node(self) -> int:
@@ -186,13 +202,14 @@ class Supervisor:
         while True:
             now = time.time()
             failed = {r: c for r, c in job.poll().items() if c != 0}
+            if job.kind == "srun":  # a rank's own exit record comes before srun reports anything (if it ever does)
+                failed.update({r: int(e["exit_code"]) for r, e in read_exit_records(self.run_dir, self.attempt_started).items()
+                               if int(e["exit_code"]) != 0})
             if failed:
-                self._read_beats()
-                oom = _oom_kills() > oom_before
-                loads = exit_codes.read_checkpoint_load_failures(self.run_dir, self.load_failures_from)
-                failures = [classify_rank(r, c, job.stderr_tail(r), oom, loads.get(r)) for r, c in sorted(failed.items())]
-                culprit = root_cause(failures)
+                culprit = self._attribute(job, failed, _oom_kills() > oom_before)
+                self.report.detected_at = time.time()
                 job.terminate(self.cfg.term_grace_s)
+                self.report.torn_down_at = time.time()
                 return Outcome(self._note_injected(culprit), now)
             if not job.alive():
                 self._read_beats()
@@ -213,6 +230,71 @@ class Supervisor:
                     return Outcome(self._note_injected(self._hang(job, verdict)), verdict.stalled_since)
                 next_check = now + self.cfg.check_interval_s
             time.sleep(0.1)
+
+    def _attribute(self, job, failed: dict[int, int], oom: bool) -> Failure:
+        """Which rank failed first, on which node: wait (briefly) for the other ranks' ends to be reported, check
+        whether a node of the step is gone, classify every rank, keep the first failure, the rest as consequences."""
+        seen = {r: job.task_seen.get(r, time.time()) for r in failed}
+        deadline = time.time() + self.cfg.attribution_wait_s
+        records: dict[int, dict] = {}
+        while time.time() < deadline:
+            for r, c in job.poll().items():
+                if c != 0 and r not in failed:
+                    failed[r] = c
+                    seen[r] = job.task_seen.get(r, time.time())
+            if job.kind != "srun":
+                if not job.alive():
+                    break
+            else:  # every rank's own exit record, or srun gone: nothing more will come
+                records = read_exit_records(self.run_dir, since=self.attempt_started)
+                if len(records) >= self.world_size or not job.alive():
+                    break
+            time.sleep(0.1)
+        # A rank's exit record is exact (its own status, the moment it ended); srun reports only some tasks.
+        for r, record in records.items():
+            code = int(record["exit_code"])
+            if code != 0:
+                failed[r], seen[r] = code, float(record["time"])
+        self._read_beats()
+        node_of = {r: job.task_nodes.get(r) or records.get(r, {}).get("node") or self.last_beats.get(r, {}).get("node")
+                   for r in range(self.world_size)}
+        lost = lost_nodes(sorted({n for n in node_of.values() if n} | set(job.nodes))) if self.slurm else {}
+        loads = exit_codes.read_checkpoint_load_failures(self.run_dir, self.load_failures_from)
+        failures = []
+        for r, c in sorted(failed.items()):
+            failure = classify_rank(r, c, job.stderr_tail(r), oom, loads.get(r))
+            failure.node, failure.observed_at = node_of.get(r), seen.get(r)
+            failures.append(failure)
+        for node, why in lost.items():
+            on_node = [f for f in failures if f.node == node]
+            if not on_node:  # srun could not even report the node's tasks
+                ranks = [r for r, n in sorted(node_of.items()) if n == node]
+                on_node = [Failure("node_lost", ranks[0] if ranks else None, None, "no exit reported", node=node,
+                                   observed_at=min(seen.values(), default=None))]
+                failures += on_node
+            for f in on_node:
+                f.cause, f.detail = "node_lost", f"node {node} is gone: {why} ({f.detail})"
+        culprit = attribute(failures)
+        if culprit.cause == "faulty_gpu":
+            self._blame_detected(culprit)
+        # Every other rank is a consequence: failed with it, or still running and ended by the teardown.
+        others = {f.rank: {"rank": f.rank, "node": f.node, "cause": f.cause, "status": describe_status(f.exit_code)}
+                  for f in failures}
+        others.update({r: {"rank": r, "node": node_of.get(r), "cause": "torn_down", "status": "running"}
+                       for r in range(self.world_size) if r not in others})
+        culprit.consequences = [c for r, c in sorted(others.items(), key=lambda rc: -1 if rc[0] is None else rc[0])
+                                if r != culprit.rank]
+        return culprit
+
+    def _blame_detected(self, failure: Failure) -> None:
+        """Every rank exits 86 on a detector's verdict: the rank it blamed is in health.jsonl / stragglers.jsonl."""
+        for name, blamed in ((exit_codes.HEALTH_FILE, lambda r: r.get("severity") == "fail"),
+                             (exit_codes.STRAGGLERS_FILE, lambda r: r.get("blamed"))):
+            for record in reversed(_read_jsonl(os.path.join(self.run_dir, name))):
+                if float(record.get("time", 0)) >= self.attempt_started and blamed(record):
+                    failure.rank, failure.node = record.get("rank"), record.get("hostname")
+                    failure.detail += f"; {name}: rank {failure.rank} on {failure.node}: {record.get('message') or record.get('section')}"
+                    return
 
     def _request_stop(self, job, fallback: bool) -> None:
         """Ask the ranks to checkpoint and stop: local ranks by signal; srun steps through ``run_dir/stop_request``
@@ -244,6 +326,7 @@ class Supervisor:
     def _hang(self, job, verdict) -> Failure:
         """Report the hang, make every rank dump its stacks, tear the job down."""
         self.say(f"HANG: {verdict.describe()}")
+        self.report.detected_at = time.time()
         paths = {r: stacks_path(self.run_dir, r) for r in range(self.world_size)}
         sizes = {r: _size(p) for r, p in paths.items()}
         job.send_signal(signal.SIGUSR2)
@@ -259,7 +342,13 @@ class Supervisor:
         self.say(f"stacks of ranks {dumped} dumped to {os.path.join(self.run_dir, 'stacks')}"
                  + (f"; no stacks from ranks {silent}" if silent else ""))
         job.terminate(self.cfg.term_grace_s)
-        return Failure("hang", suspects[0], None, detail, evidence=[f"suspects: {suspects}"])
+        self.report.torn_down_at = time.time()
+        node = self.last_beats.get(suspects[0], {}).get("node")
+        lost = lost_nodes([node]) if self.slurm and node else {}
+        if lost:
+            return Failure("node_lost", suspects[0], None, f"node {node} is gone: {lost[node]}; {detail}",
+                           evidence=[f"suspects: {suspects}"], node=node)
+        return Failure("hang", suspects[0], None, detail, evidence=[f"suspects: {suspects}"], node=node)
 
     def _note_injected(self, failure: Failure) -> Failure:
         """Name the drill: faults the ranks recorded in faults_fired.jsonl during this attempt."""
@@ -401,9 +490,10 @@ class Supervisor:
 
     def _exclude_nodes(self, failure: Failure) -> tuple[int, str] | None:
         """Merge flagged nodes into the exclude list; (exit code, text) when the job cannot continue here."""
-        node = self.last_beats.get(failure.rank, {}).get("hostname") if failure.rank is not None else None
+        node = failure.node
         flagged = exit_codes.read_exclude_nodes(self.run_dir)
-        if failure.cause == "faulty_gpu" and node:
+        detector_named = [n for n in flagged if n not in self.excluded]
+        if node and (failure.cause == "node_lost" or (failure.cause == "faulty_gpu" and not detector_named)):
             flagged = exit_codes.add_exclude_nodes(self.run_dir, [node])
         new = [n for n in flagged if n not in self.excluded]
         if not new:
@@ -421,8 +511,10 @@ class Supervisor:
         if len(left) >= needed:
             return None
         if self.cfg.requeue == "auto" and _requeueable(self.environ["SLURM_JOB_ID"]):
-            _scontrol("update", f"JobId={self.environ['SLURM_JOB_ID']}", f"ExcNodeList={','.join(self.excluded)}")
-            return exit_codes.EXIT_REQUEUE, f"requeued excluding {', '.join(self.excluded)}"
+            # Every node this run ever flagged, not only this allocation's: the requeued job may be placed anywhere.
+            every = list(dict.fromkeys(self.excluded + flagged + exit_codes.read_exclude_file(self.cfg.exclude_file)))
+            _scontrol("update", f"JobId={self.environ['SLURM_JOB_ID']}", f"ExcNodeList={','.join(every)}")
+            return exit_codes.EXIT_REQUEUE, f"requeued excluding {', '.join(every)}"
         return EXIT_GAVE_UP, (f"not enough nodes after excluding {', '.join(self.excluded)}: resubmit with "
                               f"sbatch --exclude={','.join(self.excluded)}")
 
@@ -433,10 +525,12 @@ class Supervisor:
         self._read_beats()
         beats = [int(b.get("completed_step", 0)) for b in self.last_beats.values()]
         last = max(beats + [step, last_logged_step(os.path.join(self.run_dir, "metrics.jsonl"))])
-        node = self.last_beats.get(failure.rank, {}).get("hostname") if failure.rank is not None else None
+        node = failure.node
         row = {"time": time.time(), "time_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "attempt": attempt,
                "cause": failure.cause, "detail": failure.detail, "rank": failure.rank, "node": node,
-               "exit_code": failure.exit_code, "checkpoint": path, "checkpoint_step": step, "last_step": last,
+               "host": self.last_beats.get(failure.rank, {}).get("hostname") if failure.rank is not None else None,
+               "exit_code": failure.exit_code, "signal": failure.signal, "consequences": failure.consequences,
+               "checkpoint": path, "checkpoint_step": step, "last_step": last,
                "steps_lost": max(0, last - step), "action": action, "backoff_s": backoff_s,
                "excluded_nodes": list(self.excluded)}
         try:
@@ -457,6 +551,28 @@ class Supervisor:
             return
         ok = _scontrol("requeue", job)
         self.say(f"scontrol requeue {job}: {'done' if ok else 'failed'}")
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def resolve_ipv4(host: str) -> str:
+    """``host``'s IPv4 address, looked up once here, so the ranks' rendezvous gets an address, not a name (a name
+    with no IPv6 address makes torch's c10d store warn on every connection attempt); the name if it has none."""
+    try:
+        return socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except (OSError, IndexError):
+        return host
 
 
 def _size(path: str) -> int:
