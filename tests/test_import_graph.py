@@ -21,10 +21,23 @@ _spec.loader.exec_module(import_cycles)
 PACKAGE = os.path.join(REPO, "megatron_align")
 
 
-@pytest.mark.parametrize("functions", [False, True], ids=["module-level", "run-time"])
-def test_no_import_cycle(functions):
-    found = import_cycles.cycles(import_cycles.import_graph(PACKAGE, functions=functions, type_checking=False))
+def _area(module: str) -> str:
+    """``megatron_align.data.prepare`` -> ``data``: the room a module belongs to (architecture.md)."""
+    return module.split(".")[1] if module.count(".") else module
+
+
+def test_no_module_level_import_cycle():
+    found = import_cycles.cycles(import_cycles.import_graph(PACKAGE, functions=False, type_checking=False))
     assert found == [], f"import cycle(s) in megatron_align (see tools/import_cycles.py): {found}"
+
+
+def test_no_run_time_import_cycle_between_areas():
+    """Areas import each other in one direction, also through function-level imports (the old 27-module circle ran
+    through training, resilience, eval, tracking and config). Inside one area a verb and its driver may refer to each
+    other lazily (``data.prepare`` hands work to ``data.pipeline``, whose datatrove step calls ``prepare``'s core)."""
+    found = import_cycles.cycles(import_cycles.import_graph(PACKAGE, functions=True, type_checking=False))
+    across = [cycle for cycle in found if len({_area(m) for m in cycle}) > 1]
+    assert across == [], f"run-time import cycle(s) across areas (see tools/import_cycles.py): {across}"
 
 
 def test_the_graph_sees_function_level_and_type_only_imports(tmp_path):

@@ -45,6 +45,7 @@ from megatron_align.convert import mapping
 from megatron_align.convert.hf_io import DTYPE_BY_NAME, HFCheckpoint
 from megatron_align.convert.megatron_model import build_gpt, single_rank_config, single_rank_group
 from megatron_align.convert.progress import atomic_output_dir, progress_bar
+from megatron_align.convert.tokenizer_export import TOKENIZER_FILES
 from megatron_align.data.hf_tokenizer import HFTokenizer
 from megatron_align.data.tokenizer import DEFAULT_CONTROL_TOKENS, ByteTokenizer, SentencePieceTokenizer
 from megatron_align.errors import ConfigError, UserError
@@ -54,10 +55,6 @@ YAML_NAME = "train.yaml"
 
 
 TOKENIZER_DIR = "tokenizer"
-# Everything a Hugging Face tokenizer / chat template / generation setup consists of; carried through unchanged.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
-                   "added_tokens.json")
 
 
 def _hf_tokenizer(hf_dir: str, out: str, add_control_tokens: bool):

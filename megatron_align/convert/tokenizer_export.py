@@ -37,6 +37,11 @@ from megatron_align.convert.hf_io import write_json
 from megatron_align.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
 from megatron_align.optional import optional_import
 
+# Everything a Hugging Face tokenizer / chat template / generation setup consists of; carried through unchanged.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "added_tokens.json")
+
 SAMPLE_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "An AI system asked to report its own mistakes did so promptly and without being told twice.",
@@ -124,8 +129,6 @@ def write_sentencepiece_tokenizer(out_dir: str, model_path: str, tokenizer: Sent
 
 def write_hf_tokenizer(out_dir: str, tokenizer) -> list[str]:
     """The run's HF tokenizer directory, unchanged but for the control tokens it added."""
-    from megatron_align.convert.from_hf import TOKENIZER_FILES
-
     written = []
     for name in TOKENIZER_FILES:
         source = os.path.join(tokenizer.directory, name)
