@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -101,3 +102,28 @@ def make_bpe_tokenizer(path, *, bos: bool, vocab_size: int = 300) -> int:
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0 if bos else None,
                                                              "eos_token_id": tok.token_to_id(eos)}))
     return tok.get_vocab_size()
+
+
+@pytest.fixture(scope="session")
+def cluster() -> list[str]:
+    """tests/cluster: one real N-node SLURM cluster per test session (tests/cluster/slurm_harness.sh); the node
+    names (n1, n2, n3 with the default MA_SLURM_NODES=3).
+
+    The session brings the cluster up when the first test needs it and, if this session started it, takes it down
+    again at the end (daemons stopped, the harness's /etc/hosts line removed). A cluster that was already running
+    (another session, a developer's `slurm_harness.sh up`) is reused and left running. Run these tests under
+    `flock /tmp/ma-cluster-tests.lock` when several sessions share a machine. (It lives here, not in a
+    tests/cluster/conftest.py: a second module named ``conftest`` would shadow this one for ``from conftest import``.)
+    """
+    harness = os.path.join(REPO, "tests", "cluster", "slurm_harness.sh")
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    was_running = subprocess.run(["bash", harness, "running"], capture_output=True).returncode == 0
+    proc = subprocess.run(["bash", harness, "up"], capture_output=True, text=True, timeout=600)
+    if proc.returncode == 3:
+        pytest.skip(f"SLURM cannot run here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, f"slurm harness failed:\n{proc.stdout}\n{proc.stderr}"
+    nodes = subprocess.run(["bash", harness, "nodes"], capture_output=True, text=True, check=True).stdout.split()
+    yield nodes
+    if not was_running:
+        subprocess.run(["bash", harness, "down"], capture_output=True, timeout=300)

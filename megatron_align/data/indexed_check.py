@@ -60,3 +60,11 @@ def check_indexed_files(prefix: str, vocab_size: int | None = None) -> None:
         raise UserError(f"{idx}: tokens stored as {dtype.name}, which cannot hold ids of this tokenizer's vocabulary "
                         f"({vocab_size} ids): the data was tokenized with another tokenizer; re-run `megatron-align "
                         "prepare` with data.tokenizer")
+
+
+def check_data_files(config) -> None:
+    """Every ``data.sources`` pair of a root config checked by :func:`check_indexed_files` (``train`` and
+    ``launch`` call it before any rank or process group starts). Missing files are left to the loader's message."""
+    for src in [] if config.data.mock else config.data.sources:
+        if src.prefix and os.path.isfile(src.prefix + ".idx") and os.path.isfile(src.prefix + ".bin"):
+            check_indexed_files(src.prefix)

@@ -17,6 +17,7 @@ import sys
 from megatron_align.config import load_config
 from megatron_align.config.loader import config_to_yaml
 from megatron_align.config.schema import RootConfig
+from megatron_align.data.indexed_check import check_data_files
 from megatron_align.errors import UserError
 from megatron_align.parallel.spawn import distributed_env, spawn_local
 from megatron_align.training.callbacks import Callback
@@ -123,15 +124,6 @@ def _failure_exit(config, rank: int, err: Exception) -> int:
     raise err
 
 
-def check_data_files(config) -> None:
-    """Damaged .idx/.bin pairs fail here, naming the file, before any rank or process group starts."""
-    from megatron_align.data.indexed_check import check_indexed_files
-
-    for src in [] if config.data.mock else config.data.sources:
-        if src.prefix and os.path.isfile(src.prefix + ".idx") and os.path.isfile(src.prefix + ".bin"):
-            check_indexed_files(src.prefix)
-
-
 def _write_config(config: RootConfig) -> None:
     os.makedirs(config.run_dir, exist_ok=True)
     path = os.path.join(config.run_dir, "config.yaml")
@@ -154,5 +146,5 @@ def run(args: argparse.Namespace) -> int:
     from megatron_align.parallel.layout import validate_layout
 
     validate_layout(config, config.parallel.world_size)
-    check_data_files(config)
+    check_data_files(config)  # damaged .idx/.bin fail here, naming the file, before any rank starts
     return spawn_local(["train", args.config, *args.overrides], config.parallel.world_size)

@@ -14,8 +14,6 @@ import pytest
 
 pytest.importorskip("datatrove")
 
-from test_slurm import cluster  # noqa: E402,F401  (the suite's cluster fixture)
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from test_pipeline import manifest, read_all, write_corpus  # noqa: E402
 
@@ -26,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 900
 
 
-def test_job_array_prepare_equals_local(cluster, tmp_path):  # noqa: F811
+def test_job_array_prepare_equals_local(cluster, tmp_path):
     inputs = [str(p) for p in write_corpus(tmp_path / "in", num_files=4)]
     prepare_source(inputs, str(tmp_path / "local" / "web"), tokenizer_config_from_arg("byte", None))
     out = tmp_path / "slurm" / "web"

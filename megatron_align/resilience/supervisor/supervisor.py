@@ -55,6 +55,7 @@ import time
 from dataclasses import dataclass
 
 from megatron_align.config import RootConfig, load_config
+from megatron_align.data.indexed_check import check_data_files
 from megatron_align.training.checkpoint_files import resolve_checkpoint
 from megatron_align.errors import UserError
 from megatron_align.parallel.spawn import distributed_env
@@ -620,5 +621,5 @@ def run(args: argparse.Namespace) -> int:
     from megatron_align.parallel.layout import validate_layout
 
     validate_layout(config, config.parallel.world_size)
-    launch.check_data_files(config)
+    check_data_files(config)  # a damaged .idx/.bin: exit 2 naming the file, nothing started
     return Supervisor(config, args.config, list(args.overrides)).run()
