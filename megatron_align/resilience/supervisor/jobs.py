@@ -195,7 +195,11 @@ class SrunJob:
         """rank -> node, from srun's own task reports ("srun: error: n2: task 1: Killed")."""
         self.task_seen: dict[int, float] = {}
         """rank -> when srun's report of its end was read."""
-        cmd = ["srun", f"--ntasks={world_size}", "--kill-on-bad-exit=1", "--label", f"--job-name={name}"]
+        # --overlap (SLURM >= 20.11): a step of a lost node's attempt can stay listed, holding its CPUs on the
+        # surviving nodes, for as long as the node is down; without it the next attempt's srun waits on it forever
+        # ("Requested nodes are busy"). Our own earlier step is the only other step in the allocation, and its
+        # processes are gone by then (terminate() below killed them).
+        cmd = ["srun", f"--ntasks={world_size}", "--kill-on-bad-exit=1", "--label", f"--job-name={name}", "--overlap"]
         if tasks_per_node:
             cmd += [f"--ntasks-per-node={tasks_per_node}", f"--nodes={-(-world_size // tasks_per_node)}"]
         if nodelist:
