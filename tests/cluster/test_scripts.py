@@ -158,10 +158,15 @@ def test_dockerfile_pins_everything():
     assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, flags=re.M)
     assert "latest" not in text.lower()
     assert re.fullmatch(r"v\d+\.\d+\.\d+", args["NCCL_TESTS_VERSION"])
-    for name in ("MEGATRON_CORE_VERSION", "DALI_VERSION", "MLFLOW_VERSION", "NVIDIA_ML_PY_VERSION"):
+    for name in ("DALI_VERSION", "MLFLOW_VERSION", "NVIDIA_ML_PY_VERSION"):
         assert re.fullmatch(r"\d+(\.\d+)+", args[name]), name
-    for pkg, arg in (("megatron-core", "MEGATRON_CORE_VERSION"), ("nvidia-dali-cuda120", "DALI_VERSION"), ("mlflow", "MLFLOW_VERSION")):
+    for pkg, arg in (("nvidia-dali-cuda130", "DALI_VERSION"), ("mlflow", "MLFLOW_VERSION"),
+                     ("nvidia-ml-py", "NVIDIA_ML_PY_VERSION")):
         assert f'"{pkg}==${{{arg}}}"' in text
+    # The stack pins come from stacks.env (one place for CI and the image; tests/test_stacks.py checks the values).
+    assert "COPY stacks.env /opt/stacks.env" in text and ". /opt/stacks.env" in text
+    for pkg, key in (("megatron-core", "CURRENT_MEGATRON_CORE"), ("nvidia-resiliency-ext", "GPU_NVIDIA_RESILIENCY_EXT")):
+        assert f'"{pkg}==${{{key}}}"' in text
     assert "--branch \"${NCCL_TESTS_VERSION}\"" in text and "/opt/nccl-tests" in text
     users = re.findall(r"^USER (\S+)", text, flags=re.M)
     assert users and users[-1] != "root"
