@@ -44,7 +44,10 @@ def other_python() -> str:
 
 def _train(python, run, corpus, steps, load=None):
     ckpt = {"interval": 2, "keep_last": 5} | ({"load": str(load)} if load else {})
-    path = write_yaml(run.parent / f"{run.name}.yaml", tiny_config(run, corpus, train={"steps": steps}, checkpoint=ckpt))
+    # One LR schedule for all three runs whatever their train.steps (a resume follows the config's schedule,
+    # training/schedule.py): the runs differ only in which stack wrote the checkpoint they continue.
+    path = write_yaml(run.parent / f"{run.name}.yaml", tiny_config(run, corpus, train={"steps": steps}, checkpoint=ckpt,
+                                                                   optimizer={"decay_steps": 6}))
     result = run_cli("train", path, python=python)
     assert result.returncode == 0, f"{python}: {result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}, result
