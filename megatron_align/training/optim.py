@@ -24,7 +24,7 @@ from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron_align.config.schema import OptimizerConfig, RootConfig
 from megatron_align.errors import UserError
 from megatron_align.model.fp8 import fp8_ddp_kwargs
-from megatron_align.training.schedule import WSD_DEFAULT_DECAY_DIVISOR, resolve_schedule, wsd_decay_steps  # noqa: F401
+from megatron_align.training.schedule import resolve_schedule
 
 CPU_BUCKET_SIZE = 10**9
 """Gradient bucket size (elements) on CPU: one bucket for the whole model (no overlap to gain)."""

@@ -8,8 +8,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_align.config import load_config
 from megatron_align.errors import UserError
-from megatron_align.training.optim import (CPU_BUCKET_SIZE, WSD_DEFAULT_DECAY_DIVISOR, ddp_config, optimizer_config,
-                                           scheduler_kwargs, tristate, use_distributed_optimizer, wsd_decay_steps)
+from megatron_align.training.optim import (CPU_BUCKET_SIZE, ddp_config, optimizer_config, scheduler_kwargs, tristate,
+                                           use_distributed_optimizer)
+from megatron_align.training.schedule import WSD_DEFAULT_DECAY_DIVISOR, wsd_decay_steps
 
 
 def _scheduler(config) -> tuple[torch.optim.Optimizer, OptimizerParamScheduler]:
