@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,8 +32,34 @@ def distributed_env(environ=os.environ) -> tuple[int, int, int] | None:
     return None
 
 
+def _ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that is free now, chosen *below* the kernel's ephemeral port range.
+
+    The port is closed again before rank 0's TCPStore binds it. A port from ``bind(0)`` lies in the
+    ephemeral range, which the kernel hands to the next ``bind(0)`` or outgoing connection of any process
+    (gloo's pair sockets, another job's store) in that window, and rank 0 then dies with EADDRINUSE (seen
+    on a loaded box). The kernel never hands out ports below the range on its own, so a random free one
+    there can only collide with another launcher picking the same port in the same instant.
+    """
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # the whole range is taken: fall back to the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
