@@ -28,7 +28,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
 from megatron_align.config.schema import RootConfig
-from megatron_align.errors import ConfigError
+from megatron_align.errors import ConfigError, refused_by_megatron
 from megatron_align.known_warnings import drop_known_record
 from megatron_align.model.fp8 import FP8Environment, fp8_transformer_kwargs, validate_fp8
 from megatron_align.optional import have_te
@@ -140,7 +140,8 @@ def layer_spec(config: RootConfig):
 
 def build_model_chunks(config: RootConfig, vocab_size: int) -> list[GPTModel]:
     """One GPTModel per virtual-pipeline chunk of this rank (parallel_state must be initialised)."""
-    tconfig = build_transformer_config(config)
+    with refused_by_megatron("the model and parallel settings"):
+        tconfig = build_transformer_config(config)
     spec = layer_spec(config)
     vpp = config.parallel.virtual_pipeline or 1
     padded = padded_vocab_size(vocab_size, config.model.make_vocab_size_divisible_by, config.parallel.tensor)
