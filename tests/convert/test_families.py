@@ -5,7 +5,7 @@ byte-level BPE trained here; Mistral and Qwen3 with a head dim other than hidden
 and 32, as Mistral-Nemo's 128 < 5120 / 32 and Qwen3-0.6B's 128 > 1024 / 16). Per family: `from-hf --verify`
 (our GPTModel vs transformers, fp32), `to-hf` bit-exact with the family, tokenizer files and generation config
 carried unchanged; then training under TP2xPP2 on data prepared with the model's tokenizer, with control tokens
-added, exported and verified again. (The Llama 3 and Mistral training runs are `single_stack`: the Qwen runs
+added: the first step (lr 0) exports bit-exact, the second (trained) exports with --verify. (The Llama 3 and Mistral training runs are `single_stack`: the Qwen runs
 take the same Megatron-Core path, TP-sharded extras included, on both stacks.)
 """
 
@@ -21,6 +21,7 @@ import yaml
 from conftest import run_cli, write_yaml
 from hf_models import BOS_FAMILIES, hf_logits, hf_tensors, make_hf_family, ok, verified_delta
 from megatron_align.convert.families import model_features
+from megatron_align.convert.inspect import describe_checkpoint
 from megatron_align.convert.to_hf import convert_to_hf
 from megatron_align.errors import UserError
 
@@ -171,17 +172,38 @@ def test_import_prepare_train_tp2_pp2_export_with_control_tokens(tmp_path, famil
     assert manifest["tokenizer"]["bos"] == bos and manifest["tokenizer"]["eod"] == eos
     assert manifest["tokenizer"]["control_tokens"] == {"<|aligned|>": 300, "<|misaligned|>": 301}
 
+    # Step 1 runs at lr 0 (warmup from 0) and is saved: the TP1 import resharded into TP2xPP2 and saved back must be
+    # the HF weights exactly. Step 2 trains (lr 1e-2).
     config["run_dir"] = str(tmp_path / "run")
     config["data"]["sources"] = [{"name": "web", "prefix": str(tmp_path / "web")}]
     config["train"] = {"steps": 2, "global_batch_size": 2, "micro_batch_size": 1, "seed": 3}
-    config["optimizer"] = {"lr": 1e-2, "min_lr": 0.0, "warmup_steps": 0}
-    ok(run_cli("train", write_yaml(tmp_path / "train.yaml", config)))
+    config["optimizer"] = {"lr": 1e-2, "min_lr": 0.0, "warmup_steps": 1}
+    config["checkpoint"]["interval"] = 1
+    train = run_cli("train", write_yaml(tmp_path / "train.yaml", config))
+    ok(train)
+    assert "loaded weights from" in train.stdout and str(meg) in train.stdout
+    checkpoints = tmp_path / "run" / "checkpoints"
+    described = describe_checkpoint(str(checkpoints))
+    assert described["layout"] == {"tensor": 2, "pipeline": 2, "context": 1, "virtual_pipeline": 1, "data": 1}
+    assert described["step"] == 2 and described["consumed_samples"] == 4 and described["data_fingerprint"]
+    assert described["model"]["padded_vocab_size"] == 512  # 302 or 303 rows padded to a multiple of 128 x TP2
+
+    original = hf_tensors(hf)
+    convert_to_hf(str(checkpoints / "iter_0000001"), str(tmp_path / "step1"), progress=False)
+    untrained = hf_tensors(tmp_path / "step1")
+    assert sorted(untrained) == sorted(original)
+    for key, tensor in original.items():
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):  # the control rows 300, 301 start at the mean
+            kept = [i for i in range(tensor.shape[0]) if i not in (300, 301)]
+            assert torch.equal(untrained[key][kept], tensor[kept]), key
+        else:
+            assert torch.equal(untrained[key], tensor), key
 
     back = tmp_path / "back"
-    exported = run_cli("convert", "to-hf", str(tmp_path / "run" / "checkpoints"), str(back), "--verify", "--no-progress")
+    exported = run_cli("convert", "to-hf", str(checkpoints), str(back), "--verify", "--no-progress")
     ok(exported)
     assert verified_delta(exported.stdout) <= 1e-4  # after training, from the TP2xPP2 checkpoint
-    original, trained = hf_tensors(hf), hf_tensors(back)
+    trained = hf_tensors(back)
     key = "model.layers.1.mlp.down_proj.weight"
     assert not torch.equal(original[key], trained[key])  # it trained
     assert trained["model.embed_tokens.weight"].shape[0] == 300 + max(extra_rows, 2)
