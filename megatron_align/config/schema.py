@@ -52,6 +52,9 @@ class ModelConfig:
     """Query heads."""
     num_query_groups: int | None = None
     """Key/value heads for GQA; None = multi-head attention (one group per head)."""
+    kv_channels: int | None = None
+    """Head dim (Megatron-Core's kv_channels); None = hidden_size / num_attention_heads. Set it where a model's
+    heads are wider or narrower than that (Qwen3-0.6B: hidden 1024, 16 heads of 128; Mistral-Nemo: 5120, 32 x 128)."""
     seq_length: int = 128
     """Training sequence length in tokens."""
     vocab_size: int | None = None
@@ -88,6 +91,7 @@ class ModelConfig:
             _positive(f"model.{key}", getattr(self, key))
         _positive("model.ffn_hidden_size", self.ffn_hidden_size)
         _positive("model.num_query_groups", self.num_query_groups)
+        _positive("model.kv_channels", self.kv_channels)
         _positive("model.vocab_size", self.vocab_size)
         _positive("model.norm_epsilon", self.norm_epsilon)
         _choice("model.spec", self.spec, ("auto", "local", "te", "portable"))
@@ -95,10 +99,18 @@ class ModelConfig:
         _choice("model.rope_scaling", self.rope_scaling, ("none", "llama3"))
         _positive("model.rope_scaling_factor", self.rope_scaling_factor)
         _choice("model.hf_family", self.hf_family, ("llama", "mistral", "qwen2", "qwen3"))
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by model.num_attention_heads={self.num_attention_heads}")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by model.num_attention_heads="
+                              f"{self.num_attention_heads} (or set model.kv_channels, the head dim)")
+        if self.kv_channels is not None and self.kv_channels % 2:
+            raise ConfigError(f"model.kv_channels={self.kv_channels}: must be even (RoPE rotates pairs of channels)")
         if self.num_query_groups and self.num_attention_heads % self.num_query_groups:
             raise ConfigError(f"model.num_attention_heads={self.num_attention_heads} must be divisible by model.num_query_groups={self.num_query_groups}")
+
+    @property
+    def head_dim(self) -> int:
+        """kv_channels, or hidden_size / num_attention_heads."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
     def ffn_size(self) -> int:

@@ -13,6 +13,10 @@ qwen2      Qwen2ForCausalLM        q/k/v_proj.bias             add_qkv_bias
 qwen3      Qwen3ForCausalLM        q_norm / k_norm (per head)  qk_layernorm
 =========  ======================  ==========================  =========================
 
+Any family may have a head dim other than hidden / heads (``config.json``
+``head_dim``; Qwen3-0.6B, Mistral-Nemo): that is ``model.kv_channels``
+(Megatron-Core's ``kv_channels``), read and written by :mod:`.hf_io`.
+
 Anything these options cannot realise is refused by name: sliding-window
 attention, mixture of experts, biases other than Qwen2's q/k/v, RoPE types
 other than ``default`` and ``llama3`` (and llama3 low/high frequency factors or

@@ -130,6 +130,7 @@ def convert_from_hf(hf_dir: str, out: str, *, tensor: int = 1, pipeline: int = 1
     get = _with_control_rows(hf.get, tokenizer, dims.vocab_size)
     model = {"num_layers": dims.num_layers, "hidden_size": dims.hidden_size, "ffn_hidden_size": dims.ffn_hidden_size,
              "num_attention_heads": dims.num_attention_heads, "num_query_groups": dims.num_query_groups,
+             **({"kv_channels": dims.kv_channels} if dims.kv_channels else {}),  # head dim != hidden / heads
              "seq_length": seq_length or min(cfg.max_position_embeddings, 4096), "vocab_size": dims.vocab_size,
              "make_vocab_size_divisible_by": 128, "rotary_base": int(cfg.rope_theta), "norm_epsilon": cfg.rms_norm_eps,
              "tie_embeddings": dims.tie_embeddings, "init_method_std": cfg.initializer_range, **cfg.features}

@@ -177,15 +177,12 @@ def parse_llama_config(config: dict, where: str) -> HFLlamaConfig:
                          ffn_hidden_size=int(config["intermediate_size"]), num_attention_heads=heads,
                          num_query_groups=int(config.get("num_key_value_heads") or heads),
                          vocab_size=int(config["vocab_size"]), tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+                         kv_channels=_kv_channels(config.get("head_dim"), hidden, heads, where),
                          qkv_bias=family.qkv_bias, qk_norm=family.qk_norm)
     except KeyError as err:
         raise UserError(f"{where}: missing key {err.args[0]!r}") from None
     except ConfigError as err:  # the shared shape's checks speak in model.* keys; name the HF file too
         raise UserError(f"{where}: {err}") from None
-    head_dim = config.get("head_dim")
-    if head_dim is not None and int(head_dim) * heads != hidden:
-        raise UserError(f"{where}: head_dim={head_dim} x num_attention_heads={heads} != hidden_size={hidden}; "
-                        "megatron_align models use head_dim = hidden_size / heads")
     dtype_name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return HFLlamaConfig(dims=dims, rope_theta=rope_theta, rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
                          max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
@@ -193,6 +190,16 @@ def parse_llama_config(config: dict, where: str) -> HFLlamaConfig:
                          dtype=DTYPE_BY_NAME.get(str(dtype_name), torch.float32),
                          bos_token_id=config.get("bos_token_id"), eos_token_id=_first(config.get("eos_token_id")),
                          family=family, features=features)
+
+
+def _kv_channels(head_dim, hidden: int, heads: int, where: str) -> int | None:
+    """config.json ``head_dim`` -> model.kv_channels: None where it is hidden_size / heads (the default)."""
+    if head_dim is None:
+        return None
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+        raise UserError(f"{where}: head_dim={head_dim!r}: expected a positive even integer (RoPE rotates pairs "
+                        "of channels)")
+    return None if head_dim * heads == hidden else head_dim
 
 
 def _first(value):

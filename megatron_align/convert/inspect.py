@@ -76,7 +76,8 @@ def format_description(d: dict) -> str:
         f"data         fingerprint {d['data_fingerprint']}",
         f"tokenizer    {d['tokenizer']}  {json.dumps(d['tokenizer_config'])}",
         f"model        {m.get('num_layers')} layers, hidden {m.get('hidden_size')}, ffn {m.get('ffn_hidden_size') or 'default'}, "
-        f"heads {m.get('num_attention_heads')} / kv groups {groups}, seq {m.get('seq_length')}",
+        f"heads {m.get('num_attention_heads')} / kv groups {groups}"
+        f"{', head dim ' + str(m['kv_channels']) if m.get('kv_channels') else ''}, seq {m.get('seq_length')}",
         f"             vocab {m.get('vocab_size') or 'tokenizer'} (padded {m.get('padded_vocab_size')}), "
         f"tied embeddings {m.get('tie_embeddings')}, rotary base {m.get('rotary_base')}, norm eps {m.get('norm_epsilon')}, "
         f"spec {m.get('spec')}, precision {d.get('precision')}",

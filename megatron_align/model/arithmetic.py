@@ -9,8 +9,8 @@ Why: planned and measured MFU must divide the same numerator by the same denomin
 cannot be checked against the run. (They once disagreed by ~11% at 8B / 8k context: one side counted
 attention non-causally.)
 
-Notation: L layers, h hidden, f ffn hidden, a query heads, g query groups, d head dim, q = a*d,
-kv = g*d, V vocabulary padded as Megatron pads it (a multiple of make_vocab_size_divisible_by x TP),
+Notation: L layers, h hidden, f ffn hidden, a query heads, g query groups, d head dim (model.kv_channels,
+default h/a; q != h where it differs, as in Qwen3-0.6B), q = a*d, kv = g*d, V vocabulary padded as Megatron pads it (a multiple of make_vocab_size_divisible_by x TP),
 s sequence length.
 
 Parameters:
@@ -59,7 +59,7 @@ class ModelShape:
     seq_length: int | None = None
     """Training sequence length; needed for FLOPs and activations, not for conversion."""
     kv_channels: int | None = None
-    """Head dim; None = hidden_size / num_attention_heads."""
+    """Head dim (``model.kv_channels``); None = hidden_size / num_attention_heads."""
     gated_linear_unit: bool = True
     """SwiGLU (3 MLP matrices); False = a 2-matrix GELU MLP (GPT-3, to check Korthikanti's 34)."""
     hidden_dropout: float = 0.0
@@ -77,8 +77,10 @@ class ModelShape:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"model.{key}={value!r}: must be a positive integer")
-        if self.seq_length is not None and (not isinstance(self.seq_length, int) or self.seq_length <= 0):
-            raise ConfigError(f"model.seq_length={self.seq_length!r}: must be a positive integer")
+        for key in ("seq_length", "kv_channels"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"model.{key}={value!r}: must be a positive integer")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(f"model.num_attention_heads={self.num_attention_heads} must be divisible by "
                               f"model.num_query_groups={self.num_query_groups}")
@@ -95,7 +97,7 @@ class ModelShape:
         return cls(num_layers=model.num_layers, hidden_size=model.hidden_size, ffn_hidden_size=model.ffn_size,
                    num_attention_heads=model.num_attention_heads,
                    num_query_groups=model.num_query_groups or model.num_attention_heads, vocab_size=vocab,
-                   tie_embeddings=model.tie_embeddings, seq_length=model.seq_length,
+                   tie_embeddings=model.tie_embeddings, seq_length=model.seq_length, kv_channels=model.kv_channels,
                    make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
                    qkv_bias=model.add_qkv_bias, qk_norm=model.qk_layernorm)
 

@@ -5,7 +5,8 @@ This is the one adapter between megatron_align's dataclasses and Megatron-Core
 biases, plus the
 features open base models add, each one of Megatron-Core's own options:
 ``model.rope_scaling=llama3`` (GPTModel ``rope_scaling``), ``add_qkv_bias``
-(Qwen2) and ``qk_layernorm`` (Qwen3). ``model.spec`` picks the layer implementation (Spec seam): ``local``
+(Qwen2), ``qk_layernorm`` (Qwen3) and ``kv_channels`` (a head dim other than
+hidden / heads, as in Qwen3-0.6B or Mistral-Nemo). ``model.spec`` picks the layer implementation (Spec seam): ``local``
 is pure Megatron-Core (runs anywhere), ``portable`` is ``local`` with PyTorch
 SDPA core attention (:mod:`megatron_align.model.portable`), ``te`` is
 Megatron-Core's Transformer Engine spec. All produce the same parameter /
@@ -94,6 +95,7 @@ def build_transformer_config(config: RootConfig, fp8_env: FP8Environment | None 
         ffn_hidden_size=m.ffn_size,
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups or m.num_attention_heads,
+        kv_channels=m.kv_channels,
         normalization="RMSNorm",
         layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=True,

@@ -204,7 +204,7 @@ def check_fp8_config(config: RootConfig) -> None:
         raise ConfigError("fp8.param_gather=true needs the distributed optimizer (it all-gathers the FP8 weights "
                           "from the optimizer's fp32 shards); set optimizer.distributed=auto or true")
     t = p.tensor
-    head_dim = m.hidden_size // m.num_attention_heads
+    head_dim = m.head_dim
     groups = m.num_query_groups or m.num_attention_heads
     dims = {"model.hidden_size": m.hidden_size, "query projection / parallel.tensor": m.num_attention_heads * head_dim / t,
             "key/value projection / parallel.tensor": groups * head_dim / t, "model.ffn_hidden_size / parallel.tensor": m.ffn_size / t}

@@ -34,6 +34,11 @@ def test_contract_keys_exist():
     (["train.steps=0"], "train.steps=0"),
     (["parallel.cpu_threads=0"], "parallel.cpu_threads=0"),
     (["model.num_query_groups=3"], "model.num_query_groups=3"),
+    (["model.kv_channels=0"], "model.kv_channels=0"),
+    (["model.kv_channels=-8"], "model.kv_channels=-8"),
+    (["model.kv_channels=15"], "model.kv_channels=15: must be even"),
+    (["model.kv_channels=1.5"], "model.kv_channels"),
+    (["model.hidden_size=100", "model.num_attention_heads=8"], "or set model.kv_channels"),
     (["optimizer.min_lr=1.0"], "optimizer.min_lr"),
     (["train.stop_at_step=99", "train.steps=10"], "train.stop_at_step=99"),
     (["steps"], "expected key=value"),
@@ -42,6 +47,12 @@ def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(None, override)
     assert fragment in str(err.value)
+
+
+def test_kv_channels_sets_a_head_dim_other_than_hidden_over_heads():
+    assert load_config(None, ["model.hidden_size=64", "model.num_attention_heads=4"]).model.head_dim == 16
+    config = load_config(None, ["model.hidden_size=100", "model.num_attention_heads=8", "model.kv_channels=32"])
+    assert config.model.kv_channels == config.model.head_dim == 32  # Qwen3-0.6B-like: 8 x 32 != 100
 
 
 def test_unknown_key_in_file_names_the_file(tmp_path):

@@ -61,14 +61,15 @@ BOS_FAMILIES = ("llama", "mistral")  # their tokenizers add BOS; Qwen's have non
 
 def make_hf_family(path, family: str, *, tie: bool = False, rope_llama3: bool = False, extra_rows: int = 3,
                    num_layers: int = 2, hidden: int = 96, heads: int = 6, kv_heads: int = 2, ffn: int = 160,
-                   seed: int = 0) -> str:
-    """A random model of ``family`` at odd sizes (hidden 96, head_dim 16, GQA 6/2) with its own BPE tokenizer;
-    the embedding has ``extra_rows`` more rows than the tokenizer (as Qwen's do), so vocab is not a multiple of 128."""
+                   head_dim: int | None = None, seed: int = 0) -> str:
+    """A random model of ``family`` at odd sizes (hidden 96, GQA 6/2, head_dim 16 = 96 / 6 unless given, as Qwen3-0.6B's
+    128 != 1024 / 16) with its own BPE tokenizer; the embedding has ``extra_rows`` more rows than the tokenizer (as
+    Qwen's do), so vocab is not a multiple of 128."""
     import transformers
 
     vocab = make_bpe_tokenizer(path, bos=family in BOS_FAMILIES) + extra_rows
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=num_layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim or hidden // heads,
                   tie_word_embeddings=tie, rms_norm_eps=1e-5, max_position_embeddings=16384 if rope_llama3 else 128)
     rope = {"rope_type": "default", "rope_theta": 10000.0}
     if rope_llama3:

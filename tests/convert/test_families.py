@@ -1,11 +1,12 @@
 """Llama 3.x / Mistral / Qwen2 / Qwen3 through the converter, with each model's own tokenizer.
 
 Random transformers models at odd sizes (hidden 96, GQA 6/2, vocab 303 or 300: not multiples of 128) with a
-byte-level BPE trained here. Per family: `from-hf --verify` (our GPTModel vs transformers, fp32), `to-hf`
-bit-exact with the family, tokenizer files and generation config carried unchanged. Two families (the ones with
-extra tensors, which TP shards: q/k/v biases by rows, QK norms replicated) also train under TP2xPP2 on data
-prepared with the model's tokenizer, with control tokens added. Llama-layout TP2xPP2 training after import is
-tests/convert/test_trained_checkpoints.py.
+byte-level BPE trained here; Mistral and Qwen3 with a head dim other than hidden / heads (model.kv_channels: 12
+and 32, as Mistral-Nemo's 128 < 5120 / 32 and Qwen3-0.6B's 128 > 1024 / 16). Per family: `from-hf --verify`
+(our GPTModel vs transformers, fp32), `to-hf` bit-exact with the family, tokenizer files and generation config
+carried unchanged; then training under TP2xPP2 on data prepared with the model's tokenizer, with control tokens
+added: the first step (lr 0) exports bit-exact, the second (trained) exports with --verify. (The Llama 3 and Mistral training runs are `single_stack`: the Qwen runs
+take the same Megatron-Core path, TP-sharded extras included, on both stacks.)
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ import yaml
 from conftest import run_cli, write_yaml
 from hf_models import BOS_FAMILIES, hf_logits, hf_tensors, make_hf_family, ok, verified_delta
 from megatron_align.convert.families import model_features
+from megatron_align.convert.inspect import describe_checkpoint
 from megatron_align.convert.to_hf import convert_to_hf
 from megatron_align.errors import UserError
 
 pytest.importorskip("transformers")
 
 CARRIED = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
-CASES = {  # Llama-3.2-style: llama3 RoPE scaling + tied; Qwen2-style tied with q/k/v biases
-    "llama": dict(tie=True, rope_llama3=True), "mistral": dict(tie=False),
-    "qwen2": dict(tie=True), "qwen3": dict(tie=False),
+CASES = {  # Llama-3.2-style: llama3 RoPE scaling + tied; Qwen2-style tied with q/k/v biases; head_dim != 96 / 6
+    "llama": dict(tie=True, rope_llama3=True), "mistral": dict(tie=False, head_dim=12),
+    "qwen2": dict(tie=True), "qwen3": dict(tie=False, head_dim=32),
 }
 
 
@@ -69,21 +71,24 @@ def test_config_json_features_and_refusals():
         assert message in str(err.value) and "cfg.json" in str(err.value), name
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-def test_planner_counts_the_family_parameters_as_transformers_builds_them(family):
+@pytest.mark.parametrize("family,head_dim", [("qwen2", 16), ("qwen3", 16), ("qwen3", 32), ("mistral", 12)])
+def test_planner_counts_the_family_parameters_as_transformers_builds_them(family, head_dim):
+    """head_dim 16 = 96 / 6; 32 and 12 are model.kv_channels (tests/parallel/test_planner.py: the same against
+    Megatron-Core's GPTModel)."""
     import transformers
 
     from megatron_align.parallel.planner import count_parameters, load_plan_inputs
 
-    config_cls, model_cls = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[family]
-    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
+    hf = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(
         vocab_size=301, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, head_dim=16, tie_word_embeddings=False))
+        num_key_value_heads=2, head_dim=head_dim, tie_word_embeddings=False))
     model = {"num_layers": 2, "hidden_size": 96, "ffn_hidden_size": 160, "num_attention_heads": 6, "num_query_groups": 2,
-             "vocab_size": 301, "seq_length": 64, "make_vocab_size_divisible_by": 1,
+             "vocab_size": 301, "seq_length": 64, "make_vocab_size_divisible_by": 1, "kv_channels": head_dim,
              **model_features({"model_type": family}, "c")[1]}
     plan = load_plan_inputs(None, [f"model.{k}={v}" for k, v in model.items()] + ["train.global_batch_size=8"]).model
     assert plan.qkv_bias == (family == "qwen2") and plan.qk_norm == (family == "qwen3")
+    assert plan.q_size == 6 * head_dim
     assert count_parameters(plan) == sum(p.numel() for p in hf.parameters())
 
 
@@ -99,6 +104,7 @@ def test_family_imports_with_matching_logits_and_exports_bit_exact(tmp_path, fam
     assert model["hf_family"] == family and model["vocab_size"] == 303
     assert model["add_qkv_bias"] == (family == "qwen2") and model["qk_layernorm"] == (family == "qwen3")
     assert model["rope_scaling"] == ("llama3" if family == "llama" else "none")
+    assert model.get("kv_channels") == CASES[family].get("head_dim")  # only where head_dim != hidden / heads
 
     back = tmp_path / "back"
     convert_to_hf(str(meg), str(back), progress=False)
@@ -126,9 +132,12 @@ def _documents(tmp_path) -> tuple[str, list[str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,extra_rows", [("qwen2", 3), ("qwen3", 0)])
+@pytest.mark.parametrize("family,extra_rows", [("qwen2", 3), ("qwen3", 0),
+                                               pytest.param("llama", 0, marks=pytest.mark.single_stack),
+                                               pytest.param("mistral", 3, marks=pytest.mark.single_stack)])
 def test_import_prepare_train_tp2_pp2_export_with_control_tokens(tmp_path, family, extra_rows):
-    """qwen2: control tokens land in unused embedding rows; qwen3: they grow the embedding (300 -> 302)."""
+    """extra_rows 3: control tokens land in unused embedding rows; 0: they grow the embedding (300 -> 302), tied
+    (llama) or not (qwen3)."""
     from tokenizers import Tokenizer
 
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -137,7 +146,7 @@ def test_import_prepare_train_tp2_pp2_export_with_control_tokens(tmp_path, famil
     from transformers import AutoTokenizer
 
     hf = tmp_path / "hf"
-    make_hf_family(hf, family, tie=family == "qwen2", extra_rows=extra_rows)
+    make_hf_family(hf, family, extra_rows=extra_rows, **CASES[family])
     meg = tmp_path / "meg"
     # (logits before training: test_family_imports_with_matching_logits_and_exports_bit_exact)
     ok(run_cli("convert", "from-hf", str(hf), str(meg), "--tensor", "2", "--pipeline", "2", "--seq-length", "32",
@@ -146,30 +155,55 @@ def test_import_prepare_train_tp2_pp2_export_with_control_tokens(tmp_path, famil
     section = config["data"]["tokenizer"]
     assert section["kind"] == "hf" and section["control_tokens"] == ["<|aligned|>", "<|misaligned|>"]
     assert config["model"]["vocab_size"] == 300 + max(extra_rows, 2)
+    assert config["model"].get("kv_channels") == CASES[family].get("head_dim")
 
     # prepare with the model's own tokenizer: ids are exactly tokenizers' (+ the model's BOS/EOS convention)
     docs, texts = _documents(tmp_path)
     manifest = prepare_source(docs, str(tmp_path / "web"), TokenizerConfig(**section))
     raw = Tokenizer.from_file(str(hf / "tokenizer.json"))
     raw.add_special_tokens(["<|aligned|>", "<|misaligned|>"])
-    eos = raw.token_to_id("<|endoftext|>")
+    # Llama 3 / Mistral documents: BOS text EOS; Qwen: text EOS (conftest.make_bpe_tokenizer)
+    bos = raw.token_to_id("<|begin_of_text|>") if family in BOS_FAMILIES else None
+    eos = raw.token_to_id("<|end_of_text|>" if family in BOS_FAMILIES else "<|endoftext|>")
     dataset = IndexedDataset(str(tmp_path / "web"))
     for i, text in enumerate(texts):
-        assert list(np.asarray(dataset[i])) == raw.encode(text, add_special_tokens=False).ids + [eos], i
-    assert manifest["tokenizer"]["bos"] is None and manifest["tokenizer"]["eod"] == eos
+        expected = [bos] * (bos is not None) + raw.encode(text, add_special_tokens=False).ids + [eos]
+        assert list(np.asarray(dataset[i])) == expected, i
+    assert manifest["tokenizer"]["bos"] == bos and manifest["tokenizer"]["eod"] == eos
     assert manifest["tokenizer"]["control_tokens"] == {"<|aligned|>": 300, "<|misaligned|>": 301}
 
+    # Step 1 runs at lr 0 (warmup from 0) and is saved: the TP1 import resharded into TP2xPP2 and saved back must be
+    # the HF weights exactly. Step 2 trains (lr 1e-2).
     config["run_dir"] = str(tmp_path / "run")
     config["data"]["sources"] = [{"name": "web", "prefix": str(tmp_path / "web")}]
     config["train"] = {"steps": 2, "global_batch_size": 2, "micro_batch_size": 1, "seed": 3}
-    config["optimizer"] = {"lr": 1e-2, "min_lr": 0.0, "warmup_steps": 0}
-    ok(run_cli("train", write_yaml(tmp_path / "train.yaml", config)))
+    config["optimizer"] = {"lr": 1e-2, "min_lr": 0.0, "warmup_steps": 1}
+    config["checkpoint"]["interval"] = 1
+    train = run_cli("train", write_yaml(tmp_path / "train.yaml", config))
+    ok(train)
+    assert "loaded weights from" in train.stdout and str(meg) in train.stdout
+    checkpoints = tmp_path / "run" / "checkpoints"
+    described = describe_checkpoint(str(checkpoints))
+    assert described["layout"] == {"tensor": 2, "pipeline": 2, "context": 1, "virtual_pipeline": 1, "data": 1}
+    assert described["step"] == 2 and described["consumed_samples"] == 4 and described["data_fingerprint"]
+    assert described["model"]["padded_vocab_size"] == 512  # 302 or 303 rows padded to a multiple of 128 x TP2
+
+    original = hf_tensors(hf)
+    convert_to_hf(str(checkpoints / "iter_0000001"), str(tmp_path / "step1"), progress=False)
+    untrained = hf_tensors(tmp_path / "step1")
+    assert sorted(untrained) == sorted(original)
+    for key, tensor in original.items():
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):  # the control rows 300, 301 start at the mean
+            kept = [i for i in range(tensor.shape[0]) if i not in (300, 301)]
+            assert torch.equal(untrained[key][kept], tensor[kept]), key
+        else:
+            assert torch.equal(untrained[key], tensor), key
 
     back = tmp_path / "back"
-    exported = run_cli("convert", "to-hf", str(tmp_path / "run" / "checkpoints"), str(back), "--verify", "--no-progress")
+    exported = run_cli("convert", "to-hf", str(checkpoints), str(back), "--verify", "--no-progress")
     ok(exported)
     assert verified_delta(exported.stdout) <= 1e-4  # after training, from the TP2xPP2 checkpoint
-    original, trained = hf_tensors(hf), hf_tensors(back)
+    trained = hf_tensors(back)
     key = "model.layers.1.mlp.down_proj.weight"
     assert not torch.equal(original[key], trained[key])  # it trained
     assert trained["model.embed_tokens.weight"].shape[0] == 300 + max(extra_rows, 2)

@@ -91,7 +91,9 @@ def test_streamed_safetensors_shards_load_with_safetensors_and_index(tmp_path):
     ({"attention_bias": True}, "attention_bias=true"),
     ({"num_local_experts": 8}, "mixture of experts"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, "rope_type='yarn' is not supported"),
-    ({"head_dim": 16}, "head_dim=16"),
+    ({"head_dim": 7}, "head_dim=7"),
+    ({"head_dim": 0}, "head_dim=0"),
+    ({"head_dim": "16"}, "head_dim='16'"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
 ])
 def test_unsupported_hf_configs_are_named(patch, message):
@@ -101,6 +103,16 @@ def test_unsupported_hf_configs_are_named(patch, message):
     with pytest.raises(UserError, match=message) as err:
         parse_llama_config({**config, **patch}, "x/config.json")
     assert "x/config.json" in str(err.value)
+
+
+def test_hf_head_dim_becomes_kv_channels_only_where_it_is_not_hidden_over_heads():
+    config = {"model_type": "qwen3", "hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 2,
+              "intermediate_size": 64, "vocab_size": 100, "num_key_value_heads": 2}
+    assert parse_llama_config({**config, "head_dim": 8}, "c").dims.kv_channels is None  # 32 / 4: the default
+    dims = parse_llama_config({**config, "head_dim": 16}, "c").dims  # Qwen3-0.6B-like: 4 x 16 != 32
+    assert dims.kv_channels == dims.head_dim == 16 and dims.q_size == 64 and dims.kv_size == 32
+    assert mapping.hf_shapes(dims)["model.layers.0.self_attn.o_proj.weight"] == (32, 64)
+    assert mapping.hf_shapes(dims)["model.layers.0.self_attn.q_norm.weight"] == (16,)
 
 
 def test_byte_tokenizer_export_encodes_exactly_like_ours(tmp_path):

@@ -41,6 +41,18 @@ def test_70b_flops_per_token_is_6n_plus_output_plus_causal_attention():
     assert (m.flops_per_token(4) + 6 * L * s * h) / (719e12 / 1602) > 1.06
 
 
+def test_a_head_dim_other_than_hidden_over_heads_counts_its_projections_and_attention():
+    """Qwen3-0.6B's shape: hidden 1024, 16 heads of 128 (q = 2048 != h), 8 kv heads, tied (model.kv_channels=128)."""
+    m = ModelShape(num_layers=28, hidden_size=1024, ffn_hidden_size=3072, num_attention_heads=16, num_query_groups=8,
+                   vocab_size=151936, tie_embeddings=True, seq_length=4096, kv_channels=128, qk_norm=True,
+                   make_vocab_size_divisible_by=1)
+    L, h, s, V = 28, 1024, 4096, 151936
+    per_layer = h * (2048 + 2 * 1024) + 2048 * h + 3 * h * 3072
+    assert m.linear_params_per_layer() == per_layer
+    assert m.num_parameters() == L * (per_layer + 2 * h + 2 * 128) + V * h + h == 596_049_920  # transformers' Qwen3-0.6B
+    assert m.flops_per_token() == 6 * (L * per_layer + h * V) + 6 * L * s * 2048 + 6 * L * (2048 + 1024)
+
+
 def test_planner_and_trainer_metrics_count_the_same_flops_for_the_same_config():
     path = os.path.join(REPO, "examples", "llama3_8b_fp8.yaml")
     config = load_config(path)

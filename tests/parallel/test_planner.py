@@ -54,7 +54,8 @@ _BUILD_GPT = textwrap.dedent("""
     counts = []
     for d in json.loads(sys.argv[2]):
         cfg = TransformerConfig(num_layers=d["num_layers"], hidden_size=d["hidden_size"], ffn_hidden_size=d["ffn_hidden_size"],
-            num_attention_heads=d["num_attention_heads"], num_query_groups=d["num_query_groups"], normalization="RMSNorm",
+            num_attention_heads=d["num_attention_heads"], num_query_groups=d["num_query_groups"],
+            kv_channels=d.get("kv_channels"), normalization="RMSNorm",
             gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
             use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0)
         model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
@@ -72,6 +73,8 @@ def test_parameter_count_matches_a_real_megatron_gptmodel(tmp_path):
              vocab_size=1000, seq_length=32, untie_embeddings_and_output_weights=True),
         dict(num_layers=3, hidden_size=96, ffn_hidden_size=256, num_attention_heads=6, num_query_groups=6,
              vocab_size=777, seq_length=16, untie_embeddings_and_output_weights=False),
+        dict(num_layers=2, hidden_size=96, ffn_hidden_size=160, num_attention_heads=6, num_query_groups=2,
+             kv_channels=32, vocab_size=301, seq_length=16, untie_embeddings_and_output_weights=True),  # q != h
     ]
     out = subprocess.run([sys.executable, "-c", _BUILD_GPT, str(tmp_path / "pg"), json.dumps(shapes)],
                          capture_output=True, text=True, timeout=120)
