@@ -254,3 +254,18 @@ def test_slurm_options_render_into_the_job_array_script(tmp_path):
         pipeline.SlurmConfig(srun_args="-n 2")
     with pytest.raises(ConfigError, match="--tasks"):
         pipeline.PipelineConfig(executor="local", tasks=0)
+
+    # Ray: a `ray:` section of the same file, flags override it; the shared --cpus-per-task reaches both executors
+    (tmp_path / "both.yaml").write_text("slurm:\n  partition: cpu\nray:\n  address: 10.0.0.1:6379\n  num_cpus: 8\n")
+    args = parser.parse_args(["--executor", "ray", "--tasks", "8", "--executor-config", str(tmp_path / "both.yaml"),
+                              "--cpus-per-task", "2", "--ray-num-cpus", "6"])
+    pc = pipeline.config_from_args(args, workers=-1)
+    assert (pc.ray.address, pc.ray.num_cpus, pc.ray.cpus_per_task, pc.slurm.partition) == ("10.0.0.1:6379", 6, 2, "cpu")
+    from megatron_align.data.pipeline_ray import local_num_cpus
+
+    assert local_num_cpus(pipeline.RayConfig(cpus_per_task=2), tasks=8, workers=3) == 6  # 3 tasks at once
+    (tmp_path / "typo.yaml").write_text("ray:\n  adress: x\n")
+    with pytest.raises(ConfigError, match=r"unknown ray keys \['adress'\]"):
+        pipeline.config_from_args(parser.parse_args(["--executor-config", str(tmp_path / "typo.yaml")]), workers=-1)
+    with pytest.raises(ConfigError, match="ray.num_cpus"):
+        pipeline.RayConfig(num_cpus=1, cpus_per_task=2)
