@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 
 from megatron_align.errors import UserError
 from megatron_align.optional import require
 
+_CONNECT_TIMEOUT_S = 10
 _INSTALL = "--executor ray (pip install 'megatron-align[ray]', or ray==2.60.0)"
 
 
@@ -35,6 +37,18 @@ def local_num_cpus(config, tasks: int, workers: int) -> int:
         return config.num_cpus
     at_once = workers if workers > 0 else min(tasks, os.cpu_count() or 1)
     return config.cpus_per_task * at_once
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once on a ``HOST:PORT`` nobody listens on (``ray.init`` retries such an address for minutes)."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():  # ray://, auto, ...: Ray's own lookup
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise UserError(f"ray.address={address!r}: nothing answers there ({err}); start the cluster's head "
+                        "(`ray start --head --port PORT`) or drop the address to run on a local Ray") from None
 
 
 @contextlib.contextmanager
@@ -47,6 +61,7 @@ def ray_session(config, tasks: int, workers: int) -> Iterator[None]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = config.address or os.environ.get("RAY_ADDRESS")
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=False)
         except ConnectionError as err:

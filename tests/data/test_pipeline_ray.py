@@ -58,3 +58,11 @@ def test_ray_executor_gives_the_local_bytes_and_reports_a_failed_task(tmp_path, 
     assert strict == 2
     assert re.search(r"filter: \d of 2 pipeline tasks did not finish \(first: task \d, log .*task_0000\d\.log\)", failed)
     assert not (tmp_path / "strict" / "report.json").exists()
+
+
+def test_an_address_nobody_answers_fails_at_once():
+    from megatron_align.errors import UserError
+
+    with pytest.raises(UserError, match=r"ray.address='127.0.0.1:1': nothing answers there"):
+        with ray_session(RayConfig(address="127.0.0.1:1"), tasks=2, workers=2):
+            pass  # ray.init would retry this address for minutes
