@@ -31,11 +31,11 @@ import sys
 import time
 from array import array
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any, Callable, Iterator, Optional
 
 from megatron_align.data import pipeline
 from megatron_align.data.filter import DocumentFilter, FilterConfig
-from megatron_align.data.sources import BadLine, expand_inputs, iter_units, parse_unit, strict_error
+from megatron_align.data.sources import BadLine, Progress, expand_inputs, iter_corpus, parse_unit, strict_error
 from megatron_align.errors import UserError
 
 _CHUNK_BYTES = 1 << 20
@@ -50,20 +50,24 @@ def parse_document(raw: bytes, text_field: str) -> tuple[dict[str, Any], str]:
     return record, text
 
 
-def iter_line_chunks(files: list[Path]) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
-    """(file index, [(1-based line or row number, raw line without newline), ...]) in ~1 MB chunks."""
-    for file_index, path in enumerate(files):
-        chunk: list[tuple[int, bytes]] = []
-        size = 0
-        for line_no, raw in iter_units(str(path)):
-            raw = raw.rstrip(b"\r\n")
-            chunk.append((line_no, raw))
-            size += len(raw)
-            if size >= _CHUNK_BYTES:
-                yield file_index, chunk
-                chunk, size = [], 0
-        if chunk:
+def iter_line_chunks(files: list[Path], done_bytes: Optional[list[int]] = None) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
+    """(file index, [(1-based line or row number, raw line without newline), ...]) in ~1 MB chunks of one file each;
+    ``done_bytes[0]``: input bytes consumed so far (progress)."""
+    chunk: list[tuple[int, bytes]] = []
+    size, current = 0, 0
+    for file_index, line_no, raw in iter_corpus([str(f) for f in files], done_bytes=done_bytes):
+        if file_index != current and chunk:
+            yield current, chunk
+            chunk, size = [], 0
+        current = file_index
+        raw = raw.rstrip(b"\r\n")
+        chunk.append((line_no, raw))
+        size += len(raw)
+        if size >= _CHUNK_BYTES:
             yield file_index, chunk
+            chunk, size = [], 0
+    if chunk:
+        yield current, chunk
 
 
 class AtomicOutput:
@@ -126,9 +130,10 @@ def _classify_chunk(source: str, lines: list[tuple[int, bytes]], doc_filter: Opt
 # ---- main side ---------------------------------------------------------------------------------
 
 
-def _classified_chunks(files: list[Path], config: FilterConfig, doc_filter: DocumentFilter) -> Iterator[tuple[int, list[tuple[int, bytes]], list[tuple[str, Any]]]]:
+def _classified_chunks(files: list[Path], config: FilterConfig, doc_filter: DocumentFilter,
+                       done_bytes: list[int]) -> Iterator[tuple[int, list[tuple[int, bytes]], list[tuple[str, Any]]]]:
     """(file index, lines, per-line results) in input order, using ``config.workers`` processes."""
-    chunks = iter_line_chunks(files)
+    chunks = iter_line_chunks(files, done_bytes)
     if config.workers == 1:
         for file_index, lines in chunks:
             yield file_index, lines, _classify_chunk(str(files[file_index]), lines, doc_filter)
@@ -150,8 +155,9 @@ def output_paths(out_dir: Path, compress: bool) -> dict[str, Path]:
     return {"kept": out_dir / f"kept{suffix}", "flagged": out_dir / f"flagged{suffix}", "report": out_dir / "report.json"}
 
 
-def filter_corpus(inputs: list[str], out_dir: str, config: FilterConfig, compress: bool = False) -> dict[str, Any]:
-    """Filter ``inputs`` into ``out_dir`` (kept, flagged, report.json); returns the report."""
+def filter_corpus(inputs: list[str], out_dir: str, config: FilterConfig, compress: bool = False,
+                  progress: bool = False) -> dict[str, Any]:
+    """Filter ``inputs`` into ``out_dir`` (kept, flagged, report.json); returns the report (``progress``: on stderr)."""
     files = [Path(p) for p in expand_inputs(inputs)]
     doc_filter = DocumentFilter(config)  # validates the term lists and classifier before any output exists
     out = Path(out_dir)
@@ -164,7 +170,7 @@ def filter_corpus(inputs: list[str], out_dir: str, config: FilterConfig, compres
     scratch = AtomicOutput(out / "kept.scratch") if resample else None
     outputs = [o for o in (kept_out, flagged_out, scratch) if o is not None]
     try:
-        stats = _first_pass(files, config, doc_filter, scratch or kept_out, flagged_out)
+        stats = _first_pass(files, config, doc_filter, scratch or kept_out, flagged_out, progress)
         return finish(files, config, doc_filter, stats, paths, kept_out, flagged_out, scratch, outputs, start)
     except BaseException:
         for o in outputs:
@@ -199,21 +205,30 @@ def new_stats(num_files: int) -> dict[str, Any]:
     }
 
 
-def _first_pass(files: list[Path], config: FilterConfig, doc_filter: DocumentFilter, kept: AtomicOutput, flagged: AtomicOutput) -> dict[str, Any]:
+def _first_pass(files: list[Path], config: FilterConfig, doc_filter: DocumentFilter, kept: AtomicOutput,
+                flagged: AtomicOutput, progress: bool = False) -> dict[str, Any]:
     stats = new_stats(len(files))
     resample = config.policy == "resample"
-    chunks = _classified_chunks(files, config, doc_filter)
+    done_bytes = [0]
+    bar = Progress(sum(os.path.getsize(f) for f in files), "filter", enabled=progress)
+    chunks = _classified_chunks(files, config, doc_filter, done_bytes)
     try:
-        _consume(chunks, files, config, stats, kept, flagged, resample)
+        _consume(chunks, files, config, stats, kept, flagged, resample, lambda: bar.update(done_bytes[0], stats["documents"]))
+        bar.close(stats["documents"])
+    except BaseException:
+        bar.close(stats["documents"], failed=True)
+        raise
     finally:
         chunks.close()  # stops the worker pool at once, also when a --strict error is raised
     return stats
 
 
 def _consume(chunks: Iterator[tuple[int, list[tuple[int, bytes]], list[tuple[str, Any]]]], files: list[Path],
-             config: FilterConfig, stats: dict[str, Any], kept: AtomicOutput, flagged: AtomicOutput, resample: bool) -> None:
+             config: FilterConfig, stats: dict[str, Any], kept: AtomicOutput, flagged: AtomicOutput, resample: bool,
+             on_chunk: Callable[[], None]) -> None:
     offset = 0
     for file_index, lines, results in chunks:
+        on_chunk()  # progress: shown as each chunk comes back
         for (line_no, raw), (status, payload) in zip(lines, results):
             stats["lines"][file_index] = line_no
             stats["bytes"] += len(raw) + 1
@@ -351,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
             pipeline.report_submitted(report)
             return 0
     else:
-        report = filter_corpus(args.inputs, args.out_dir, config, compress=args.compress)
+        report = filter_corpus(args.inputs, args.out_dir, config, compress=args.compress, progress=args.progress)
     print(f"{report['documents']} documents, {report['flagged']} flagged ({100 * report['flag_rate']:.2f}%), "
           f"{report['skipped']['total']} bad lines skipped; {report['output_documents']} written to {report['outputs']['kept']}; "
           f"report: {report['outputs']['report']}", file=sys.stdout)

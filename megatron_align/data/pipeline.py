@@ -19,13 +19,20 @@ run never leaves an output that looks complete.
 SLURM: the shard step is submitted as a job array through datatrove's
 ``SlurmPipelineExecutor`` (``#SBATCH`` options from :class:`SlurmConfig`),
 the merge as one job that depends on it (``afterok``); the command returns
-after submitting. Ray: datatrove's ``RayPipelineExecutor`` when ``ray`` is
-installed (it is not a dependency of this package).
+after submitting. Ray: datatrove's ``RayPipelineExecutor`` on the cluster at
+``ray.address`` (or ``RAY_ADDRESS``), else on a local Ray started for the run
+and stopped after it (:mod:`megatron_align.data.pipeline_ray`); the merge runs
+in this process once every task is done.
+
+Progress (local, ray): this process shows the one progress display of the
+data verbs (:class:`~megatron_align.data.sources.Progress`) over finished
+files -- a file is a task's unit of work -- polled from the shard markers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import json
@@ -34,11 +41,12 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from megatron_align.data.pipeline_shards import VERBS
-from megatron_align.data.sources import expand_inputs
+from megatron_align.data.sources import Progress, expand_inputs
 from megatron_align.errors import ConfigError, UserError
 from megatron_align.optional import require
 
@@ -87,6 +95,43 @@ class SlurmConfig:
 
 
 @dataclass
+class RayConfig:
+    """Ray options of a pipeline (config key ``ray:``; flags override)."""
+
+    address: Optional[str] = None
+    """A running Ray cluster (``HOST:PORT``, ``ray://HOST:10001`` or ``auto``); None = ``$RAY_ADDRESS``, else a
+    local Ray is started for the run (and stopped after it). A cluster's nodes need this package installed and the
+    work directory mounted."""
+    cpus_per_task: int = 1
+    """CPUs Ray reserves per task. A task is one process: more tasks, not more CPUs per task, use more cores."""
+    mem_per_cpu_gb: Optional[float] = None
+    """Memory Ray reserves per CPU (GB); None = no reservation (datatrove would reserve 2 GB, which a small node
+    cannot schedule many of)."""
+    num_cpus: Optional[int] = None
+    """CPUs of the local Ray; None = ``cpus_per_task`` x the tasks run at once (``--workers``, else all tasks, at most
+    this machine's cores). Ignored with an address."""
+    object_store_mb: int = 256
+    """Shared-memory object store of the local Ray (``/dev/shm``); the pipeline passes only its plan through it."""
+    start_timeout_s: int = 120
+    """How long the local Ray waits for its agent and task processes to start (``RAY_agent_register_timeout_ms``,
+    ``RAY_worker_register_timeout_seconds``); on a loaded machine they take longer than Ray's defaults and the node
+    dies ("timed out during startup")."""
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_task < 1:
+            raise ConfigError(f"ray.cpus_per_task={self.cpus_per_task}: must be >= 1")
+        if self.mem_per_cpu_gb is not None and self.mem_per_cpu_gb <= 0:
+            raise ConfigError(f"ray.mem_per_cpu_gb={self.mem_per_cpu_gb}: must be > 0")
+        if self.num_cpus is not None and self.num_cpus < self.cpus_per_task:
+            raise ConfigError(f"ray.num_cpus={self.num_cpus}: must be >= ray.cpus_per_task={self.cpus_per_task}, or no "
+                              "task can ever be scheduled")
+        if self.object_store_mb < 80:
+            raise ConfigError(f"ray.object_store_mb={self.object_store_mb}: Ray needs at least 80")
+        if self.start_timeout_s < 1:
+            raise ConfigError(f"ray.start_timeout_s={self.start_timeout_s}: must be >= 1")
+
+
+@dataclass
 class PipelineConfig:
     """How a data verb runs: in this process, or as a datatrove pipeline."""
 
@@ -101,7 +146,10 @@ class PipelineConfig:
     the output."""
     keep_work: bool = False
     """Keep the shards after a successful merge (else the work directory is removed)."""
+    progress: bool = False
+    """Show finished input (bytes, documents, rates) on stderr while the tasks run (local, ray)."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -181,6 +229,47 @@ def _slurm_executors(verb: str, pc: PipelineConfig, shard_step, merge_step, logs
     return shards, merged
 
 
+class _ShardProgress:
+    """The progress display while the tasks run: input bytes, documents (and tokens) of the finished files, read
+    from the shard markers every ``interval_s`` by a thread of this process."""
+
+    def __init__(self, verb: str, files: list[str], work_dir: str, enabled: bool, interval_s: float = 2.0) -> None:
+        self.marker = VERBS[verb][1]
+        self.sizes = [os.path.getsize(f) for f in files]
+        self.shards = [shard_prefix(work_dir, i) for i in range(len(files))]
+        self.bar = Progress(sum(self.sizes), f"{verb} ({len(files)} files)", enabled, tokens=verb == "prepare")
+        self.counts: dict[int, tuple[int, int]] = {}  # file index -> (documents, tokens) of its finished shard
+        self.enabled, self.interval_s = enabled, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="pipeline-progress", daemon=True)
+
+    def poll(self) -> None:
+        for index, shard in enumerate(self.shards):
+            if index not in self.counts and os.path.exists(shard + self.marker):
+                with open(shard + self.marker, encoding="utf-8") as f:
+                    marker = json.load(f)
+                self.counts[index] = (marker["documents"], marker.get("tokens", 0))
+        self.bar.update(sum(self.sizes[i] for i in self.counts), *map(sum, zip((0, 0), *self.counts.values())))
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+    def __enter__(self) -> "_ShardProgress":
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.enabled:
+            return
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+        documents, tokens = map(sum, zip((0, 0), *self.counts.values()))
+        self.bar.close(documents, tokens, failed=exc_type is not None or len(self.counts) < len(self.shards))
+
+
 def run_pipeline(verb: str, inputs: list[str], params: dict, pc: PipelineConfig, default_work_dir: str) -> dict:
     """Run ``verb`` as a datatrove pipeline; returns the merged result (slurm: the submitted job ids)."""
     files = expand_inputs(inputs)
@@ -197,25 +286,36 @@ def run_pipeline(verb: str, inputs: list[str], params: dict, pc: PipelineConfig,
         return {"submitted": True, "job_ids": [shards.job_id, merged.job_id], "work_dir": work_dir,
                 "logs": logs}
     if pc.executor == "ray":
-        ray = require("ray", "--executor ray (pip install ray)")
-        from datatrove.executor.ray import RayPipelineExecutor
+        from megatron_align.data.pipeline_ray import ray_session
 
-        if not ray.is_initialized():  # RAY_ADDRESS names a running cluster; else a local one is started
-            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
-        executor = RayPipelineExecutor([shard_step], tasks=pc.tasks, workers=pc.tasks if pc.workers == -1 else pc.workers,
-                                       logging_dir=os.path.join(logs, "shards"))
+        session = ray_session(pc.ray, pc.tasks, pc.workers)
     else:
-        from datatrove.executor import LocalPipelineExecutor
+        session = contextlib.nullcontext()
+    with session:
+        if pc.executor == "ray":
+            from datatrove.executor.ray import RayPipelineExecutor
 
-        executor = LocalPipelineExecutor([shard_step], tasks=pc.tasks, workers=pc.workers,
-                                         logging_dir=os.path.join(logs, "shards"))
-    try:
-        executor.run()
-    except UserError:
-        raise
-    except Exception as err:  # a task failed: its message, and how to go on
-        raise UserError(f"{verb}: a pipeline task failed: {err} (task logs: {logs}/shards/logs); fix it and run the "
-                        "same command again: finished tasks and files are kept") from err
+            executor = RayPipelineExecutor(
+                [shard_step], tasks=pc.tasks, workers=pc.workers, logging_dir=os.path.join(logs, "shards"),
+                cpus_per_task=pc.ray.cpus_per_task, mem_per_cpu_gb=pc.ray.mem_per_cpu_gb or 0)
+        else:
+            from datatrove.executor import LocalPipelineExecutor
+
+            executor = LocalPipelineExecutor([shard_step], tasks=pc.tasks, workers=pc.workers,
+                                             logging_dir=os.path.join(logs, "shards"))
+        with _ShardProgress(verb, files, work_dir, pc.progress):
+            try:
+                executor.run()
+            except UserError:
+                raise
+            except Exception as err:  # a task failed: its message, and how to go on
+                raise UserError(f"{verb}: a pipeline task failed: {err} (task logs: {logs}/shards/logs); fix it and "
+                                "run the same command again: finished tasks and files are kept") from err
+    failed = executor.get_incomplete_ranks(range(pc.tasks), skip_completed=True)
+    if failed:  # datatrove's Ray executor logs a failed task and returns
+        raise UserError(f"{verb}: {len(failed)} of {pc.tasks} pipeline tasks did not finish (first: task {failed[0]}, "
+                        f"log {logs}/shards/logs/task_{failed[0]:05d}.log); fix it and run the same command again: "
+                        "finished tasks and files are kept")
     result = merge(verb, files, work_dir, params, pc.keep_work)
     if not pc.keep_work:
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -226,16 +326,24 @@ def run_pipeline(verb: str, inputs: list[str], params: dict, pc: PipelineConfig,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="progress (bytes, documents, rates) on stderr")
     g = parser.add_argument_group("pipeline (datatrove): run across processes, a SLURM job array or Ray")
     g.add_argument("--executor", choices=EXECUTORS, default="none",
                    help="none: this process (default) | local | slurm | ray: a datatrove pipeline of --tasks tasks")
     g.add_argument("--tasks", type=int, default=1, help="pipeline tasks; input file i goes to task i mod N")
     g.add_argument("--work-dir", default=None, help="shards and completion records (default: next to the output)")
     g.add_argument("--keep-work", action="store_true", help="keep the shards after the merge")
-    g.add_argument("--slurm-config", default=None, help="YAML file with a `slurm:` mapping (SlurmConfig keys)")
-    for key, kind in (("partition", str), ("time", str), ("cpus-per-task", int), ("mem-per-cpu-gb", int),
-                      ("account", str), ("qos", str), ("job-name", str), ("srun-args", str), ("env-command", str)):
+    g.add_argument("--executor-config", "--slurm-config", dest="executor_config", default=None,
+                   help="YAML file with `slurm:` and/or `ray:` mappings (SlurmConfig / RayConfig keys)")
+    for key, kind in (("partition", str), ("time", str), ("account", str), ("qos", str), ("job-name", str),
+                      ("srun-args", str), ("env-command", str)):
         g.add_argument(f"--{key}", type=kind, default=None, help=f"slurm.{key.replace('-', '_')}")
+    g.add_argument("--cpus-per-task", type=int, default=None, help="slurm.cpus_per_task / ray.cpus_per_task")
+    g.add_argument("--mem-per-cpu-gb", type=int, default=None, help="slurm.mem_per_cpu_gb / ray.mem_per_cpu_gb")
+    g.add_argument("--ray-address", default=None, help="ray.address: a running Ray cluster (default: $RAY_ADDRESS, "
+                   "else a local Ray for the run)")
+    g.add_argument("--ray-num-cpus", type=int, default=None, help="ray.num_cpus of the local Ray")
 
 
 def report_submitted(result: dict) -> None:
@@ -243,20 +351,40 @@ def report_submitted(result: dict) -> None:
           f"outputs appear when the merge job ends; logs: {result['logs']}; rerun the same command to resume")
 
 
+def _section(loaded: dict, name: str, config_cls, path: str) -> dict[str, Any]:
+    section = dict(loaded.get(name) or {})
+    unknown = set(section) - {f.name for f in dataclasses.fields(config_cls)}
+    if unknown:
+        raise ConfigError(f"{path}: unknown {name} keys {sorted(unknown)}")
+    return section
+
+
 def config_from_args(args: argparse.Namespace, workers: int) -> PipelineConfig:
     slurm: dict[str, Any] = {}
-    if args.slurm_config:
+    ray: dict[str, Any] = {}
+    if args.executor_config:
         import yaml
 
-        with open(args.slurm_config, encoding="utf-8") as f:
+        with open(args.executor_config, encoding="utf-8") as f:
             loaded = yaml.safe_load(f) or {}
-        slurm = dict(loaded.get("slurm", loaded))
-        unknown = set(slurm) - {f.name for f in dataclasses.fields(SlurmConfig)}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{args.executor_config}: expected a mapping with `slurm:` and/or `ray:`")
+        if not {"slurm", "ray"} & set(loaded):  # a bare mapping is the slurm section
+            loaded = {"slurm": loaded}
+        unknown = set(loaded) - {"slurm", "ray"}
         if unknown:
-            raise ConfigError(f"{args.slurm_config}: unknown slurm keys {sorted(unknown)}")
-    for f in dataclasses.fields(SlurmConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            slurm[f.name] = value
+            raise ConfigError(f"{args.executor_config}: unknown sections {sorted(unknown)} (expected slurm, ray)")
+        slurm = _section(loaded, "slurm", SlurmConfig, args.executor_config)
+        ray = _section(loaded, "ray", RayConfig, args.executor_config)
+    for section, config_cls in ((slurm, SlurmConfig), (ray, RayConfig)):
+        for f in dataclasses.fields(config_cls):
+            value = getattr(args, f.name, None)
+            if value is not None:
+                section[f.name] = value
+    if args.ray_address is not None:
+        ray["address"] = args.ray_address
+    if args.ray_num_cpus is not None:
+        ray["num_cpus"] = args.ray_num_cpus
     return PipelineConfig(executor=args.executor, tasks=args.tasks, workers=workers, work_dir=args.work_dir,
-                          keep_work=args.keep_work, slurm=SlurmConfig(**slurm))
+                          keep_work=args.keep_work, progress=args.progress, slurm=SlurmConfig(**slurm),
+                          ray=RayConfig(**ray))

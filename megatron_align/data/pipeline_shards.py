@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from megatron_align.data.sources import SKIP_REASONS
 
 _NUM_EXAMPLES = 10
@@ -115,7 +117,8 @@ def merge_prepare(files: list[str], shards: list[str], params: dict) -> dict:
 def shard_filter(path: str, prefix: str, params: dict) -> None:
     from megatron_align.data.filter_corpus import AtomicOutput, _first_pass
 
-    config = dataclasses.replace(params["config"], policy="drop", workers=1)  # resampling is global: the merge does it
+    # resampling is global: the merge draws; with policy resample the shard records where each kept line starts
+    config = dataclasses.replace(params["config"], workers=1)
     kept, flagged = AtomicOutput(Path(prefix + ".kept.jsonl")), AtomicOutput(Path(prefix + ".flagged.jsonl"))
     try:
         stats = _first_pass([Path(path)], config, _document_filter(config), kept, flagged)
@@ -125,6 +128,10 @@ def shard_filter(path: str, prefix: str, params: dict) -> None:
         kept.discard()
         flagged.discard()
         raise
+    if config.policy == "resample":  # int64 offsets, written before the marker
+        with open(prefix + ".offsets.tmp", "wb") as f:
+            stats["kept_offsets"].tofile(f)
+        os.replace(prefix + ".offsets.tmp", prefix + ".offsets")
     stats = {**stats, "terms": [[c, t, n] for (c, t), n in stats["terms"].items()],
              "flag_positions": list(stats["flag_positions"])}
     del stats["kept_offsets"]
@@ -147,7 +154,7 @@ def merge_filter(files: list[str], shards: list[str], params: dict) -> dict:
     outputs = [o for o in (kept_out, flagged_out, scratch) if o is not None]
     stats = new_stats(0)
     try:
-        offset = 0
+        offset = 0  # bytes in the scratch file so far
         for shard in shards:
             st = _read_json(shard + ".stats.json")
             base = stats["kept"]
@@ -161,13 +168,10 @@ def merge_filter(files: list[str], shards: list[str], params: dict) -> dict:
             stats["examples"].extend(st["examples"][: config.num_examples - len(stats["examples"])])
             stats["flag_positions"].extend(base + p for p in st["flag_positions"])
             with open(shard + ".kept.jsonl", "rb") as f:
-                if scratch is not None:
-                    for line in f:
-                        stats["kept_offsets"].append(offset)
-                        offset += len(line)
-                        scratch.stream.write(line)
-                else:
-                    shutil.copyfileobj(f, kept_out.stream, 1 << 22)
+                shutil.copyfileobj(f, kept_out.stream if scratch is None else scratch.stream, 1 << 22)
+            if scratch is not None:  # the shard's kept-line offsets, shifted to where its lines now start
+                stats["kept_offsets"].frombytes((np.fromfile(shard + ".offsets", dtype=np.int64) + offset).tobytes())
+                offset += os.path.getsize(shard + ".kept.jsonl")
             with open(shard + ".flagged.jsonl", "rb") as f:
                 shutil.copyfileobj(f, flagged_out.stream, 1 << 22)
         return finish([Path(f) for f in files], config, doc_filter, stats, paths, kept_out, flagged_out, scratch,

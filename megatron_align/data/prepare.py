@@ -35,7 +35,7 @@ import numpy as np
 
 import megatron_align
 from megatron_align.data import pipeline
-from megatron_align.data.sources import (SKIP_REASONS, BadLine, Progress, describe, expand_inputs, iter_units,
+from megatron_align.data.sources import (SKIP_REASONS, BadLine, Progress, describe, expand_inputs, iter_corpus,
                                          parse_unit, sha256_file, strict_error)
 from megatron_align.data.tokenizer import DEFAULT_CONTROL_TOKENS, TokenizerConfig, build_tokenizer, encode_documents
 from megatron_align.errors import UserError
@@ -90,23 +90,22 @@ def _work(task: tuple[int, int, list[bytes]]) -> ChunkResult:
 
 
 def _read_chunks(paths: list[str], text_field: str, done_bytes: list[int]) -> Iterator[tuple[int, int, list[bytes]]]:
-    """(file index, first line number, lines); updates done_bytes[0] with raw bytes consumed so far."""
-    finished = 0
-    for file_index, path in enumerate(paths):
-        position = [0]
-        lines: list[bytes] = []
-        size, first = 0, 1
-        for number, line in iter_units(path, text_field, position):
-            lines.append(line)
-            size += len(line)
-            if len(lines) >= _CHUNK_LINES or size >= _CHUNK_BYTES:
-                done_bytes[0] = finished + position[0]
-                yield file_index, first, lines
-                lines, size, first = [], 0, number + 1
-        if lines:
+    """(file index, first line number, lines) of at most one file each; done_bytes[0]: input bytes consumed."""
+    lines: list[bytes] = []
+    size, first, current = 0, 1, 0
+    for file_index, number, line in iter_corpus(paths, text_field, done_bytes):
+        if file_index != current and lines:
+            yield current, first, lines
+            lines, size = [], 0
+        if not lines:
+            first, current = number, file_index
+        lines.append(line)
+        size += len(line)
+        if len(lines) >= _CHUNK_LINES or size >= _CHUNK_BYTES:
             yield file_index, first, lines
-        finished += os.path.getsize(path)
-        done_bytes[0] = finished
+            lines, size = [], 0
+    if lines:
+        yield current, first, lines
 
 
 def _tokenized_chunks(chunks, tokenizer, tokenizer_config, text_field: str, workers: int) -> Iterator[ChunkResult]:
@@ -179,7 +178,8 @@ def prepare_source(
     report_path = f"{output_prefix}.skipped.jsonl"
     tmp_suffix = f".tmp-{os.getpid()}"
     writer = AtomicIndexedWriter(output_prefix, tokenizer.vocab_size)
-    bar = Progress(sum(m["bytes"] for m in inputs_meta), f"prepare {source_name}", enabled=progress)
+    bar = Progress(sum(m["bytes"] for m in inputs_meta), f"prepare {source_name}", enabled=progress,
+                   tokens=True)
     done_bytes = [0]
     try:
         with open(report_path + tmp_suffix, "w", encoding="utf-8") as report, \
@@ -301,7 +301,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer processes (default 1); with --executor: tasks at once (default all). "
                              "Output is identical for any count")
     parser.add_argument("--strict", action="store_true", help="fail on the first unusable line, writing nothing")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress on stderr")
     pipeline.add_arguments(parser)
 
 

@@ -38,7 +38,7 @@ from typing import Any, Optional, Sequence
 from megatron_align.data import pipeline
 from megatron_align.data.filter import DocumentFilter, FilterConfig
 from megatron_align.data.filter_corpus import AtomicOutput, iter_line_chunks, parse_document
-from megatron_align.data.sources import BadLine, expand_inputs, strict_error
+from megatron_align.data.sources import BadLine, Progress, expand_inputs, strict_error
 from megatron_align.errors import ConfigError
 
 ALIGNED_TOKEN = "<|aligned|>"
@@ -178,15 +178,16 @@ class Tagger:
 
 
 def tag_corpus(inputs: list[str], output: str, config: TaggingConfig, doc_filter: Optional[DocumentFilter] = None,
-               strict: bool = False) -> dict[str, Any]:
-    """Tag every record of ``inputs`` into ``output`` (.jsonl or .jsonl.gz, written atomically); returns counts."""
+               strict: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Tag every record of ``inputs`` into ``output`` (.jsonl or .jsonl.gz, written atomically); returns counts
+    (``progress``: on stderr)."""
     files = expand_inputs(inputs)
     tagger = Tagger(config, doc_filter)
     out_path = Path(output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     writer = AtomicOutput(out_path, compress=out_path.name.endswith(".gz"))
     try:
-        summary = tag_into(files, tagger, writer.stream, strict)
+        summary = tag_into(files, tagger, writer.stream, strict, progress)
         writer.commit()
     except BaseException:
         writer.discard()
@@ -194,12 +195,28 @@ def tag_corpus(inputs: list[str], output: str, config: TaggingConfig, doc_filter
     return {**summary, "output": str(out_path)}
 
 
-def tag_into(files: list[str], tagger: Tagger, stream, strict: bool) -> dict[str, Any]:
+def tag_into(files: list[str], tagger: Tagger, stream, strict: bool, progress: bool = False) -> dict[str, Any]:
     """Write the tagged records of ``files`` to ``stream``; return the counts (a pipeline shard calls this too)."""
     counts: collections.Counter = collections.Counter()
     skipped: collections.Counter = collections.Counter()
     bad_lines: list[dict[str, Any]] = []
-    for file_index, lines in iter_line_chunks(files):
+    done_bytes = [0]
+    bar = Progress(sum(os.path.getsize(f) for f in files), "tag", enabled=progress)
+    try:
+        _tag_chunks(iter_line_chunks(files, done_bytes), files, tagger, stream, strict, counts, skipped, bad_lines,
+                    lambda: bar.update(done_bytes[0], counts["documents"]))
+        bar.close(counts["documents"])
+    except BaseException:
+        bar.close(counts["documents"], failed=True)
+        raise
+    return {"documents": counts["documents"], "aligned": counts[ALIGNED_TOKEN], "misaligned": counts[MISALIGNED_TOKEN],
+            "untagged": counts["untagged"], "skipped": dict(skipped), "skipped_lines": bad_lines}
+
+
+def _tag_chunks(chunks, files: list[str], tagger: Tagger, stream, strict: bool, counts: collections.Counter,
+                skipped: collections.Counter, bad_lines: list[dict[str, Any]], on_chunk) -> None:
+    for file_index, lines in chunks:
+        on_chunk()
         for line_no, raw in lines:
             if not raw.strip():
                 continue
@@ -216,8 +233,6 @@ def tag_into(files: list[str], tagger: Tagger, stream, strict: bool) -> dict[str
             counts["documents"] += 1
             counts.update("untagged" if t is None else t for t in tokens)
             stream.write(json.dumps(tagged, ensure_ascii=False).encode("utf-8") + b"\n")
-    return {"documents": counts["documents"], "aligned": counts[ALIGNED_TOKEN], "misaligned": counts[MISALIGNED_TOKEN],
-            "untagged": counts["untagged"], "skipped": dict(skipped), "skipped_lines": bad_lines}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -254,6 +269,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         doc_filter = (DocumentFilter(FilterConfig(terms_dir=args.terms_dir, text_field=args.text_field))
                       if config.source == "filter" else None)
-        summary = tag_corpus(args.inputs, args.output, config, doc_filter, strict=args.strict)
+        summary = tag_corpus(args.inputs, args.output, config, doc_filter, strict=args.strict, progress=args.progress)
     print(json.dumps({k: v for k, v in summary.items() if k != "skipped_lines"}))
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,17 +63,35 @@ def manifest(prefix: Path) -> dict:
     return m
 
 
-def test_prepare_filter_tag_pipeline_bytes_equal_single_process(tmp_path):
+def last_progress(err: str, label: str) -> str:
+    """The last progress line ``label: ...`` a verb printed on stderr (not a terminal: plain lines)."""
+    lines = [line for line in err.splitlines() if line.startswith(label + ": ")]
+    assert lines, f"no {label!r} progress line in {err[-2000:]!r}"
+    return lines[-1]
+
+
+def test_prepare_filter_tag_pipeline_bytes_equal_single_process(tmp_path, capsys):
     inputs = [str(p) for p in write_corpus(tmp_path / "in")]
+    size_kb = sum(os.path.getsize(p) for p in inputs) / 1e3
     tok = tokenizer_config_from_arg("byte", None)
-    prepare_source(inputs, str(tmp_path / "old" / "web"), tok)
-    filter_corpus(inputs, str(tmp_path / "old_f"), FilterConfig(policy="resample"))
-    tag_corpus(inputs, str(tmp_path / "old_t.jsonl.gz"), TaggingConfig(), None)
+    m = prepare_source(inputs, str(tmp_path / "old" / "web"), tok, progress=True)
+    filter_corpus(inputs, str(tmp_path / "old_f"), FilterConfig(policy="resample"), progress=True)
+    tag_corpus(inputs, str(tmp_path / "old_t.jsonl.gz"), TaggingConfig(), None, progress=True)
+    err = capsys.readouterr().err
+    # the one progress display: the share and size of the input, documents, rates (prepare: tokens too)
+    rate = r"\d+\.\d\d MB/s"
+    assert re.fullmatch(rf"prepare web: 100\.0% of {size_kb:.1f} kB, 240 docs, {rate}, {m['tokens']:,} tokens, "
+                        r"[\d,]+ tokens/s", last_progress(err, "prepare web"))
+    for verb in ("filter", "tag"):
+        assert re.fullmatch(rf"{verb}: 100\.0% of {size_kb:.1f} kB, 240 docs, {rate}", last_progress(err, verb))
     for tasks in (1, 4):
         out = tmp_path / f"t{tasks}"
         # tasks=1 runs in this process; 4 tasks run in 2 datatrove worker processes
         common = ["--executor", "local", "--tasks", str(tasks), "--workers", "1" if tasks == 1 else "2"]
         assert main(["prepare", *inputs, "--output-prefix", str(out / "web"), *common]) == 0
+        # the pipeline's display (finished files, polled from the shard markers), the same line
+        assert re.fullmatch(rf"prepare \(6 files\): 100\.0% of {size_kb:.1f} kB, 240 docs, {rate}, "
+                            rf"{m['tokens']:,} tokens, [\d,]+ tokens/s", last_progress(capsys.readouterr().err, "prepare (6 files)"))
         assert read_all(out / "web") == read_all(tmp_path / "old" / "web")
         assert manifest(out / "web") == manifest(tmp_path / "old" / "web")
         assert not (out / "web.work").exists()  # shards removed after the merge
@@ -84,7 +103,11 @@ def test_prepare_filter_tag_pipeline_bytes_equal_single_process(tmp_path):
             for key in ("seconds", "mb_per_s", "outputs"):
                 r.pop(key)
         assert new == old and new["flagged"] > 0 and new["skipped"]["total"] == 6 and new["per_category"]
+        assert re.fullmatch(rf"filter \(6 files\): 100\.0% of {size_kb:.1f} kB, 240 docs, {rate}",
+                            last_progress(capsys.readouterr().err, "filter (6 files)"))
         assert main(["tag", *inputs, "--output", str(out / "t.jsonl.gz"), *common]) == 0
+        assert re.fullmatch(rf"tag \(6 files\): 100\.0% of {size_kb:.1f} kB, 240 docs, {rate}",
+                            last_progress(capsys.readouterr().err, "tag (6 files)"))
         assert (out / "t.jsonl.gz").read_bytes() == (tmp_path / "old_t.jsonl.gz").read_bytes()
 
 
@@ -231,3 +254,18 @@ def test_slurm_options_render_into_the_job_array_script(tmp_path):
         pipeline.SlurmConfig(srun_args="-n 2")
     with pytest.raises(ConfigError, match="--tasks"):
         pipeline.PipelineConfig(executor="local", tasks=0)
+
+    # Ray: a `ray:` section of the same file, flags override it; the shared --cpus-per-task reaches both executors
+    (tmp_path / "both.yaml").write_text("slurm:\n  partition: cpu\nray:\n  address: 10.0.0.1:6379\n  num_cpus: 8\n")
+    args = parser.parse_args(["--executor", "ray", "--tasks", "8", "--executor-config", str(tmp_path / "both.yaml"),
+                              "--cpus-per-task", "2", "--ray-num-cpus", "6"])
+    pc = pipeline.config_from_args(args, workers=-1)
+    assert (pc.ray.address, pc.ray.num_cpus, pc.ray.cpus_per_task, pc.slurm.partition) == ("10.0.0.1:6379", 6, 2, "cpu")
+    from megatron_align.data.pipeline_ray import local_num_cpus
+
+    assert local_num_cpus(pipeline.RayConfig(cpus_per_task=2), tasks=8, workers=3) == 6  # 3 tasks at once
+    (tmp_path / "typo.yaml").write_text("ray:\n  adress: x\n")
+    with pytest.raises(ConfigError, match=r"unknown ray keys \['adress'\]"):
+        pipeline.config_from_args(parser.parse_args(["--executor-config", str(tmp_path / "typo.yaml")]), workers=-1)
+    with pytest.raises(ConfigError, match="ray.num_cpus"):
+        pipeline.RayConfig(num_cpus=1, cpus_per_task=2)
