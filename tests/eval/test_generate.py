@@ -81,6 +81,7 @@ def test_random_model_unparsed_answers_are_counted_not_scored(random_chat):
 
 
 @pytest.mark.slow
+@pytest.mark.single_stack  # base stack only: Hugging Face generation, MLflow and matplotlib; megatron-core is not involved
 def test_cli_generate_end_to_end(always_b, tmp_path):
     questions = tmp_path / "q.jsonl"
     questions.write_text("".join(json.dumps({"id": i.id, "question": i.question, "choices": list(i.choices),
