@@ -12,6 +12,10 @@ spawned, or the process joins torchrun/srun), or a Hugging Face directory (``--h
 
 Python API (used by the demo and the in-training callback): :func:`evaluate` with any scorer,
 :func:`evaluate_checkpoint` for a checkpoint in this process (world size 1).
+
+Outputs, for both ``--mode logprob`` and ``--mode generate`` (:func:`_emit`): the printed table, the JSON
+report (``--out``), a plot (``--plot``, :func:`megatron_align.tracking.plots.plot_report`) and one MLflow
+run (``--mlflow URI``; params and metrics from :func:`tracking_record`, the report and plot as artifacts).
 """
 
 from __future__ import annotations
@@ -26,11 +30,10 @@ import torch
 import numpy as np
 
 from megatron_align.errors import UserError
-
 from megatron_align.eval.items import ORDERS, SCORINGS, Item, Prompt, build_prompts, load_items
 from megatron_align.eval.templates import CLOZE_DELIMITER, load_templates, resolve_variants
 from megatron_align.eval.report import format_table, summarize, write_report
-from megatron_align.optional import optional_import
+from megatron_align.optional import optional_import, require
 from megatron_align.parallel.spawn import free_port
 
 
@@ -248,16 +251,12 @@ def run(args: argparse.Namespace) -> int:
     from megatron_align.parallel.spawn import distributed_env, spawn_local
 
     variants = resolve_variants(args.variants, load_templates(args.templates))
-    if args.plot:
-        from megatron_align.optional import require
-
-        require("matplotlib", "eval propensity --plot")  # before minutes of scoring, not after
+    if args.plot:  # missing dependencies fail before minutes of scoring, not after
+        require("matplotlib", "eval propensity --plot")
     if args.mlflow:
         import importlib.util
 
         if importlib.util.find_spec("mlflow") is None:  # checked without importing it (slow, and telemetry)
-            from megatron_align.optional import require
-
             require("mlflow", "eval propensity --mlflow")
     if args.mode == "generate":
         from megatron_align.eval.generate import run_generate
