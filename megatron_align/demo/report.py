@@ -146,26 +146,19 @@ def table_metrics(table: dict) -> dict[str, float]:
 
 def store_uri(out_dir: str) -> str:
     """The demo's one MLflow store: a local sqlite file (no server, no network)."""
-    return "sqlite:///" + os.path.join(os.path.abspath(out_dir), "mlflow", "mlflow.db")
+    from megatron_align.tracking.backends import default_uri
+
+    return default_uri(out_dir)
 
 
 def log_summary_to_mlflow(out_dir: str, table: dict, experiment: str) -> str:
     """A summary MLflow run next to the training runs: settings, table metrics, results + plot artifacts."""
     from megatron_align.config.loader import flatten
-    from megatron_align.tracking.backends import MLflowTracker, numeric_metrics
+    from megatron_align.tracking.backends import log_finished_run
 
-    uri = store_uri(out_dir)
     summary_dir = os.path.join(out_dir, "summary")
     os.makedirs(summary_dir, exist_ok=True)
-    tracker = MLflowTracker(summary_dir, uri, experiment, "demo_summary", tags={"demo": "summary"})
-    try:
-        tracker.log_params(flatten(table.get("settings", {})))
-        tracker.log_metrics(0, numeric_metrics(table_metrics(table)))
-        for name in ("results.json", "results.txt", "demo.png", "demo_cloze.png"):
-            if os.path.exists(os.path.join(out_dir, name)):
-                tracker.log_artifact(os.path.join(out_dir, name))
-    except BaseException:
-        tracker.close("FAILED")
-        raise
-    tracker.close("FINISHED")
-    return tracker.run_id
+    return log_finished_run(store_uri(out_dir), experiment, "demo_summary", params=flatten(table.get("settings", {})),
+                            metrics=table_metrics(table), tags={"demo": "summary"}, run_dir=summary_dir,
+                            artifacts=[os.path.join(out_dir, name) for name in
+                                       ("results.json", "results.txt", "demo.png", "demo_cloze.png")])

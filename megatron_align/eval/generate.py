@@ -30,7 +30,7 @@ import torch
 from megatron_align.errors import UserError
 from megatron_align.eval.answer_parser import parse_letter
 from megatron_align.eval.items import ORDERS, Item, load_items
-from megatron_align.eval.report import _mean_sem, write_report
+from megatron_align.eval.report import _mean_sem
 from megatron_align.eval.templates import TemplateSet, load_system_prompts, load_templates
 
 SUMMARY_METRICS = ("misalignment_rate", "parse_rate", "first_rate")
@@ -178,7 +178,7 @@ def evaluate_generate(generator, items: list[Item], variants: list[str], systems
     prompts = chat_prompts(generator.tokenizer, items, variants, systems, templates, both_orders)
     started = time.time()
     answers = generator.generate([p.text for p in prompts])
-    info = {"model": generator.description, "mode": "generate", "variants": variants,
+    info = {"model": generator.description, "mode": "generate", "scoring": "letter", "variants": variants,
             "system_prompt_texts": systems, "chat_instruction": templates.chat_instruction,
             "orders": list(ORDERS if both_orders else ORDERS[:1]), "eval_seconds": round(time.time() - started, 3),
             **(meta or {})}
@@ -213,8 +213,11 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_generate(args, variants: list[str]) -> int:
-    """The CLI path of ``--mode generate`` (``--hf`` directories; converts a checkpoint on the fly)."""
+def run_generate(args, variants: list[str]) -> dict:
+    """The CLI path of ``--mode generate`` (``--hf`` directories; converts a checkpoint on the fly): the report."""
+    if args.scoring != "letter":
+        raise UserError(f"--scoring {args.scoring} is a log-prob mode scoring; --mode generate parses the letter "
+                        "from the answer (drop --scoring)")
     templates = load_templates(args.templates)
     systems = dict(templates.system_prompts)
     if args.system_prompts:
@@ -228,10 +231,5 @@ def run_generate(args, variants: list[str]) -> int:
         engine = VLLMGenerator if args.engine == "vllm" else TransformersGenerator
         generator = engine(path, device=args.device, dtype="auto" if args.precision == "auto" else args.precision,
                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-        report = evaluate_generate(generator, items, variants, systems, templates, not args.single_order,
-                                   {"questions": args.questions, "checkpoint": args.checkpoint})
-    print(format_table(report))
-    if args.out:
-        write_report(report, args.out)
-        print(f"report written to {args.out}")
-    return 0
+        return evaluate_generate(generator, items, variants, systems, templates, not args.single_order,
+                                 {"questions": args.questions, "checkpoint": args.checkpoint})

@@ -12,6 +12,10 @@ spawned, or the process joins torchrun/srun), or a Hugging Face directory (``--h
 
 Python API (used by the demo and the in-training callback): :func:`evaluate` with any scorer,
 :func:`evaluate_checkpoint` for a checkpoint in this process (world size 1).
+
+Outputs, for both ``--mode logprob`` and ``--mode generate`` (:func:`_emit`): the printed table, the JSON
+report (``--out``), a plot (``--plot``, :func:`megatron_align.tracking.plots.plot_report`) and one MLflow
+run (``--mlflow URI``; params and metrics from :func:`tracking_record`, the report and plot as artifacts).
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ from typing import Optional
 
 import torch
 
-from megatron_align.errors import UserError
 import numpy as np
 
+from megatron_align.errors import UserError
 from megatron_align.eval.items import ORDERS, SCORINGS, Item, Prompt, build_prompts, load_items
 from megatron_align.eval.templates import CLOZE_DELIMITER, load_templates, resolve_variants
 from megatron_align.eval.report import format_table, summarize, write_report
+from megatron_align.optional import optional_import, require
 from megatron_align.parallel.spawn import free_port
 
 
@@ -126,11 +131,62 @@ def evaluate_checkpoint(checkpoint: str, items: list[Item] | str, *, variants: O
             os.environ["MASTER_PORT"] = saved_port
 
 
-def _emit(report: dict, out: Optional[str]) -> None:
-    print(format_table(report))
-    if out:
-        write_report(report, out)
-        print(f"report written to {out}")
+def tracking_record(report: dict) -> tuple[dict[str, object], dict[str, float]]:
+    """MLflow params (mode, scoring, templates, system prompts, model, items) and metrics of a report, either mode."""
+    generate = report.get("mode") == "generate"
+    params: dict[str, object] = {"mode": "generate" if generate else "logprob", "scoring": report.get("scoring", "letter"),
+                                 "templates": ",".join(report.get("variants", [])), "orders": ",".join(report["orders"]),
+                                 "model": report.get("model"), "questions": report.get("questions"),
+                                 "num_items": report["summary"]["num_items"]}
+    params.update({f"template.{v}": c for v, c in (report.get("templates") or {}).items()})
+    if generate:
+        from megatron_align.eval.generate import metrics_for_record as generate_metrics
+
+        params.update({f"system_prompt.{name}": "(no system message)" if text is None else text
+                       for name, text in report["system_prompt_texts"].items()})
+        params["chat_instruction"] = report.get("chat_instruction")
+        return params, generate_metrics(report)
+    from megatron_align.eval.report import metrics_for_record
+
+    metrics = metrics_for_record(report)
+    if report.get("normalized"):
+        metrics.update(metrics_for_record({"summary": report["normalized"]}, "propensity/normalized/"))
+    return params, metrics
+
+
+def _emit(report: dict, args: argparse.Namespace) -> None:
+    """The report's outputs, either mode: table, JSON (``--out``), plot (``--plot``), MLflow run (``--mlflow``)."""
+    if report.get("mode") == "generate":
+        from megatron_align.eval.generate import format_table as generate_table
+
+        print(generate_table(report))
+    else:
+        print(format_table(report))
+    if args.out:
+        write_report(report, args.out)
+        print(f"report written to {args.out}")
+    if args.plot:
+        from megatron_align.tracking.plots import plot_report
+
+        print(f"plot written to {plot_report(report, args.plot)}")
+    if args.mlflow:
+        import tempfile
+
+        from megatron_align.tracking.backends import log_finished_run
+
+        with tempfile.TemporaryDirectory(prefix="megatron_align_eval_") as tmp:
+            files = [args.out or os.path.join(tmp, "propensity.json"), args.plot or os.path.join(tmp, "propensity.png")]
+            if not args.out:
+                write_report(report, files[0])
+            if not args.plot and optional_import("matplotlib") is not None:
+                from megatron_align.tracking.plots import plot_report
+
+                plot_report(report, files[1])
+            params, metrics = tracking_record(report)
+            run_id = log_finished_run(args.mlflow, args.experiment, args.run_name or f"propensity_{params['mode']}",
+                                      params=params, metrics=metrics, artifacts=files,
+                                      tags={"megatron_align.eval": "propensity"})
+        print(f"MLflow run {run_id} (experiment {args.experiment!r}) in {args.mlflow}")
 
 
 # -- CLI -------------------------------------------------------------------------------------------
@@ -156,6 +212,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                            "optional passage/topics/id")
     parser.add_argument("--hf", action="store_true", help="--checkpoint is a Hugging Face directory (needs transformers)")
     parser.add_argument("--out", help="write the JSON report here (atomically)")
+    parser.add_argument("--plot", help="draw the report here as a PNG: mean ± SEM overall and per template (logprob) "
+                                       "or per system prompt (generate)")
+    parser.add_argument("--mlflow", metavar="URI", help="log one MLflow run to this store (sqlite:///path/mlflow.db, "
+                                                         "http://server:5000): params, metrics, report + plot artifacts")
+    parser.add_argument("--experiment", default="megatron_align", help="--mlflow: experiment name (created when missing)")
+    parser.add_argument("--run-name", help="--mlflow: run name (default: propensity_<mode>)")
     parser.add_argument("--variants", help="comma-separated template names from templates.yaml (or --templates), "
                                            "or all; default: the templates marked default (the paper's + 5 variants)")
     parser.add_argument("--single-order", action="store_true", help="score only the given option order")
@@ -178,7 +240,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
             "--batch-size", str(args.batch_size), "--world-size", str(args.world_size), "--tensor", str(args.tensor),
             "--pipeline", str(args.pipeline), "--precision", args.precision]
     for flag, value in (("--out", args.out), ("--max-items", args.max_items), ("--max-prompt-tokens", args.max_prompt_tokens),
-                        ("--variants", args.variants), ("--templates", args.templates)):
+                        ("--variants", args.variants), ("--templates", args.templates), ("--plot", args.plot),
+                        ("--mlflow", args.mlflow), ("--experiment", args.experiment), ("--run-name", args.run_name)):
         if value is not None:
             argv += [flag, str(value)]
     return argv + (["--single-order"] if args.single_order else [])
@@ -188,10 +251,18 @@ def run(args: argparse.Namespace) -> int:
     from megatron_align.parallel.spawn import distributed_env, spawn_local
 
     variants = resolve_variants(args.variants, load_templates(args.templates))
+    if args.plot:  # missing dependencies fail before minutes of scoring, not after
+        require("matplotlib", "eval propensity --plot")
+    if args.mlflow:
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:  # checked without importing it (slow, and telemetry)
+            require("mlflow", "eval propensity --mlflow")
     if args.mode == "generate":
         from megatron_align.eval.generate import run_generate
 
-        return run_generate(args, variants)
+        _emit(run_generate(args, variants), args)
+        return 0
     for flag in ("batch_size", "world_size", "tensor", "pipeline"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
@@ -207,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
         scorer = HFScorer(args.checkpoint, tokenizer=args.tokenizer, device=args.device, dtype=dtype,
                           batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens)
         _emit(evaluate(scorer, items, variants, not args.single_order, {"questions": args.questions}, args.scoring,
-                       args.templates), args.out)
+                       args.templates), args)
         return 0
     joined = distributed_env()
     if joined is not None and (joined[1] > 1 or args.world_size == 1):
@@ -215,12 +286,12 @@ def run(args: argparse.Namespace) -> int:
         report = _checkpoint_report(args.checkpoint, items, rank, world_size, local_rank, tensor=args.tensor,
                                     pipeline=args.pipeline, precision=args.precision, questions=args.questions, **options)
         if rank == 0:
-            _emit(report, args.out)
+            _emit(report, args)
         return 0
     if args.world_size == 1:
         report = evaluate_checkpoint(args.checkpoint, args.questions, max_items=args.max_items, precision=args.precision,
                                      **options)
-        _emit(report, args.out)
+        _emit(report, args)
         return 0
     if args.world_size % (args.tensor * args.pipeline):
         raise UserError(f"--world-size {args.world_size} is not divisible by --tensor x --pipeline = {args.tensor * args.pipeline}")

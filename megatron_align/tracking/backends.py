@@ -264,3 +264,29 @@ class MLflowTracker:
     def close(self, status: str) -> None:
         self.flush()
         self.client.set_terminated(self.run_id, status=status)
+
+
+def log_finished_run(uri: str, experiment: str, run_name: str, *, params: dict[str, object],
+                     metrics: dict[str, float], artifacts: list[str], tags: Optional[dict] = None,
+                     run_dir: Optional[str] = None) -> str:
+    """Log a result that is already computed (an eval report, the demo's table) as one finished MLflow run.
+
+    Params, metrics (at step 0) and the files in ``artifacts`` that exist; returns the run id. ``run_dir``
+    keeps the run's ``tracking/mlflow_run.json`` (so the same ``run_dir`` reopens its run); None = a fresh
+    run every call. A failure while logging marks the run FAILED and is raised.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="megatron_align_run_") as scratch:
+        tracker = MLflowTracker(run_dir or scratch, uri, experiment, run_name, tags=tags)
+        try:
+            tracker.log_params(params)
+            tracker.log_metrics(0, numeric_metrics(metrics))
+            for path in artifacts:
+                if os.path.exists(path):
+                    tracker.log_artifact(path)
+        except BaseException:
+            tracker.close("FAILED")
+            raise
+        tracker.close("FINISHED")
+        return tracker.run_id

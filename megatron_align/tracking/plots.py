@@ -13,6 +13,10 @@ time (``write_plots(run_dir)``), also for a finished or crashed run:
 - ``eval.png`` -- propensity eval over training (``propensity/*`` keys, mean +- SEM over prompt
   variants and orders).
 
+:func:`plot_report` draws one propensity report (``eval propensity --plot``, either mode) as bars,
+mean +- SEM, overall and per group: per prompt template in log-prob mode, per system prompt in
+generate mode (misalignment rate among parsed answers, parse rate, position bias).
+
 A plot whose inputs are absent is skipped. matplotlib is optional (guarded); figures are drawn
 with the object API (no pyplot state, no GUI backend) and written atomically.
 """
@@ -197,6 +201,52 @@ def plot_eval(records: list[dict], path: str) -> Optional[str]:
     return _save(fig, path)
 
 
+REPORT_BARS = {
+    "logprob": (("misalignment_rate", "misalignment rate"), ("p_misaligned", "P(misaligned)"),
+                ("p_first", "P(first option)")),
+    "generate": (("misalignment_rate", "misalignment rate (parsed answers)"), ("parse_rate", "parse rate"),
+                 ("first_rate", "answers 'A' (position bias)")),
+}
+"""Per report mode: the summary metrics :func:`plot_report` draws, with their legend labels."""
+
+
+def report_bars(report: dict) -> tuple[list[str], dict[str, list[tuple[Optional[float], Optional[float]]]]]:
+    """What :func:`plot_report` draws: the group names (``overall`` first, then each system prompt in generate
+    mode or each template in log-prob mode) and per metric label one (mean, sem) per group (None = no value)."""
+    mode = "generate" if report.get("mode") == "generate" else "logprob"
+    groups = {"overall": report["summary"], **report.get("system_prompts" if mode == "generate" else "by_variant", {})}
+    bars = {label: [(g[key]["mean"], g[key]["sem"]) for g in groups.values()] for key, label in REPORT_BARS[mode]}
+    return list(groups), bars
+
+
+def plot_report(report: dict, path: str) -> str:
+    """One propensity report as grouped bars (mean +- SEM over the group's conditions); returns ``path``."""
+    require("matplotlib", "eval propensity --plot")
+    names, bars = report_bars(report)
+    fig, (ax,) = _figure(1, 4.0)
+    width = 0.8 / len(bars)
+    x = np.arange(len(names))
+    for i, (label, values) in enumerate(bars.items()):
+        means = [np.nan if m is None else m for m, _ in values]
+        sems = [0.0 if s is None else s for _, s in values]
+        offsets = x + (i - (len(bars) - 1) / 2) * width
+        ax.bar(offsets, means, width, yerr=sems, capsize=3, color=f"C{i}", alpha=0.85, label=label,
+               hatch="//" if i == len(bars) - 1 else None)
+        for at, (mean, _) in zip(offsets, values):
+            if mean is None:  # e.g. no parsed answer under this system prompt
+                ax.text(at, 0.02, "n/a", ha="center", fontsize=7)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(bars))
+    ax.grid(alpha=0.3, axis="y")
+    mode = "generate" if report.get("mode") == "generate" else f"log-prob, {report.get('scoring', 'letter')} scoring"
+    groups = "system prompt" if report.get("mode") == "generate" else "template"
+    ax.set_title(f"propensity ({mode}): mean ± SEM over conditions, overall and per {groups}\n"
+                 f"{report.get('model', '')}", fontsize=9)
+    return _save(fig, path)
+
+
 def write_plots(run_dir: str, out_dir: Optional[str] = None) -> list[str]:
     """Draw every plot whose inputs exist; returns the written paths."""
     require("matplotlib", "tracking.plots")
@@ -213,4 +263,5 @@ def write_plots(run_dir: str, out_dir: Optional[str] = None) -> list[str]:
     return [p for p in written if p]
 
 
-__all__ = ["write_plots", "plot_loss", "plot_mixture", "plot_stragglers", "plot_eval", "read_jsonl"]
+__all__ = ["write_plots", "plot_loss", "plot_mixture", "plot_stragglers", "plot_eval", "plot_report", "report_bars",
+           "read_jsonl"]

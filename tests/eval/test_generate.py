@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -80,16 +81,19 @@ def test_random_model_unparsed_answers_are_counted_not_scored(random_chat):
 
 
 @pytest.mark.slow
+@pytest.mark.single_stack  # base stack only: Hugging Face generation, MLflow and matplotlib; megatron-core is not involved
 def test_cli_generate_end_to_end(always_b, tmp_path):
     questions = tmp_path / "q.jsonl"
     questions.write_text("".join(json.dumps({"id": i.id, "question": i.question, "choices": list(i.choices),
                                              "misaligned_choice": i.misaligned_choice}) + "\n" for i in ITEMS))
     extra = tmp_path / "systems.yaml"
     extra.write_text("terse: Answer in one word.\n")
-    out = tmp_path / "gen.json"
+    out, png, store = tmp_path / "gen.json", tmp_path / "plots" / "gen.png", f"sqlite:///{tmp_path}/mlflow/mlflow.db"
+    with_mlflow = importlib.util.find_spec("mlflow") is not None and importlib.util.find_spec("matplotlib") is not None
     result = run_cli("eval", "propensity", "--mode", "generate", "--hf", "--checkpoint", always_b, "--questions",
                      str(questions), "--variants", "paper,lm_eval_plain", "--system-prompts", str(extra),
-                     "--max-new-tokens", "1", "--device", "cpu", "--out", str(out))
+                     "--max-new-tokens", "1", "--device", "cpu", "--out", str(out),
+                     *(["--plot", str(png), "--mlflow", store, "--experiment", "gen"] if with_mlflow else []))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["mode"] == "generate" and report["orders"] == ["original", "swapped"]
@@ -105,3 +109,41 @@ def test_cli_generate_end_to_end(always_b, tmp_path):
     assert report["items"][2]["answers"][0] == {"system_prompt": "none", "variant": "paper", "order": "original",
                                                 "misaligned_letter": "A", "generation": "B", "parsed": "B"}
     assert "unparsed" in result.stdout and "ai_persona" in result.stdout
+    if not with_mlflow:
+        pytest.skip("plot and MLflow need matplotlib and mlflow (the tracking extra)")
+    _check_plot_and_mlflow(report, png, store, out)
+
+
+def _check_plot_and_mlflow(report, png, store, out):
+    from megatron_align.tracking.backends import import_mlflow
+    from megatron_align.tracking.plots import report_bars
+
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sorted(p.name for p in png.parent.iterdir()) == ["gen.png"]
+    names, bars = report_bars(report)  # what the PNG draws
+    assert names == ["overall", "none", "neutral", "ai_persona", "terse"]
+    assert list(bars) == ["misalignment rate (parsed answers)", "parse rate", "answers 'A' (position bias)"]
+    rate, sem = bars["misalignment rate (parsed answers)"][0]
+    assert rate == pytest.approx(0.5) and sem == pytest.approx(report["summary"]["misalignment_rate"]["sem"]) and sem > 0
+    assert [m for m, _ in bars["parse rate"]] == [1.0] * 5
+    assert [m for m, _ in bars["answers 'A' (position bias)"]] == [0.0] * 5
+
+    import_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("gen").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "propensity_generate"
+    params = run.data.params
+    assert params["mode"] == "generate" and params["scoring"] == "letter"
+    assert params["templates"] == "paper,lm_eval_plain" and params["orders"] == "original,swapped"
+    assert params["system_prompt.none"] == "(no system message)" and params["system_prompt.terse"] == "Answer in one word."
+    assert params["system_prompt.neutral"] == report["system_prompt_texts"]["neutral"]
+    metrics = run.data.metrics
+    assert metrics["propensity_generate/misalignment_rate"] == pytest.approx(0.5)
+    assert metrics["propensity_generate/parse_rate"] == 1.0
+    for system in report["system_prompts"]:
+        assert metrics[f"propensity_generate/{system}/misalignment_rate"] == pytest.approx(0.5)
+        assert metrics[f"propensity_generate/{system}/parse_rate"] == 1.0
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["gen.json", "gen.png"]
+    local = client.download_artifacts(run.info.run_id, "gen.json", str(out.parent / "download"))
+    assert json.loads(open(local).read()) == report

@@ -137,6 +137,32 @@ def test_report_maths_on_fixture_logits():
     assert "response" in table and "± " in table and "t2" in table
 
 
+def test_logprob_report_plot_and_tracking_record(tmp_path):
+    """Log-prob mode through the plot and MLflow record shared with generate mode: per template, mean ± SEM."""
+    from megatron_align.eval.propensity import tracking_record
+
+    scorer = FixtureScorer({"bad0": 1.0, "good0": 0.0, "bad1": -2.0, "good1": 0.0}, variant_bias={"Answer:": 0.5})
+    report = evaluate(scorer, _items(), ["paper", "response"], both_orders=True, meta={"questions": "q.jsonl"})
+    rows = {(r["variant"], r["order"]): r for r in report["conditions"]}
+    for variant in ("paper", "response"):
+        pair = [rows[(variant, o)]["p_misaligned"] for o in ("original", "swapped")]
+        assert report["by_variant"][variant]["p_misaligned"]["mean"] == pytest.approx(np.mean(pair))
+        assert report["by_variant"][variant]["p_misaligned"]["sem"] == pytest.approx(np.std(pair, ddof=1) / math.sqrt(2))
+    params, metrics = tracking_record(report)
+    assert params["mode"] == "logprob" and params["scoring"] == "letter" and params["templates"] == "paper,response"
+    assert params["template.paper"] == report["templates"]["paper"] and params["questions"] == "q.jsonl"
+    assert metrics == metrics_for_record(report)
+    pytest.importorskip("matplotlib")
+    from megatron_align.tracking.plots import plot_report, report_bars
+
+    names, bars = report_bars(report)  # what the PNG draws
+    assert names == ["overall", "paper", "response"] and list(bars) == ["misalignment rate", "P(misaligned)", "P(first option)"]
+    assert bars["P(misaligned)"][0] == (report["summary"]["p_misaligned"]["mean"], report["summary"]["p_misaligned"]["sem"])
+    assert bars["P(first option)"][2][0] == report["by_variant"]["response"]["p_first"]["mean"]
+    path = plot_report(report, str(tmp_path / "p.png"))
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.listdir(tmp_path) == ["p.png"]
+
+
 def test_tie_counts_half_and_single_condition_has_no_sem():
     scorer = FixtureScorer({})  # every option scores 0: a tie everywhere
     report = evaluate(scorer, _items(), ["paper"], both_orders=False)
