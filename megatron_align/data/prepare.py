@@ -71,7 +71,7 @@ def tokenize_chunk(tokenizer, text_field: str, file_index: int, first_line: int,
     # surrogate escape) was already skipped as non_utf8 by parse_unit.
     documents = encode_documents(tokenizer, [text for _, text in texts])
     lengths = [len(ids) for ids in documents]
-    flat = np.array(list(itertools.chain.from_iterable(documents)), dtype=np.int32)
+    flat = np.fromiter(itertools.chain.from_iterable(documents), dtype=np.int32, count=sum(lengths))  # no list copy
     return file_index, flat, lengths, problems, num_blank
 
 
