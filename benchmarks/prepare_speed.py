@@ -180,12 +180,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best counts")
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="tokenizers thread pool (RAYON_RS_NUM_THREADS)")
+    parser.add_argument("--threads", type=int, default=1, help="tokenizers thread pool (RAYON_NUM_THREADS)")
     parser.add_argument("--workdir", help="keep corpus and tokenizers here (default: a temporary directory)")
     parser.add_argument("--only", help="run this row once (a row name; baselines 'none', 'none-raw'), for "
                                        "instruction counts under valgrind")
     args = parser.parse_args()
-    os.environ["RAYON_RS_NUM_THREADS"] = str(args.threads)  # before tokenizers starts its pool
+    os.environ["RAYON_NUM_THREADS"] = str(args.threads)  # before tokenizers starts its pool
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or tmp

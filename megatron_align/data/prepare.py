@@ -80,7 +80,9 @@ _worker_state: tuple | None = None
 
 def _init_worker(tokenizer_config: TokenizerConfig, text_field: str) -> None:
     global _worker_state
-    os.environ.setdefault("RAYON_RS_NUM_THREADS", "1")  # one core per worker process: no HF tokenizers thread pool
+    # one core per worker process: no HF tokenizers thread pool (rayon reads RAYON_NUM_THREADS; the old
+    # RAYON_RS_NUM_THREADS is ignored by the tokenizers wheels in use, measured: 2 threads ran with it set to 1)
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
     _worker_state = (build_tokenizer(tokenizer_config), text_field)
 
 
