@@ -12,7 +12,8 @@ documents) and three tokenizers of the same vocabulary size trained on it:
 
 Rows: "raw" = the library's encode over texts already in memory (sentencepiece in a Python loop,
 `tokenizers` ``encode_batch`` / ``encode_batch_fast`` over chunks of 1024 documents, a fresh
-``Tokenizer`` each time as prepare starts cold); "prepare" = ``prepare_source(..., workers=1)``
+``Tokenizer`` each time as prepare starts cold); "HFTokenizer.encode_batch" = our wrapper, the
+call prepare makes per chunk; "prepare" = ``prepare_source(..., workers=1)``
 end to end (read, JSON parse, tokenize, write .bin/.idx, checksum inputs, manifest).
 
 Rates are per CPU-second of the process, all threads counted (the per-core measure), with MB
@@ -154,6 +155,14 @@ def rows(work: str, info: dict):
             return sum(len(e.ids) for chunk in chunks for e in encode(chunk, add_special_tokens=False))
         return run
 
+    def ours_hf(name):  # what prepare calls per chunk (HFTokenizer.encode_batch), without the rest of prepare
+        def run():
+            from megatron_align.data.tokenizer import build_tokenizer
+
+            tok = build_tokenizer(configs[name])
+            return sum(len(ids) for chunk in chunks for ids in tok.encode_batch(chunk))
+        return run
+
     def prepare(name):
         def run():
             manifest = prepare_source(info["corpus"], os.path.join(work, "out", name), configs[name], workers=1)
@@ -168,9 +177,11 @@ def rows(work: str, info: dict):
             "prepare sentencepiece": prepare("sp"),
             "raw tokenizers encode_batch, sp-json": raw_hf("sp-json", "encode_batch"),
             "raw tokenizers encode_batch_fast, sp-json": raw_hf("sp-json", "encode_batch_fast"),
+            "HFTokenizer.encode_batch, sp-json": ours_hf("sp-json"),
             "prepare hf, sp-json": prepare("sp-json"),
             "raw tokenizers encode_batch, bytelevel": raw_hf("bytelevel", "encode_batch"),
             "raw tokenizers encode_batch_fast, bytelevel": raw_hf("bytelevel", "encode_batch_fast"),
+            "HFTokenizer.encode_batch, bytelevel": ours_hf("bytelevel"),
             "prepare hf, bytelevel": prepare("bytelevel")}
 
 
@@ -221,6 +232,8 @@ def main() -> None:
     print(f"ratio prepare sentencepiece / raw loop: {cpu['raw sentencepiece encode loop'] / cpu['prepare sentencepiece']:.2f}x "
           "per CPU-second (goal >= 0.8x)")
     for name in ("sp-json", "bytelevel"):
+        print(f"ratio HFTokenizer.encode_batch / raw encode_batch_fast, {name}: "
+              f"{cpu[f'raw tokenizers encode_batch_fast, {name}'] / cpu[f'HFTokenizer.encode_batch, {name}']:.2f}x")
         print(f"ratio prepare hf / raw encode_batch_fast, {name}: "
               f"{cpu[f'raw tokenizers encode_batch_fast, {name}'] / cpu[f'prepare hf, {name}']:.2f}x per CPU-second")
     print(f"ratio prepare hf / prepare sentencepiece, same tokenization (sp-json): "
