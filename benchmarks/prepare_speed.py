@@ -1,21 +1,30 @@
 """Tokens/s per core of `prepare` (workers=1) vs raw encoding, sentencepiece and HF `tokenizers`, same texts.
 
 Generates a synthetic JSONL corpus (Zipf-distributed made-up words, multi-line
-documents), trains a small BPE model on it, then measures side by side:
+documents) and three tokenizers of the same vocabulary size trained on it:
 
-Rates are tokens per CPU-second of the process (that is the per-core
-measure, robust on a shared box) with wall-clock rates beside them.
+- ``sp``: a sentencepiece BPE (``tokenizer train``, ``data.tokenizer.kind=sentencepiece``);
+- ``bytelevel``: a byte-level BPE trained with `tokenizers` (GPT-2 pre-tokenizer regex, as
+  Llama 3 / Qwen use), saved as tokenizer.json (``kind=hf``);
+- ``sp-json``: the *same* sentencepiece model as a tokenizer.json (vocabulary and merges read
+  by transformers' ``SentencePieceExtractor``, Metaspace pre-tokenizer); its ids are asserted
+  equal to sentencepiece's on every document, so this pairs the two libraries on one tokenization.
 
-- raw: ``sp.encode(text)`` in a Python loop over texts already in memory;
-- prepare: ``prepare_source(..., workers=1)`` end to end (read, JSON parse,
-  tokenize, write .bin/.idx, checksum inputs, manifest);
-- the same two for a byte-level BPE of the same vocabulary size trained with
-  `tokenizers` (``data.tokenizer.kind=hf``): raw = ``Tokenizer.encode_batch``
-  over all texts, prepare = ``prepare_source`` with the tokenizer.json.
+Rows: "raw" = the library's encode over texts already in memory (sentencepiece in a Python loop,
+`tokenizers` ``encode_batch`` / ``encode_batch_fast`` over chunks of 1024 documents, a fresh
+``Tokenizer`` each time as prepare starts cold); "HFTokenizer.encode_batch" = our wrapper, the
+call prepare makes per chunk; "prepare" = ``prepare_source(..., workers=1)``
+end to end (read, JSON parse, tokenize, write .bin/.idx, checksum inputs, manifest).
 
-Goals: prepare >= 0.8x raw; prepare with hf >= prepare with sentencepiece per
-core (the two BPEs differ, so rates are compared in tokens of each). The
-`tokenizers` thread pool is pinned to ``--threads`` (default 1: per core). Usage: ``python benchmarks/prepare_speed.py [--documents N] [--repeats R]``.
+Rates are per CPU-second of the process, all threads counted (the per-core measure), with MB
+of input text per CPU-second and wall-clock rates beside them; best of ``--repeats``
+alternating runs. ``--threads`` pins the `tokenizers` pool (default 1: per core).
+
+Load-independent instruction counts: ``--workdir DIR`` keeps corpus and tokenizers between
+runs and ``--only ROW`` runs one row once, so ``valgrind --tool=cachegrind --cache-sim=no``
+of ``--only ROW`` minus a baseline is that row's instructions: ``--only none`` (setup and the
+untimed first prepare) for prepare rows, ``--only none-raw`` (setup) for raw rows (docs/benchmarks.md).
+Usage: ``python benchmarks/prepare_speed.py [--documents N] [--repeats R] [--workdir DIR] [--only ROW]``.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import os
 import random
 import tempfile
 import time
+
+CHUNK = 1024  # documents per encode_batch call, as prepare's chunks
 
 
 def make_corpus(path: str, num_documents: int, seed: int) -> list[str]:
@@ -49,93 +60,6 @@ def make_corpus(path: str, num_documents: int, seed: int) -> list[str]:
     return texts
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--documents", type=int, default=10000)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best counts")
-    parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="tokenizers thread pool (RAYON_RS_NUM_THREADS)")
-    args = parser.parse_args()
-    os.environ["RAYON_RS_NUM_THREADS"] = str(args.threads)  # before tokenizers starts its pool
-
-    import sentencepiece as spm
-
-    from megatron_align.data.prepare import prepare_source
-    from megatron_align.data.tokenizer import TokenizerConfig
-    from megatron_align.data.tokenizer_train import TokenizerTrainConfig, train_tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = os.path.join(tmp, "corpus.jsonl")
-        texts = make_corpus(corpus, args.documents, args.seed)
-        mb = os.path.getsize(corpus) / 1e6
-        t0 = time.perf_counter()
-        summary = train_tokenizer(corpus, os.path.join(tmp, "sp"),
-                                  TokenizerTrainConfig(vocab_size=args.vocab_size, max_sentences=200_000))
-        train_s = time.perf_counter() - t0
-
-        sp = spm.SentencePieceProcessor(model_file=summary["model"])
-
-        config = TokenizerConfig(kind="sentencepiece", model=summary["model"])
-        warm = os.path.join(tmp, "warm.jsonl")
-        with open(warm, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"text": texts[0]}) + "\n")
-        prepare_source(warm, os.path.join(tmp, "warm"), config)  # first call imports megatron/torch: not timed
-        # Alternate the two, best of --repeats each: the dev box is shared, so load comes and goes.
-        # CPU seconds of this process are the "per core" measure; wall time is shown beside them.
-        raw_s = prepare_s = raw_cpu = prepare_cpu = float("inf")
-        for _ in range(args.repeats):
-            t0, c0 = time.perf_counter(), time.process_time()
-            num_tokens = 0
-            for text in texts:
-                num_tokens += len(sp.encode(text))
-            raw_s, raw_cpu = min(raw_s, time.perf_counter() - t0), min(raw_cpu, time.process_time() - c0)
-            t0, c0 = time.perf_counter(), time.process_time()
-            manifest = prepare_source(corpus, os.path.join(tmp, "web"), config, workers=1)
-            prepare_s, prepare_cpu = min(prepare_s, time.perf_counter() - t0), min(prepare_cpu, time.process_time() - c0)
-        assert manifest["tokens"] == num_tokens + manifest["documents"], "prepare and raw disagree on tokens"
-
-        hf_dir = os.path.join(tmp, "hf")
-        hf_tok = train_hf_bpe(texts, hf_dir, args.vocab_size)
-        import tokenizers
-        hf_config = TokenizerConfig(kind="hf", model=hf_dir, control_tokens=[])
-        prepare_source(warm, os.path.join(tmp, "warm_hf"), hf_config)
-        hf_raw_s = hf_prepare_s = hf_raw_cpu = hf_prepare_cpu = fast_s = fast_cpu = float("inf")
-        for _ in range(args.repeats):
-            # a fresh Tokenizer each time: BPE keeps a word cache, and prepare starts cold too
-            fresh = tokenizers.Tokenizer.from_file(os.path.join(hf_dir, "tokenizer.json"))
-            t0, c0 = time.perf_counter(), time.process_time()
-            hf_tokens = sum(len(e.ids) for e in fresh.encode_batch(texts, add_special_tokens=False))
-            hf_raw_s, hf_raw_cpu = min(hf_raw_s, time.perf_counter() - t0), min(hf_raw_cpu, time.process_time() - c0)
-            fresh = tokenizers.Tokenizer.from_file(os.path.join(hf_dir, "tokenizer.json"))
-            t0, c0 = time.perf_counter(), time.process_time()
-            fast_tokens = sum(len(e.ids) for e in fresh.encode_batch_fast(texts, add_special_tokens=False))
-            fast_s, fast_cpu = min(fast_s, time.perf_counter() - t0), min(fast_cpu, time.process_time() - c0)
-            assert fast_tokens == hf_tokens
-            t0, c0 = time.perf_counter(), time.process_time()
-            hf_manifest = prepare_source(corpus, os.path.join(tmp, "web_hf"), hf_config, workers=1)
-            hf_prepare_s = min(hf_prepare_s, time.perf_counter() - t0)
-            hf_prepare_cpu = min(hf_prepare_cpu, time.process_time() - c0)
-        assert hf_manifest["tokens"] == hf_tokens + hf_manifest["documents"], "prepare(hf) and raw disagree on tokens"
-
-    print(f"corpus: {args.documents:,} documents, {mb:.1f} MB, {num_tokens:,} tokens "
-          f"(BPE vocab {summary['vocab_size']:,}, trained in {train_s:.1f} s); best of {args.repeats} alternating runs")
-    print(f"hf BPE: {hf_tokens:,} tokens (vocab {hf_tok.get_vocab_size():,}); tokenizers threads {args.threads}")
-    print(f"{'':40s} {'tokens/CPU-s':>14s} {'tokens/s wall':>14s}")
-    rows = (("raw sentencepiece encode loop", raw_cpu, raw_s, num_tokens),
-            ("prepare sentencepiece, workers=1", prepare_cpu, prepare_s, num_tokens),
-            ("raw tokenizers encode_batch", hf_raw_cpu, hf_raw_s, hf_tokens),
-            ("raw tokenizers encode_batch_fast", fast_cpu, fast_s, hf_tokens),
-            ("prepare hf (tokenizer.json), workers=1", hf_prepare_cpu, hf_prepare_s, hf_tokens))
-    for name, cpu, wall, tokens in rows:
-        print(f"{name:40s} {tokens / cpu:14,.0f} {tokens / wall:14,.0f}")
-    print(f"ratio prepare/raw: {raw_cpu / prepare_cpu:.2f}x per CPU-second, {raw_s / prepare_s:.2f}x wall  (goal >= 0.8x)")
-    print(f"ratio prepare(hf)/raw tokenizers encode_batch: {hf_raw_cpu / hf_prepare_cpu:.2f}x per CPU-second "
-          f"(/encode_batch_fast: {fast_cpu / hf_prepare_cpu:.2f}x)")
-    print(f"ratio prepare(hf)/prepare(sentencepiece), tokens per CPU-second: "
-          f"{(hf_tokens / hf_prepare_cpu) / (num_tokens / prepare_cpu):.2f}x  (goal >= 1x)")
-
-
 def train_hf_bpe(texts: list[str], out_dir: str, vocab_size: int):
     """A byte-level BPE with `tokenizers`, saved as OUT/tokenizer.json + tokenizer_config.json (EOS only)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -146,11 +70,176 @@ def train_hf_bpe(texts: list[str], out_dir: str, vocab_size: int):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    os.makedirs(out_dir)
+    _save(tok, out_dir, "<|endoftext|>")
+    return tok
+
+
+def sentencepiece_as_tokenizer_json(model_file: str, out_dir: str):
+    """The sentencepiece BPE's own vocabulary and merges as a `tokenizers` BPE (byte fallback, Metaspace split)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+    parts = SentencePieceExtractor(model_file).extract(models.BPE)
+    tok = Tokenizer(models.BPE(vocab=parts["vocab"], merges=parts["merges"], byte_fallback=True, unk_token="<unk>",
+                               fuse_unk=True))
+    tok.add_special_tokens(parts["additional_special_tokens"])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    _save(tok, out_dir, "</s>")
+    return tok
+
+
+def _save(tok, out_dir: str, eos: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "<|endoftext|>", "bos_token": None}, f)
-    return tok
+        json.dump({"eos_token": eos, "bos_token": None}, f)
+
+
+def setup(work: str, args) -> dict:
+    """Corpus + the three tokenizers in WORK (reused when already there, for --only runs)."""
+    import sentencepiece as spm
+
+    from megatron_align.data.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+
+    corpus, done = os.path.join(work, "corpus.jsonl"), os.path.join(work, "setup.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            info = json.load(f)
+        with open(corpus, encoding="utf-8") as f:
+            info["texts"] = [json.loads(line)["text"] for line in f]
+        return info
+    texts = make_corpus(corpus, args.documents, args.seed)
+    t0 = time.perf_counter()
+    summary = train_tokenizer(corpus, os.path.join(work, "sp"),
+                              TokenizerTrainConfig(vocab_size=args.vocab_size, max_sentences=200_000))
+    train_s = time.perf_counter() - t0
+    train_hf_bpe(texts, os.path.join(work, "bytelevel"), args.vocab_size)
+    sp_json = sentencepiece_as_tokenizer_json(summary["model"], os.path.join(work, "sp-json"))
+    sp = spm.SentencePieceProcessor(model_file=summary["model"])
+    differ = sum(sp.encode(t) != sp_json.encode(t, add_special_tokens=False).ids for t in texts)
+    assert differ == 0, f"sentencepiece as tokenizer.json gives other ids on {differ} documents"
+    with open(os.path.join(work, "warm.jsonl"), "w", encoding="utf-8") as f:
+        f.write(json.dumps({"text": texts[0]}) + "\n")
+    info = {"corpus": corpus, "sp_model": summary["model"], "vocab_size": summary["vocab_size"], "train_s": train_s,
+            "mb": sum(len(t.encode()) for t in texts) / 1e6, "documents": len(texts)}
+    with open(done, "w") as f:
+        json.dump(info, f)
+    info["texts"] = texts
+    return info
+
+
+def rows(work: str, info: dict):
+    """(warm-up, {row name -> () -> tokens without EOD}), each row run from a cold tokenizer."""
+    import sentencepiece as spm
+    import tokenizers
+
+    from megatron_align.data.prepare import prepare_source
+    from megatron_align.data.tokenizer import TokenizerConfig
+
+    texts = info["texts"]
+    chunks = [texts[i:i + CHUNK] for i in range(0, len(texts), CHUNK)]
+    configs = {"sp": TokenizerConfig(kind="sentencepiece", model=info["sp_model"])}
+    for name in ("bytelevel", "sp-json"):
+        configs[name] = TokenizerConfig(kind="hf", model=os.path.join(work, name), control_tokens=[])
+
+    def raw_sp():
+        sp = spm.SentencePieceProcessor(model_file=info["sp_model"])
+        return sum(len(sp.encode(text)) for text in texts)
+
+    def raw_hf(name, method):
+        def run():
+            tok = tokenizers.Tokenizer.from_file(os.path.join(work, name, "tokenizer.json"))
+            encode = getattr(tok, method)
+            return sum(len(e.ids) for chunk in chunks for e in encode(chunk, add_special_tokens=False))
+        return run
+
+    def ours_hf(name):  # what prepare calls per chunk (HFTokenizer.encode_batch), without the rest of prepare
+        def run():
+            from megatron_align.data.tokenizer import build_tokenizer
+
+            tok = build_tokenizer(configs[name])
+            return sum(len(ids) for chunk in chunks for ids in tok.encode_batch(chunk))
+        return run
+
+    def prepare(name):
+        def run():
+            manifest = prepare_source(info["corpus"], os.path.join(work, "out", name), configs[name], workers=1)
+            return manifest["tokens"] - manifest["documents"]
+        return run
+
+    def warm():  # the first prepare imports megatron/torch: never timed
+        for name, config in configs.items():
+            prepare_source(os.path.join(work, "warm.jsonl"), os.path.join(work, "warm", name), config)
+
+    return warm, {"raw sentencepiece encode loop": raw_sp,
+            "prepare sentencepiece": prepare("sp"),
+            "raw tokenizers encode_batch, sp-json": raw_hf("sp-json", "encode_batch"),
+            "raw tokenizers encode_batch_fast, sp-json": raw_hf("sp-json", "encode_batch_fast"),
+            "HFTokenizer.encode_batch, sp-json": ours_hf("sp-json"),
+            "prepare hf, sp-json": prepare("sp-json"),
+            "raw tokenizers encode_batch, bytelevel": raw_hf("bytelevel", "encode_batch"),
+            "raw tokenizers encode_batch_fast, bytelevel": raw_hf("bytelevel", "encode_batch_fast"),
+            "HFTokenizer.encode_batch, bytelevel": ours_hf("bytelevel"),
+            "prepare hf, bytelevel": prepare("bytelevel")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--documents", type=int, default=10000)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best counts")
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="tokenizers thread pool (RAYON_NUM_THREADS)")
+    parser.add_argument("--workdir", help="keep corpus and tokenizers here (default: a temporary directory)")
+    parser.add_argument("--only", help="run this row once (a row name; baselines 'none', 'none-raw'), for "
+                                       "instruction counts under valgrind")
+    args = parser.parse_args()
+    os.environ["RAYON_NUM_THREADS"] = str(args.threads)  # before tokenizers starts its pool
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or tmp
+        os.makedirs(work, exist_ok=True)
+        info = setup(work, args)
+        warm, table = rows(work, info)
+        if args.only is not None:  # baselines: "none" = setup + warm-up (for prepare rows), "none-raw" = setup
+            if args.only == "none" or args.only.startswith("prepare"):
+                warm()
+            tokens = table[args.only]() if args.only in table else 0
+            print(f"only {args.only!r}: {tokens} tokens")
+            return
+        warm()
+        best = {name: [float("inf"), float("inf"), 0] for name in table}
+        for _ in range(args.repeats):  # alternate: the dev box is shared, so load comes and goes
+            for name, run in table.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                tokens = run()
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                best[name] = [min(best[name][0], cpu), min(best[name][1], wall), tokens]
+
+    counts = {name: b[2] for name, b in best.items()}
+    assert counts["prepare sentencepiece"] == counts["raw sentencepiece encode loop"] == counts["prepare hf, sp-json"]
+    assert counts["prepare hf, bytelevel"] == counts["raw tokenizers encode_batch_fast, bytelevel"]
+    print(f"corpus: {info['documents']:,} documents, {info['mb']:.1f} MB of text; vocab {info['vocab_size']:,} "
+          f"(sentencepiece trained in {info['train_s']:.1f} s); sentencepiece {counts['prepare sentencepiece']:,} "
+          f"tokens, byte-level BPE {counts['prepare hf, bytelevel']:,}; tokenizers threads {args.threads}; "
+          f"best of {args.repeats} alternating runs")
+    print(f"{'':44s} {'tokens/CPU-s':>13s} {'MB/CPU-s':>9s} {'tokens/s wall':>14s}")
+    for name, (cpu, wall, tokens) in best.items():
+        print(f"{name:44s} {tokens / cpu:13,.0f} {info['mb'] / cpu:9.2f} {tokens / wall:14,.0f}")
+    cpu = {name: b[0] for name, b in best.items()}
+    print(f"ratio prepare sentencepiece / raw loop: {cpu['raw sentencepiece encode loop'] / cpu['prepare sentencepiece']:.2f}x "
+          "per CPU-second (goal >= 0.8x)")
+    for name in ("sp-json", "bytelevel"):
+        print(f"ratio HFTokenizer.encode_batch / raw encode_batch_fast, {name}: "
+              f"{cpu[f'raw tokenizers encode_batch_fast, {name}'] / cpu[f'HFTokenizer.encode_batch, {name}']:.2f}x")
+        print(f"ratio prepare hf / raw encode_batch_fast, {name}: "
+              f"{cpu[f'raw tokenizers encode_batch_fast, {name}'] / cpu[f'prepare hf, {name}']:.2f}x per CPU-second")
+    print(f"ratio prepare hf / prepare sentencepiece, same tokenization (sp-json): "
+          f"{cpu['prepare sentencepiece'] / cpu['prepare hf, sp-json']:.2f}x per CPU-second (goal >= 1x)")
+    print(f"ratio prepare hf bytelevel / prepare sentencepiece, tokens per CPU-second: "
+          f"{(counts['prepare hf, bytelevel'] / cpu['prepare hf, bytelevel']) / (counts['prepare sentencepiece'] / cpu['prepare sentencepiece']):.2f}x")
 
 
 if __name__ == "__main__":

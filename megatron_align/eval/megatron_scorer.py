@@ -148,7 +148,8 @@ class MegatronScorer:
         return (token_logp * weights.to(local.device)).sum(dim=-1, keepdim=True).cpu()
 
     def _mask_padding_vocab(self, local: torch.Tensor) -> torch.Tensor:
-        # Padding rows of the embedding (ids >= the tokenizer's vocabulary) are not words: leave them out.
+        # Megatron-Core's own padding rows (ids >= model.vocab_size, up to make_vocab_size_divisible_by) are not
+        # part of the model: leave them out. Rows below it (an HF import's unused ones) count, as in HFScorer.
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(local.shape[-1], tp_rank, tp_size)

@@ -230,19 +230,22 @@ class HFScorer(BatchedLMScorer):
                                 "--tokenizer sentencepiece:PATH for models converted from megatron_align") from None
             encode = lambda text: list(hf_tok(text)["input_ids"])  # noqa: E731 (special tokens as configured)
             pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else (hf_tok.eos_token_id or 0)
-            vocab, name = len(hf_tok), f"{path} (HF)"
+            name = f"{path} (HF)"
         else:
             from megatron_align.data.tokenizer import TokenizerConfig, build_tokenizer
 
             kind, _, model_path = tokenizer.partition(":")
             ours = build_tokenizer(TokenizerConfig(kind=kind, model=model_path or None))
             encoder = PromptEncoder(ours, None)
-            encode, pad_id, vocab, name = encoder.encode, ours.pad, ours.vocab_size, ours.identity
+            encode, pad_id, name = encoder.encode, ours.pad, ours.identity
 
         def logits_fn(tokens, mask):
             return model(input_ids=tokens, attention_mask=mask).logits
 
-        super().__init__(logits_fn, encode, pad_id, min(vocab, model.config.vocab_size), batch_size,
+        # Log-softmax over every output row the model has, as its training loss, `convert from-hf`'s checkpoint
+        # (MegatronScorer masks only Megatron's own padding past these rows) and lm-evaluation-harness normalise;
+        # rows past the tokenizer (Qwen's unused ones) hold real probability mass in an untrained model.
+        super().__init__(logits_fn, encode, pad_id, model.config.vocab_size, batch_size,
                          description=f"hf:{path}", tokenizer_name=name, device=device, max_prompt_tokens=max_prompt_tokens)
 
 

@@ -7,7 +7,10 @@ The tokenizers are small byte-level BPEs trained here (conftest.make_bpe_tokeniz
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -118,3 +121,21 @@ def test_cli_and_config_select_the_hf_tokenizer(tmp_path, qwen_like, capsys):
     assert main(["prepare", str(docs), "--output-prefix", str(tmp_path / "p"), "--tokenizer",
                  str(qwen_like / "tokenizer.json"), "--no-progress"]) == 0
     assert "tokenizer hf:" in capsys.readouterr().out
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a one-core machine's pool has one thread anyway")
+def test_prepare_workers_pin_the_tokenizers_pool_to_one_thread(qwen_like):
+    """A worker's first batch starts tokenizers' rayon pool: one thread, not one per core (--workers N uses N cores)."""
+    script = f"""
+import os
+from megatron_align.data import prepare
+from megatron_align.data.tokenizer import TokenizerConfig
+prepare._init_worker(TokenizerConfig(kind="hf", model={str(qwen_like)!r}), "text")
+before = len(os.listdir("/proc/self/task"))
+prepare._work((0, 1, [b'{{"text": "one document"}}', b'{{"text": "and another"}}'] * 64))
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAYON") and k != "TOKENIZERS_PARALLELISM"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split()[-1]) <= 1, result.stdout

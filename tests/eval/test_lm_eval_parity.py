@@ -6,6 +6,8 @@ checked with ``assert_allclose(rtol=2e-7, atol=1e-5)``, i.e. |Δ| <= 1e-5 + 2e-7
 float32 log-softmax values over ~40 tokens, we sum float64 ones, so the difference grows with the sum (measured:
 at most 1.7e-5 absolute on a sum of -190, 9e-8 relative; docs/eval_and_tracking.md). lm-eval's ``acc`` equals
 our misalignment rate per task, and its cloze ``acc_norm`` our length-normalised rate.
+A Qwen3 whose embedding has rows past its tokenizer (as Qwen's do) agrees to 1e-5 too: both sides
+normalise over every output row of the model.
 """
 
 from __future__ import annotations
@@ -81,3 +83,21 @@ def test_exported_tasks_match_our_scores(tmp_path, offline_hf):
                             for v in VARIANTS])
             assert norm == pytest.approx(ours["normalized"]["misalignment_rate"]["mean"], abs=1e-12)
             assert ours["templates"]["lm_eval_plain"].startswith("prompt ends 'Answer:'")
+
+
+@pytest.mark.slow
+@pytest.mark.single_stack  # lm-evaluation-harness and transformers only; megatron-core is not involved
+def test_qwen3_with_rows_past_the_tokenizer_matches_lm_eval(tmp_path, offline_hf):
+    model_dir = build_chat_model(tmp_path / "qwen3", seed=2, family="qwen3", extra_rows=3)
+    items_path = _items(tmp_path)
+    export(items_path, str(tmp_path / "tasks"), "paper")
+    results = lm_eval_scores(model_dir, ["ma_propensity"], str(tmp_path / "tasks"), batch_size=4, device="cpu",
+                             log_samples=True)
+    ours = evaluate(HFScorer(model_dir, device="cpu", batch_size=4), load_items(items_path), ["paper"])
+    for condition in ours["conditions"]:
+        task = task_name("ma_propensity", "paper", condition["order"], "letter")
+        samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+        theirs = np.array([[float(r[0]) for r in s["filtered_resps"]] for s in samples])
+        mine = np.array([[c["logp_A"], c["logp_B"]] for item in ours["items"] for c in item["conditions"]
+                         if c["order"] == condition["order"]])
+        assert np.abs(theirs - mine).max() <= 1e-5, (task, theirs, mine)

@@ -2,7 +2,8 @@
 
 ``build_chat_model(path)`` writes a directory that transformers, lm-evaluation-harness and vLLM can
 load: tokenizer.json (byte-level BPE without merges, id 0 = "B"), a chat template with system /
-user / assistant turns and a 2-layer Llama. ``always="B"`` zeroes the output layer, so every
+user / assistant turns and a 2-layer Llama (``family="qwen3"``: a Qwen3 with QK norm, whose
+embedding may have ``extra_rows`` unused rows past the tokenizer, as Qwen's have). ``always="B"`` zeroes the output layer, so every
 logit is 0 and greedy decoding always picks id 0: the model answers "B" to everything.
 """
 
@@ -29,17 +30,21 @@ def build_tokenizer():
     return fast
 
 
-def build_chat_model(path, seed: int = 0, always: str | None = None, layers: int = 2):
+def build_chat_model(path, seed: int = 0, always: str | None = None, layers: int = 2, family: str = "llama",
+                     extra_rows: int = 0):
     import torch
     import transformers
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=2048, eos_token_id=tokenizer.eos_token_id,
-                                      pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    model = transformers.LlamaForCausalLM(config)
+    shape = dict(vocab_size=len(tokenizer) + extra_rows, hidden_size=32, intermediate_size=64,
+                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=2048, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    if family == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**shape, head_dim=8, use_sliding_window=False))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
     if always is not None:
         assert tokenizer.convert_tokens_to_ids(always) == 0, "greedy picks id 0 when every logit is 0"
         with torch.no_grad():
