@@ -270,6 +270,16 @@ class _ShardProgress:
         self.bar.close(documents, tokens, failed=exc_type is not None or len(self.counts) < len(self.shards))
 
 
+def threads_per_task(pc: PipelineConfig, cpus: int | None = None) -> int:
+    """CPUs one task may use: what SLURM or Ray reserves for it, else this machine's cores over the tasks run at once."""
+    if pc.executor == "slurm":
+        return pc.slurm.cpus_per_task
+    if pc.executor == "ray":
+        return pc.ray.cpus_per_task
+    at_once = pc.tasks if pc.workers == -1 else min(pc.workers, pc.tasks)
+    return max(1, (cpus or os.cpu_count() or 1) // max(1, at_once))
+
+
 def run_pipeline(verb: str, inputs: list[str], params: dict, pc: PipelineConfig, default_work_dir: str) -> dict:
     """Run ``verb`` as a datatrove pipeline; returns the merged result (slurm: the submitted job ids)."""
     files = expand_inputs(inputs)
@@ -278,7 +288,7 @@ def run_pipeline(verb: str, inputs: list[str], params: dict, pc: PipelineConfig,
     from megatron_align.data.pipeline_steps import MergeStep, ShardStep
 
     _prepare_work_dir(verb, files, params, work_dir)
-    shard_step = ShardStep(verb, files, work_dir, params)
+    shard_step = ShardStep(verb, files, work_dir, params, threads=threads_per_task(pc))
     logs = os.path.join(work_dir, "logs", f"tasks-{pc.tasks}")  # completions are per task count
     if pc.executor == "slurm":
         shards, merged = _slurm_executors(verb, pc, shard_step, MergeStep(verb, files, work_dir, params, pc.keep_work), logs)

@@ -39,11 +39,15 @@ class ShardStep(PipelineStep):
     name = "megatron-align shards"
     type = "megatron-align"
 
-    def __init__(self, verb: str, files: list[str], work_dir: str, params: dict) -> None:
+    def __init__(self, verb: str, files: list[str], work_dir: str, params: dict, threads: int = 1) -> None:
         super().__init__()
         self.verb, self.files, self.work_dir, self.params = verb, files, work_dir, params
+        self.threads = threads
+        """Threads of HF tokenizers' pool in this task (the CPUs it has): tasks running side by side would
+        otherwise start one pool thread per core of the machine each."""
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
+        os.environ.setdefault("RAYON_NUM_THREADS", str(self.threads))  # read when the pool starts; a user's wins
         shard_fn, marker, _ = VERBS[self.verb]
         for index in range(rank, len(self.files), world_size):
             prefix = shard_prefix(self.work_dir, index)

@@ -269,3 +269,24 @@ def test_slurm_options_render_into_the_job_array_script(tmp_path):
         pipeline.config_from_args(parser.parse_args(["--executor-config", str(tmp_path / "typo.yaml")]), workers=-1)
     with pytest.raises(ConfigError, match="ray.num_cpus"):
         pipeline.RayConfig(num_cpus=1, cpus_per_task=2)
+
+
+def test_each_task_sizes_the_tokenizers_pool_to_its_own_cpus(tmp_path, monkeypatch):
+    """Tasks side by side must not each start one HF-tokenizers thread per core of the machine."""
+    from megatron_align.data import pipeline
+    from megatron_align.data.pipeline_steps import ShardStep
+
+    local = pipeline.PipelineConfig(executor="local", tasks=8, workers=4)
+    assert pipeline.threads_per_task(local, cpus=64) == 16
+    assert pipeline.threads_per_task(pipeline.PipelineConfig(executor="local", tasks=8), cpus=64) == 8  # all at once
+    assert pipeline.threads_per_task(pipeline.PipelineConfig(executor="local", tasks=128), cpus=64) == 1
+    assert pipeline.threads_per_task(pipeline.PipelineConfig(
+        executor="slurm", tasks=8, slurm=pipeline.SlurmConfig(partition="cpu", cpus_per_task=6)), cpus=64) == 6
+    assert pipeline.threads_per_task(pipeline.PipelineConfig(
+        executor="ray", tasks=8, ray=pipeline.RayConfig(cpus_per_task=3)), cpus=64) == 3
+
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    ShardStep("prepare", [], str(tmp_path), {}, threads=5).run()
+    assert os.environ["RAYON_NUM_THREADS"] == "5"
+    ShardStep("prepare", [], str(tmp_path), {}, threads=7).run()
+    assert os.environ["RAYON_NUM_THREADS"] == "5"  # set before the pool starts; a user's own value wins
