@@ -35,7 +35,7 @@ from typing import IO, Any, Callable, Iterator, Optional
 
 from megatron_align.data import pipeline
 from megatron_align.data.filter import DocumentFilter, FilterConfig
-from megatron_align.data.sources import BadLine, Progress, expand_inputs, iter_corpus, parse_unit, strict_error
+from megatron_align.data.sources import BadLine, Progress, expand_inputs, iter_chunks, parse_unit, strict_error
 from megatron_align.errors import UserError
 
 _CHUNK_BYTES = 1 << 20
@@ -53,21 +53,8 @@ def parse_document(raw: bytes, text_field: str) -> tuple[dict[str, Any], str]:
 def iter_line_chunks(files: list[Path], done_bytes: Optional[list[int]] = None) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
     """(file index, [(1-based line or row number, raw line without newline), ...]) in ~1 MB chunks of one file each;
     ``done_bytes[0]``: input bytes consumed so far (progress)."""
-    chunk: list[tuple[int, bytes]] = []
-    size, current = 0, 0
-    for file_index, line_no, raw in iter_corpus([str(f) for f in files], done_bytes=done_bytes):
-        if file_index != current and chunk:
-            yield current, chunk
-            chunk, size = [], 0
-        current = file_index
-        raw = raw.rstrip(b"\r\n")
-        chunk.append((line_no, raw))
-        size += len(raw)
-        if size >= _CHUNK_BYTES:
-            yield file_index, chunk
-            chunk, size = [], 0
-    if chunk:
-        yield current, chunk
+    for file_index, chunk in iter_chunks([str(f) for f in files], done_bytes=done_bytes, max_bytes=_CHUNK_BYTES):
+        yield file_index, [(number, raw.rstrip(b"\r\n")) for number, raw in chunk]
 
 
 class AtomicOutput:

@@ -35,7 +35,7 @@ import numpy as np
 
 import megatron_align
 from megatron_align.data import pipeline
-from megatron_align.data.sources import (SKIP_REASONS, BadLine, Progress, describe, expand_inputs, iter_corpus,
+from megatron_align.data.sources import (SKIP_REASONS, BadLine, Progress, describe, expand_inputs, iter_chunks,
                                          parse_unit, sha256_file, strict_error)
 from megatron_align.data.tokenizer import DEFAULT_CONTROL_TOKENS, TokenizerConfig, build_tokenizer, encode_documents
 from megatron_align.errors import UserError
@@ -93,21 +93,8 @@ def _work(task: tuple[int, int, list[bytes]]) -> ChunkResult:
 
 def _read_chunks(paths: list[str], text_field: str, done_bytes: list[int]) -> Iterator[tuple[int, int, list[bytes]]]:
     """(file index, first line number, lines) of at most one file each; done_bytes[0]: input bytes consumed."""
-    lines: list[bytes] = []
-    size, first, current = 0, 1, 0
-    for file_index, number, line in iter_corpus(paths, text_field, done_bytes):
-        if file_index != current and lines:
-            yield current, first, lines
-            lines, size = [], 0
-        if not lines:
-            first, current = number, file_index
-        lines.append(line)
-        size += len(line)
-        if len(lines) >= _CHUNK_LINES or size >= _CHUNK_BYTES:
-            yield file_index, first, lines
-            lines, size = [], 0
-    if lines:
-        yield current, first, lines
+    for file_index, chunk in iter_chunks(paths, text_field, done_bytes, _CHUNK_BYTES, _CHUNK_LINES):
+        yield file_index, chunk[0][0], [line for _, line in chunk]
 
 
 def _tokenized_chunks(chunks, tokenizer, tokenizer_config, text_field: str, workers: int) -> Iterator[ChunkResult]:

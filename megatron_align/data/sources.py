@@ -190,6 +190,26 @@ def iter_corpus(paths: list[str], text_field: str = "text",
             done_bytes[0] = finished
 
 
+def iter_chunks(paths: list[str], text_field: str = "text", done_bytes: list[int] | None = None,
+                max_bytes: int = 1 << 20, max_units: int | None = None) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
+    """(file index, [(line or row number, raw unit), ...]) of :func:`iter_corpus` in chunks of one file each, of at
+    most about ``max_bytes`` (and ``max_units`` units): what the data verbs hand to their worker processes."""
+    chunk: list[tuple[int, bytes]] = []
+    size, current = 0, 0
+    for file_index, number, unit in iter_corpus(paths, text_field, done_bytes):
+        if file_index != current and chunk:
+            yield current, chunk
+            chunk, size = [], 0
+        current = file_index
+        chunk.append((number, unit))
+        size += len(unit)
+        if size >= max_bytes or (max_units is not None and len(chunk) >= max_units):
+            yield current, chunk
+            chunk, size = [], 0
+    if chunk:
+        yield current, chunk
+
+
 def iter_documents(paths: list[str], text_field: str, skipped: dict[str, int] | None = None) -> Iterator[str]:
     """Usable texts of ``paths`` in order; skipped units are only counted (tokenizer training uses this)."""
     for _, _, unit in iter_corpus(paths, text_field):
