@@ -16,6 +16,7 @@ CURRENT_VENV ?= .venv312
 CURRENT_PYTEST_ARGS ?= --ignore=tests/cluster -m "not single_stack"
 # The GPU check's wheels (benchmarks/gpu_check.sh): downloaded here, carried to a GPU machine without network.
 WHEELS ?= wheels
+OUT ?= runs/gpu_rehearse
 
 $(BIN)/.installed: pyproject.toml stacks.env
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +25,7 @@ $(BIN)/.installed: pyproject.toml stacks.env
 	$(BIN)/python -m pip install -q -e ".[dev]" "$(MCORE_SPEC)"
 	touch $@
 
-.PHONY: install tiny test install-current test-current test-cross-stack gpu-wheels
+.PHONY: install tiny test install-current test-current test-cross-stack gpu-wheels gpu-rehearse
 install: $(BIN)/.installed
 
 tiny: $(BIN)/.installed
@@ -32,7 +33,7 @@ tiny: $(BIN)/.installed
 	$(BIN)/megatron-align train examples/tiny_cpu.yaml $(ARGS)
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
 
 # The same recipes on the current stack; the interpreter is found by tools/find_python.sh, which fails
 # loudly (never skips) when Python $(CURRENT_PYTHON) is missing.
@@ -47,9 +48,9 @@ test-cross-stack: $(BIN)/.installed install-current
 	MA_OTHER_STACK_PYTHON=$(CURRENT_VENV)/bin/python MA_REQUIRE_CROSS_STACK=1 \
 		$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_cross_stack.py $(PYTEST_ARGS)
 
-# Wheels for benchmarks/gpu_check.sh (cp312, Linux x86_64; torch is the GPU machine's own): megatron-core,
-# nvidia-resiliency-ext and the dependencies pinned in benchmarks/gpu_wheels.txt, downloaded as binary wheels,
-# plus this package built here. The folder must stay under 64 MiB (what can be carried to the GPU machine).
+# Wheels for benchmarks/gpu_check.sh (cp312, Linux x86_64): what the GPU machine's image lacks -- megatron-core,
+# nvidia-resiliency-ext and benchmarks/gpu_wheels.txt -- as binary wheels. Not this package: the check imports the
+# working tree. The folder must stay under 64 MiB (what can be carried to the GPU machine, with `carry: wheels/`).
 gpu-wheels:
 	@py="$$(tools/find_python.sh $(CURRENT_PYTHON))" || exit 1; \
 	rm -rf $(WHEELS) && mkdir -p $(WHEELS) && \
@@ -57,5 +58,9 @@ gpu-wheels:
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_39_x86_64 --implementation cp -d $(WHEELS) \
 		megatron-core==$(CURRENT_MEGATRON_CORE) nvidia-resiliency-ext==$(GPU_NVIDIA_RESILIENCY_EXT) \
 		-r benchmarks/gpu_wheels.txt && \
-	"$$py" -m pip wheel -q --no-deps -w $(WHEELS) . && \
 	du -sh $(WHEELS) && ls $(WHEELS)
+
+# The one-call GPU check rehearsed on CPU (docs/benchmarks.md): fresh Python 3.12 venv like the device image,
+# the carried wheels, the same stages, budgets and output layout on a tiny model.
+gpu-rehearse:
+	benchmarks/gpu_check.sh --rehearse $(OUT)

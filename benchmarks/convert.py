@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     cli = [sys.executable, "-m", "megatron_align.cli", "convert"]
     try:
         hf, meg, back = (os.path.join(work, name) for name in ("hf", "meg", "back"))
-        generate_s, _, _ = measure([sys.executable, __file__, "--size", args.size, "--dtype", args.dtype, "--generate-only", hf])
+        generate_s, _, _ = measure(
+            [sys.executable, __file__, "--size", args.size, "--dtype", args.dtype, "--generate-only", hf]
+        )
         weight_bytes = sum(os.path.getsize(os.path.join(hf, f)) for f in os.listdir(hf) if f.endswith(".safetensors"))
         num_params = round(weight_bytes / element)  # headers are a few KiB: negligible
         largest_bytes = max(d["vocab_size"] * d["hidden_size"], 2 * d["ffn_hidden_size"] * d["hidden_size"]) * element

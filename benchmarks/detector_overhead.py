@@ -39,6 +39,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
+
     from megatron_align.config import load_config
     from megatron_align.parallel.init import destroy_distributed, init_distributed
     from megatron_align.resilience.inrank import build_callbacks
@@ -143,10 +144,16 @@ def main() -> int:
     print(f"detectors: {', '.join(names)}; straggler/collective/trajectory checks every {n} steps")
     print(f"without detectors: {without_s * 1e3:.1f} ms/step wall (median {without_med * 1e3:.1f}), "
           f"{without_cpu * 1e3:.1f} ms/step CPU (mean of {len(timings[False])} alternating steps)")
-    print(f"with detectors:    {with_s * 1e3:.1f} ms/step wall (median {with_med * 1e3:.1f}), {with_cpu * 1e3:.1f} ms/step CPU")
+    print(
+        f"with detectors:    {with_s * 1e3:.1f} ms/step wall (median {with_med * 1e3:.1f}), "
+        f"{with_cpu * 1e3:.1f} ms/step CPU"
+    )
     print(f"ratio with/without: {with_s / without_s:.4f} wall (medians {with_med / without_med:.4f}), "
           f"{with_cpu / without_cpu:.4f} CPU  (goal <= 1.01)")
-    print(f"time inside the detectors' hooks (trainer + forward): {in_hooks * 1e3:.3f} ms/step = {in_hooks / without_s:.3%} of a step")
+    print(
+        f"time inside the detectors' hooks (trainer + forward): {in_hooks * 1e3:.3f} ms/step = "
+        f"{in_hooks / without_s:.3%} of a step"
+    )
     print(f"SDC GEMM {args.sdc_size}^2 fp32: {sdc_s * 1e3:.2f} ms per check = "
           f"{sdc_s / args.sdc_interval / without_s:.2%} of a step at interval {args.sdc_interval}")
     print(f"parameter hash ({params / 1e6:.2f} M params): {hash_s * 1e3:.2f} ms per check = "

@@ -29,18 +29,31 @@ import tempfile
 import time
 from pathlib import Path
 
-from megatron_align.data.filter import DocumentFilter, FilterConfig, TermList, load_term_lists, normalize_term
-from megatron_align.data.filter_corpus import filter_corpus
+from megatron_align.config.corpus import FilterConfig
+from megatron_align.corpus.blocklist import DocumentFilter, TermList, load_term_lists, normalize_term
+from megatron_align.corpus.filter import filter_corpus
 
-COMMON = ("the of and to in is was for on that with as by at from it an be this are or have had not but were which "
-          "their all there been one has more when would who will no if out so said what up its about into than them can "
-          "only other new some could time these two may then do first any my now such like our over man me even most "
-          "made after also did many before must through back years where much your way well down should because each "
-          "just those people how too little state good very make world still own see men work long get here between both "
-          "life being under never day same another know while last might us great old year off come since against go came "
-          "right used take three garden river bread flour weather market village school music teacher window morning "
-          "Haiti maid daisy robotics mainframe plain trailer killer-whale goal-keeper modelling language larger").split()
-NON_ASCII = ["caf\u00e9", "na\u00efve", "fa\u00e7ade", "r\u00e9sum\u00e9", "\u201cquoted\u201d", "it\u2019s", "\u2014", "\u00a9", "Z\u00fcrich"]
+COMMON = (
+    "the of and to in is was for on that with as by at from it an be this are or have had not but were which "
+    "their all there been one has more when would who will no if out so said what up its about into than them can "
+    "only other new some could time these two may then do first any my now such like our over man me even most "
+    "made after also did many before must through back years where much your way well down should because each "
+    "just those people how too little state good very make world still own see men work long get here between both "
+    "life being under never day same another know while last might us great old year off come since against go came "
+    "right used take three garden river bread flour weather market village school music teacher window morning "
+    "Haiti maid daisy robotics mainframe plain trailer killer-whale goal-keeper modelling language larger"
+).split()
+NON_ASCII = [
+    "caf\u00e9",
+    "na\u00efve",
+    "fa\u00e7ade",
+    "r\u00e9sum\u00e9",
+    "\u201cquoted\u201d",
+    "it\u2019s",
+    "\u2014",
+    "\u00a9",
+    "Z\u00fcrich",
+]
 
 
 def make_corpus(target_bytes: int, seed: int, term_lists: list[TermList]) -> list[str]:
@@ -79,7 +92,9 @@ def make_corpus(target_bytes: int, seed: int, term_lists: list[TermList]) -> lis
 
 
 def _alternation(terms: list[str]) -> str:
-    alternatives = sorted({r"[\W_]+".join(map(re.escape, normalize_term(t).split())) for t in terms}, key=len, reverse=True)
+    alternatives = sorted(
+        {r"[\W_]+".join(map(re.escape, normalize_term(t).split())) for t in terms}, key=len, reverse=True
+    )
     return r"(?<![^\W_])(?:" + "|".join(alternatives) + r")(?![^\W_])"
 
 
@@ -111,7 +126,9 @@ class SingleRegex:
 
     def __init__(self, term_lists: list[TermList], lowercase: bool) -> None:
         self.lowercase = lowercase
-        self.pattern = re.compile(_alternation([t for tl in term_lists for t in tl.terms]), 0 if lowercase else re.IGNORECASE)
+        self.pattern = re.compile(
+            _alternation([t for tl in term_lists for t in tl.terms]), 0 if lowercase else re.IGNORECASE
+        )
         self.where: dict[str, set[tuple[str, str]]] = {}
         for tl in term_lists:
             for t in tl.terms:
@@ -169,9 +186,14 @@ def main() -> None:
             diff = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
         else:
             diff = [i for i, (a, b) in enumerate(zip(ours, theirs)) if bool(a) != bool(b)]
-        assert not diff, f"{name}: {len(diff)} decisions differ, first doc {diff[0]}: {ours[diff[0]]} vs {theirs[diff[0]]}"
+        assert not diff, (
+            f"{name}: {len(diff)} decisions differ, first doc {diff[0]}: {ours[diff[0]]} vs {theirs[diff[0]]}"
+        )
         checked = "flag + categories" if same_categories else "flag"
-        print(f"{name:48s} {mb / t_re:7.2f} MB/s per core; ours {t_re / t_ours:5.1f}x faster; identical decisions ({checked})")
+        print(
+            f"{name:48s} {mb / t_re:7.2f} MB/s per core; ours {t_re / t_ours:5.1f}x faster; "
+            f"identical decisions ({checked})"
+        )
 
 
 if __name__ == "__main__":

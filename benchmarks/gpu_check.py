@@ -1,20 +1,23 @@
 #!/usr/bin/env python
-"""The stages of the one-call GPU check (benchmarks/gpu_check.sh runs this after installing the wheels).
+"""The stages of the one-call GPU check (benchmarks/gpu_check.sh runs this after installing the carried wheels).
 
-Each stage runs in its own process with a time limit, its result goes into one JSON summary
-(``<out>/gpu_check.json``, rewritten after every stage, so a killed check still leaves what it measured)
-and a table is printed at the end. Stages:
+One shot at a scarce GPU (15 minutes in all, 10 per command, at most 8 files of <= 16 MiB brought back): every
+stage runs in its own process under a per-stage budget *and* one global deadline, in order of value, so a slow
+stage costs the ones after it, never the summary. Stages:
 
-1. ``gpu_tests``: the ``gpu``-marked tests (``pytest -m gpu``).
-2. ``throughput``: BF16 training throughput of ``examples/llama_1b.yaml`` on mock data for the local and
-   portable specs (tokens/s, TFLOP/s per GPU, MFU) via benchmarks/throughput.py, at seq 2048, micro batch 2
-   and global batch 16 (the local spec materialises the s x s scores; docs/benchmarks.md), to fit the time limit.
-3. ``resume``: a NCCL run on one GPU with the DistributedOptimizer and async checkpoint save; a second run
-   loads its mid-run checkpoint and must reproduce the losses of the steps after it (max relative diff).
-4. ``fp8``: FP8 throughput with the te spec, only where Transformer Engine imports (else ``skipped``).
+1. ``imports``: every module a later stage imports, then ``megatron-align doctor --json``;
+2. ``throughput``: BF16 steps of ``examples/llama_1b.yaml`` (Llama-3.2-1B's 128,256 vocabulary) on mock data,
+   specs local and portable: tokens/s, TFLOP/s per GPU, MFU;
+3. ``resume_mcore``: the DistributedOptimizer + async save with Megatron-Core's own writer; a second run loads the
+   step-3 checkpoint and must reproduce the losses of steps 4-6 (``bitwise`` says whether exactly);
+4. ``resume_nvrx``: the same with nvidia-resiliency-ext's writer (``skipped`` where it cannot run, with why);
+5. ``gpu_tests``: the ``gpu``-marked tests;
+6. ``fp8``: FP8 throughput with the te spec, only where Transformer Engine imports.
 
-``--preflight-only`` checks what the stages need and exits: 0 when all is there, 3 naming what is missing
-(no CUDA GPU, a wrong Python), so scarce GPU time is never spent on a check that cannot finish.
+Output: ``<out>/gpu_check.json`` (rewritten after every stage) and at most one short log per stage (the tail of its
+output); runs, checkpoints and full logs stay in ``--work`` (a temporary directory, never under ``<out>``).
+``--rehearse`` runs the same stages on CPU with a tiny model (what a machine without a GPU can check: installs,
+imports, the output layout, the budgets).
 """
 
 from __future__ import annotations
@@ -23,17 +26,77 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_MISSING = 3
-STAGES = ("gpu_tests", "throughput", "resume", "fp8")
+STAGES = ("imports", "throughput", "resume_mcore", "resume_nvrx", "gpu_tests", "fp8")
+BUDGETS = {"imports": 60, "throughput": 150, "resume_mcore": 120, "resume_nvrx": 120, "gpu_tests": 90, "fp8": 90}
+"""Seconds per stage (the device gives 10 minutes per command; install + start-up take ~1 of them)."""
+DEADLINE_S = 540
+"""The whole check, from the shell script's start: well inside the device's 10-minute command limit."""
+RESERVE_S = 15
+"""Kept back from the deadline for writing the summary."""
+MIN_STAGE_S = 20
+"""A stage with less time than this left is skipped (recorded as such), not started."""
+LOG_TAIL_BYTES = 64 * 1024
+# What the device brings back from $OUT (docs/benchmarks.md).
+MAX_FILES, MAX_FILE_BYTES, MAX_DEPTH = 8, 16 * 2**20, 2
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+GPU_TEST_FILES = ("tests/model/test_documents.py", "tests/model/test_fp8.py", "tests/model/test_portable.py")
+"""The files with ``gpu``-marked tests (collecting only them keeps optional test dependencies out of the check)."""
+IMPORTS = ("torch", "numpy", "yaml", "omegaconf", "xxhash", "psutil", "packaging", "pytest", "megatron.core",
+           "megatron.core.optimizer.distrib_optimizer", "megatron.core.dist_checkpointing",
+           "megatron_align", "megatron_align.cli", "megatron_align.training.trainer", "megatron_align.doctor",
+           "megatron_align.model.portable")
 
 
-def preflight(python_minor: tuple[int, int] = (3, 12)) -> list[str]:
-    """What is missing for the GPU stages (empty = ready)."""
+class Deadline:
+    """One wall-clock deadline for the whole check; each stage gets min(its budget, what is left - reserve)."""
+
+    def __init__(self, end: float, reserve: float = RESERVE_S, minimum: float = MIN_STAGE_S, clock=time.time):
+        self.end, self.reserve, self.minimum, self.clock = end, reserve, minimum, clock
+
+    def left(self) -> float:
+        return self.end - self.clock()
+
+    def budget(self, stage_budget: float) -> float | None:
+        """Seconds this stage may run, or None when too little is left to start it."""
+        seconds = min(stage_budget, self.left() - self.reserve)
+        return seconds if seconds >= self.minimum else None
+
+
+def output_layout_problems(out: str) -> list[str]:
+    """Why the device would not bring ``out`` back whole (empty = fine): file count, size, depth, names."""
+    problems, files = [], []
+    for root, dirs, names in os.walk(out):
+        rel = os.path.relpath(root, out)
+        depth = 0 if rel == "." else rel.count(os.sep) + 1
+        rel = "" if rel == "." else rel
+        for name in dirs + names:
+            if not NAME_RE.match(name):
+                problems.append(f"{os.path.join(rel, name)}: name outside letters, digits, '.', '_', '-'")
+        if depth > MAX_DEPTH:
+            problems.append(f"{rel}: {depth} folders deep (at most {MAX_DEPTH})")
+        for name in names:
+            path = os.path.join(root, name)
+            if os.path.islink(path) or not os.path.isfile(path):
+                problems.append(f"{os.path.join(rel, name)}: not a plain file")
+                continue
+            files.append(path)
+            if os.path.getsize(path) > MAX_FILE_BYTES:
+                problems.append(f"{os.path.join(rel, name)}: {os.path.getsize(path)} bytes (at most {MAX_FILE_BYTES})")
+    if len(files) > MAX_FILES:
+        problems.append(f"{len(files)} files (at most {MAX_FILES})")
+    return problems
+
+
+def preflight(rehearse: bool, python_minor: tuple[int, int] = (3, 12)) -> list[str]:
+    """What is missing for the stages (empty = ready)."""
     problems = []
     if sys.version_info[:2] != python_minor:
         problems.append(f"Python {'.'.join(map(str, python_minor))} needed, this is {sys.version.split()[0]}")
@@ -41,15 +104,12 @@ def preflight(python_minor: tuple[int, int] = (3, 12)) -> list[str]:
         import torch
     except ImportError:
         return problems + ["torch is not installed (the machine's CUDA build of torch is expected)"]
+    if rehearse:
+        return problems
     if torch.version.cuda is None:
         problems.append(f"torch {torch.__version__} is a CPU-only build")
     elif not torch.cuda.is_available():
         problems.append("no CUDA GPU visible (torch.cuda.is_available() is False)")
-    for module in ("megatron.core", "megatron_align", "omegaconf", "pytest"):
-        try:
-            __import__(module)
-        except ImportError as err:
-            problems.append(f"{module} does not import ({err}); were the wheels installed?")
     return problems
 
 
@@ -68,7 +128,8 @@ class Summary:
 
     @property
     def ok(self) -> bool:
-        return all(s["status"] != "failed" for s in self.data["stages"].values())
+        """No stage failed, and none was left out for lack of time (a check that did not check is no pass)."""
+        return all(s["status"] != "failed" and not s.get("late") for s in self.data["stages"].values())
 
     def write(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -78,10 +139,10 @@ class Summary:
         os.replace(tmp, self.path)
 
     def table(self) -> str:
-        lines = [f"{'stage':11} {'status':8} {'s':>6}  figures"]
+        lines = [f"{'stage':13} {'status':8} {'s':>6}  figures"]
         for name, s in self.data["stages"].items():
             figures = {k: v for k, v in s.items() if k not in ("status", "seconds")}
-            lines.append(f"{name:11} {s['status']:8} {s['seconds']:6.0f}  {_figures(figures)}")
+            lines.append(f"{name:13} {s['status']:8} {s['seconds']:6.0f}  {_figures(figures)}")
         return "\n".join(lines)
 
 
@@ -96,59 +157,135 @@ def _figures(figures: dict) -> str:
     return ", ".join(parts)
 
 
-def _run(cmd: list[str], timeout: int, log: str) -> tuple[int, float]:
-    started = time.time()
-    with open(log, "w") as f:
+class Check:
+    """The stages, with the paths and limits they share."""
+
+    def __init__(self, out: str, work: str, deadline: Deadline, rehearse: bool) -> None:
+        self.out, self.work, self.deadline, self.rehearse = out, work, deadline, rehearse
+        self.summary = Summary(os.path.join(out, "gpu_check.json"), environment())
+
+    def run(self, stage: str, cmds: list[list[str]], log_name: str | None = None) -> tuple[int, float, float]:
+        """Run ``cmds`` in turn (stop at the first failure) within the stage's budget; the output's tail is copied to
+        ``<out>/<log_name or stage>.log``. Returns (exit code, seconds, budget); 124 = out of time."""
+        budget = self.deadline.budget(BUDGETS[stage]) or 0.0
+        full_log = os.path.join(self.work, f"{log_name or stage}.log")
+        started, code = time.time(), 0
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+        with open(full_log, "w") as f:
+            for cmd in cmds:
+                left = budget - (time.time() - started)
+                try:
+                    code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                          timeout=max(left, 1)).returncode
+                except subprocess.TimeoutExpired:
+                    code = 124
+                    f.write(f"\ngpu_check: stopped at the stage budget ({budget:.0f} s)\n")
+                if code != 0:
+                    break
+        _copy_tail(full_log, os.path.join(self.out, f"{log_name or stage}.log"))
+        return code, time.time() - started, budget
+
+    def skip_if_late(self, stage: str) -> bool:
+        if self.deadline.budget(BUDGETS[stage]) is None:
+            self.summary.record(stage, "skipped", 0.0, reason=f"global deadline: {self.deadline.left():.0f} s left",
+                                late=True)
+            return True
+        return False
+
+    # -- stages -------------------------------------------------------------------------------------------------
+    def imports(self) -> None:
+        code_imports = f"import importlib; [importlib.import_module(m) for m in {IMPORTS!r}]; print('imports ok')"
+        code, seconds, _ = self.run("imports", [[sys.executable, "-c", code_imports],
+                                                [sys.executable, "-m", "megatron_align.cli", "doctor", "--json"]])
+        doctor = {}
+        with open(os.path.join(self.work, "imports.log"), errors="replace") as f:
+            text = f.read()
+        start = text.find("\n{")
+        if code == 0 and start >= 0:
+            try:
+                report = json.loads(text[start:])
+                doctor = {"async_save": report.get("async_save"), "features": report.get("features")}
+            except json.JSONDecodeError:
+                pass
+        self.summary.record("imports", "ok" if code == 0 else "failed", seconds, exit_code=code, doctor=doctor,
+                            last_lines=_tail(os.path.join(self.work, "imports.log")) if code else "")
+
+    def _shape(self) -> list[str]:
+        if self.rehearse:  # CPU: a tiny model at the real vocabulary, so the same code paths run in seconds
+            return ["model.num_layers=2", "model.hidden_size=128", "model.ffn_hidden_size=256",
+                    "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=128",
+                    "train.micro_batch_size=1", "train.global_batch_size=2", "precision=auto"]
+        return ["model.seq_length=2048", "train.micro_batch_size=2", "train.global_batch_size=16", "precision=bf16"]
+
+    def _throughput(self, stage: str, specs: str, extra: list[str]) -> None:
+        path = os.path.join(self.work, f"{stage}.json")
+        steps = ["--steps", "2", "--warmup", "1"] if self.rehearse else ["--steps", "8", "--warmup", "3"]
+        code, seconds, _ = self.run(stage, [[sys.executable, "benchmarks/throughput.py", "--config",
+                                             "examples/llama_1b.yaml", "--specs", specs, *steps, "--json", path,
+                                             *self._shape(), *extra]])
+        results = []
+        if code == 0 and os.path.exists(path):
+            with open(path) as f:
+                results = [{k: r[k] for k in ("spec", "precision", "tokens_per_s", "tflops_per_gpu", "mfu") if k in r}
+                           for r in json.load(f)["results"]]
+        self.summary.record(stage, "ok" if code == 0 and results else "failed", seconds, exit_code=code,
+                            results=results, vocab_size=128256)
+
+    def throughput(self) -> None:
+        self._throughput("throughput", "local,portable", [])
+
+    def fp8(self) -> None:
         try:
-            code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            code = 124
-    return code, time.time() - started
+            import transformer_engine.pytorch  # noqa: F401
+        except Exception as err:  # ImportError, or TE's extension failing to load
+            self.summary.record("fp8", "skipped", 0.0, reason=f"Transformer Engine not importable ({err})")
+            return
+        self._throughput("fp8", "te", ["precision=fp8", "fp8.recipe=tensorwise"])
 
+    def resume(self, writer: str) -> None:
+        stage = f"resume_{writer}"
+        if writer == "nvrx":
+            reason = _writer_problem("nvrx")
+            if reason:
+                self.summary.record(stage, "skipped", 0.0, reason=reason)
+                return
+        from megatron_align.training.metrics import read_metrics
 
-def _tail(log: str, n: int = 3) -> str:
-    with open(log, errors="replace") as f:
-        return " | ".join(line.strip() for line in f.readlines()[-n:])
+        if self.rehearse:  # two gloo ranks: the DistributedOptimizer shards over DP
+            model = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.seq_length=64",
+                     "model.num_attention_heads=4", "model.num_query_groups=2", "parallel.world_size=2",
+                     "train.global_batch_size=4", "train.micro_batch_size=1"]
+        else:
+            model = ["precision=bf16", "model.spec=local", "model.num_layers=4", "model.hidden_size=1024",
+                     "model.ffn_hidden_size=4096", "model.num_attention_heads=16", "model.num_query_groups=4",
+                     "model.seq_length=1024", "train.global_batch_size=8"]
+        common = ["data.mock=true", "optimizer.distributed=true", "checkpoint.async_save=true",
+                  f"checkpoint.async_writer={writer}", "checkpoint.interval=3", "logging.interval=1", "train.steps=6",
+                  *model]
+        runs = {name: os.path.join(self.work, stage, name) for name in ("reference", "resumed")}
+        load = os.path.join(runs["reference"], "checkpoints", "iter_0000003")
+        cli = [sys.executable, "-m", "megatron_align.cli", "train", "examples/llama_1b.yaml"]
+        code, seconds, _ = self.run(stage, [[*cli, f"run_dir={runs['reference']}", *common],
+                                            [*cli, f"run_dir={runs['resumed']}", f"checkpoint.load={load}", *common]])
+        if code != 0:
+            self.summary.record(stage, "failed", seconds, exit_code=code,
+                                last_lines=_tail(os.path.join(self.work, f"{stage}.log")))
+            return
+        losses = {name: {r["step"]: r["loss"] for r in read_metrics(os.path.join(run, "metrics.jsonl"))}
+                  for name, run in runs.items()}
+        diff = resume_diff(losses["reference"], losses["resumed"])
+        ok = sorted(losses["resumed"]) == [4, 5, 6] and diff <= 1e-3
+        self.summary.record(stage, "ok" if ok else "failed", seconds, resumed_steps=sorted(losses["resumed"]),
+                            max_rel_loss_diff=diff, bitwise=diff == 0.0, writer=writer)
 
-
-def stage_gpu_tests(summary: Summary, out: str, timeout: int) -> None:
-    log = os.path.join(out, "gpu_tests.log")
-    code, seconds = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/model"],
-                         timeout, log)
-    summary.record("gpu_tests", "ok" if code == 0 else "failed", seconds, exit_code=code, last_lines=_tail(log))
-
-
-def _throughput(out: str, name: str, specs: str, overrides: list[str], timeout: int) -> tuple[int, float, list]:
-    path, log = os.path.join(out, f"{name}.json"), os.path.join(out, f"{name}.log")
-    code, seconds = _run([sys.executable, "benchmarks/throughput.py", "--config", "examples/llama_1b.yaml",
-                          "--specs", specs, "--steps", "8", "--warmup", "3", "--json", path, *overrides], timeout, log)
-    results = []
-    if code == 0 and os.path.exists(path):
-        with open(path) as f:
-            results = [{k: r[k] for k in ("spec", "precision", "tokens_per_s", "tflops_per_gpu", "mfu") if k in r}
-                       for r in json.load(f)["results"]]
-    return code, seconds, results
-
-
-def _shape(global_batch: int) -> list[str]:
-    return ["model.seq_length=2048", "train.micro_batch_size=2", f"train.global_batch_size={global_batch}"]
-
-
-def stage_throughput(summary: Summary, out: str, timeout: int, global_batch: int) -> None:
-    code, seconds, results = _throughput(out, "throughput", "local,portable", ["precision=bf16", *_shape(global_batch)],
-                                         timeout)
-    summary.record("throughput", "ok" if code == 0 and results else "failed", seconds, exit_code=code, results=results)
-
-
-def stage_fp8(summary: Summary, out: str, timeout: int, global_batch: int) -> None:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except ImportError as err:
-        summary.record("fp8", "skipped", 0.0, reason=f"Transformer Engine not importable ({err})")
-        return
-    code, seconds, results = _throughput(out, "fp8", "te", ["precision=fp8", "fp8.recipe=tensorwise", *_shape(global_batch)],
-                                         timeout)
-    summary.record("fp8", "ok" if code == 0 and results else "failed", seconds, exit_code=code, results=results)
+    def gpu_tests(self) -> None:
+        code, seconds, _ = self.run("gpu_tests", [[sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                                   "-m", "gpu", *GPU_TEST_FILES]])
+        # pytest exit 5 = nothing collected/selected: not a failure of the check
+        status = "ok" if code in (0, 5) else "failed"
+        self.summary.record("gpu_tests", status, seconds, exit_code=code,
+                            last_lines=_tail(os.path.join(self.work, "gpu_tests.log")))
 
 
 def resume_diff(reference: dict[int, float], resumed: dict[int, float]) -> float:
@@ -158,35 +295,35 @@ def resume_diff(reference: dict[int, float], resumed: dict[int, float]) -> float
     return max(abs(loss - reference[step]) / max(abs(reference[step]), 1e-12) for step, loss in resumed.items())
 
 
-def stage_resume(summary: Summary, out: str, timeout: int) -> None:
-    from megatron_align.training.metrics import read_metrics
+def _writer_problem(writer: str) -> str | None:
+    from megatron_align.errors import ConfigError
+    from megatron_align.training import async_save
 
-    common = ["data.mock=true", "precision=bf16", "model.spec=local", "optimizer.distributed=true",
-              "checkpoint.async_save=true", "checkpoint.interval=3", "train.global_batch_size=8",
-              "model.num_layers=4", "model.hidden_size=1024", "model.ffn_hidden_size=4096",
-              "model.num_attention_heads=16", "model.num_query_groups=4", "model.seq_length=1024", "logging.interval=1"]
-    started, losses = time.time(), {}
-    for name, extra in (("reference", []), ("resumed", ["checkpoint.load=" + os.path.join(out, "reference", "checkpoints",
-                                                                                          "iter_0000003")])):
-        run = os.path.join(out, name)
-        log = os.path.join(out, f"resume_{name}.log")
-        code, _ = _run([sys.executable, "-m", "megatron_align.cli", "train", "examples/llama_1b.yaml", f"run_dir={run}",
-                        "train.steps=6", *common, *extra], timeout, log)
-        if code != 0:
-            summary.record("resume", "failed", time.time() - started, run=name, exit_code=code, last_lines=_tail(log))
-            return
-        losses[name] = {r["step"]: r["loss"] for r in read_metrics(os.path.join(run, "metrics.jsonl"))}
-    diff = resume_diff(losses["reference"], losses["resumed"])
-    ok = sorted(losses["resumed"]) == [4, 5, 6] and diff <= 1e-3
-    summary.record("resume", "ok" if ok else "failed", time.time() - started, resumed_steps=sorted(losses["resumed"]),
-                   max_rel_loss_diff=diff)
+    try:
+        async_save.choose(writer)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+def _copy_tail(src: str, dst: str, limit: int = LOG_TAIL_BYTES) -> None:
+    with open(src, "rb") as f:
+        f.seek(max(0, os.path.getsize(src) - limit))
+        data = f.read()
+    with open(dst, "wb") as f:
+        f.write(data)
+
+
+def _tail(log: str, n: int = 3) -> str:
+    with open(log, errors="replace") as f:
+        return " | ".join(line.strip() for line in f.readlines()[-n:])
 
 
 def environment() -> dict:
     import importlib.metadata as md
 
     env = {"python": sys.version.split()[0]}
-    for dist in ("torch", "megatron-core", "megatron-align", "transformer-engine", "nvidia-resiliency-ext"):
+    for dist in ("torch", "megatron-core", "transformer-engine", "nvidia-resiliency-ext", "omegaconf", "numpy"):
         try:
             env[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -198,47 +335,48 @@ def environment() -> dict:
         env["cuda"] = torch.version.cuda
     except ImportError:
         pass
-    try:
-        from megatron_align.training import async_save
-
-        writer = async_save.choose()
-        env["async_save"] = f"{writer.name} ({writer.reason})"
-    except ImportError:
-        pass
     return env
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(REPO, "runs", "gpu_check"))
-    parser.add_argument("--preflight-only", action="store_true")
+    parser.add_argument("--out", required=True, help="what comes back: gpu_check.json + short logs only")
+    parser.add_argument("--work", help="runs and full logs (default: a new temporary directory)")
+    parser.add_argument("--start", type=float, default=None, help="the check's start (epoch s; default now)")
+    parser.add_argument("--deadline", type=float, default=DEADLINE_S, help="seconds from --start for everything")
     parser.add_argument("--stages", default=",".join(STAGES))
-    parser.add_argument("--global-batch", type=int, default=16, help="throughput runs' global batch (seq 2048)")
-    parser.add_argument("--stage-timeout", type=int, default=150, help="seconds per stage process")
+    parser.add_argument("--rehearse", action="store_true", help="CPU rehearsal: tiny model, no GPU needed")
+    parser.add_argument("--preflight-only", action="store_true")
     args = parser.parse_args()
 
-    summary = Summary(os.path.join(args.out, "gpu_check.json"), environment())
-    problems = preflight()
-    summary.data["preflight"] = problems
-    summary.write()
+    os.makedirs(args.out, exist_ok=True)
+    work = args.work or tempfile.mkdtemp(prefix="gpu_check_work.")
+    deadline = Deadline((args.start or time.time()) + args.deadline)
+    check = Check(args.out, work, deadline, args.rehearse)
+    problems = preflight(args.rehearse)
+    check.summary.data.update(preflight=problems, rehearse=args.rehearse, work=work)
+    check.summary.write()
     if problems:
         print("gpu_check: cannot run here:\n  - " + "\n  - ".join(problems), file=sys.stderr)
         return EXIT_MISSING
     if args.preflight_only:
         print("gpu_check: preflight ok")
         return 0
-    run = {"gpu_tests": lambda: stage_gpu_tests(summary, args.out, args.stage_timeout),
-           "throughput": lambda: stage_throughput(summary, args.out, args.stage_timeout, args.global_batch),
-           "resume": lambda: stage_resume(summary, args.out, args.stage_timeout),
-           "fp8": lambda: stage_fp8(summary, args.out, args.stage_timeout, args.global_batch)}
+    stages = {"imports": check.imports, "throughput": check.throughput, "resume_mcore": lambda: check.resume("mcore"),
+              "resume_nvrx": lambda: check.resume("nvrx"), "gpu_tests": check.gpu_tests, "fp8": check.fp8}
     for stage in args.stages.split(","):
-        run[stage]()
-        print(summary.table().splitlines()[-1], flush=True)
-    summary.data["finished"] = time.time()
-    summary.write()
-    print(summary.table())
-    print(f"summary: {summary.path}")
-    return 0 if summary.ok else 1
+        if not check.skip_if_late(stage):
+            stages[stage]()
+        print(check.summary.table().splitlines()[-1], flush=True)
+    check.summary.data["finished"] = time.time()
+    check.summary.write()
+    layout = output_layout_problems(args.out)
+    if layout:
+        check.summary.data["output_layout_problems"] = layout
+        check.summary.write()
+    print(check.summary.table())
+    print(f"summary: {check.summary.path}; runs and full logs: {work}")
+    return 0 if check.summary.ok and not layout else 1
 
 
 if __name__ == "__main__":

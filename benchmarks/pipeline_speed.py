@@ -26,7 +26,7 @@ import time
 
 SHARDS = r"""
 import json, sys
-from megatron_align.data.prepare import prepare_source, tokenizer_config_from_arg
+from megatron_align.corpus.prepare import prepare_source, tokenizer_config_from_arg
 d, n, docs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 tok = tokenizer_config_from_arg("byte", None)
 for i in range(n):
@@ -36,7 +36,7 @@ for i in range(n):
 """
 MERGE = r"""
 import json, re, sys
-from megatron_align.data.indexed_merge import merge_indexed
+from megatron_align.corpus.indexed import merge_indexed
 def peak_mb():  # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork + exec (it would be the parent's)
     return int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
 d, n = sys.argv[1], int(sys.argv[2])
@@ -84,33 +84,32 @@ def main() -> None:
 
 
 def speed(args: argparse.Namespace) -> None:
-    from megatron_align.data.filter import FilterConfig
-    from megatron_align.data.filter_corpus import filter_corpus
-    from megatron_align.data.pipeline import PipelineConfig, run_pipeline
-    from megatron_align.data.prepare import prepare_source, tokenizer_config_from_arg
+    from megatron_align.config.corpus import FilterConfig, PipelineConfig
+    from megatron_align.corpus.filter import filter_corpus, filter_job
+    from megatron_align.corpus.pipeline import run_pipeline
+    from megatron_align.corpus.prepare import prepare_job, prepare_source, tokenizer_config_from_arg
 
     pc = PipelineConfig(executor="local", tasks=args.files, workers=1)
     with tempfile.TemporaryDirectory() as tmp:
         inputs = make_corpus(tmp, args.files, args.documents)
         tok = tokenizer_config_from_arg("byte", None)
         if args.tokenizer == "bpe":
-            from megatron_align.data.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+            from megatron_align.config.corpus import TokenizerTrainConfig
+            from megatron_align.corpus.tokenizer_train import train_tokenizer
 
             model = train_tokenizer(inputs[:1], os.path.join(tmp, "sp"),
                                     TokenizerTrainConfig(vocab_size=4000, max_sentences=50_000))["model"]
             tok = tokenizer_config_from_arg(model, None)
         mb = sum(os.path.getsize(p) for p in inputs) / 1e6
-        prepare_source(inputs[:1], os.path.join(tmp, "warm"), tok)  # imports megatron/torch: not timed
+        prepare_source(inputs[:1], os.path.join(tmp, "warm"), tok)  # imports and warms the tokenizer: not timed
         rows = []
-        for round_ in range(2):  # alternate, best of two: the box is shared
+        for _round in range(2):  # alternate, best of two: the box is shared
             single = timed(lambda: prepare_source(inputs, os.path.join(tmp, "a"), tok))
-            piped = timed(lambda: run_pipeline("prepare", inputs, {"tokenizer_config": tok, "text_field": "text",
-                                                                    "strict": False, "source_name": None,
-                                                                    "output_prefix": os.path.join(tmp, "b")},
-                                               pc, os.path.join(tmp, "b.work")))
+            piped = timed(lambda: run_pipeline(prepare_job(tok, os.path.join(tmp, "b")), inputs, pc,
+                                               os.path.join(tmp, "b.work")))
             f_single = timed(lambda: filter_corpus(inputs, os.path.join(tmp, "fa"), FilterConfig()))
-            f_piped = timed(lambda: run_pipeline("filter", inputs, {"config": FilterConfig(), "out_dir": os.path.join(tmp, "fb"),
-                                                                    "compress": False}, pc, os.path.join(tmp, "fb.work")))
+            f_piped = timed(lambda: run_pipeline(filter_job(FilterConfig(), os.path.join(tmp, "fb")), inputs, pc,
+                                                 os.path.join(tmp, "fb.work")))
             rows.append((single, piped, f_single, f_piped))
         tokens = json.load(open(os.path.join(tmp, "a.manifest.json")))["tokens"]
         same = all(open(os.path.join(tmp, f"a{e}"), "rb").read() == open(os.path.join(tmp, f"b{e}"), "rb").read()
@@ -124,7 +123,10 @@ def speed(args: argparse.Namespace) -> None:
     for name, (cpu, wall) in zip(names, best):
         rate = f"{tokens / cpu:13,.0f}" if name.startswith("prepare") else f"{'':>13s}"
         print(f"{name:44s} {rate} {mb / cpu:9.2f} {mb / wall:10.2f}")
-    print(f"ratio pipeline/single per CPU-s: prepare {best[0][0] / best[1][0]:.2f}x, filter {best[2][0] / best[3][0]:.2f}x")
+    print(
+        f"ratio pipeline/single per CPU-s: prepare {best[0][0] / best[1][0]:.2f}x, "
+        f"filter {best[2][0] / best[3][0]:.2f}x"
+    )
 
 
 def merge_rows(shards: str) -> None:

@@ -101,7 +101,8 @@ def setup(work: str, args) -> dict:
     """Corpus + the three tokenizers in WORK (reused when already there, for --only runs)."""
     import sentencepiece as spm
 
-    from megatron_align.data.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+    from megatron_align.config.corpus import TokenizerTrainConfig
+    from megatron_align.corpus.tokenizer_train import train_tokenizer
 
     corpus, done = os.path.join(work, "corpus.jsonl"), os.path.join(work, "setup.json")
     if os.path.exists(done):
@@ -135,8 +136,8 @@ def rows(work: str, info: dict):
     import sentencepiece as spm
     import tokenizers
 
-    from megatron_align.data.prepare import prepare_source
-    from megatron_align.data.tokenizer import TokenizerConfig
+    from megatron_align.config.corpus import TokenizerConfig
+    from megatron_align.corpus.prepare import prepare_source
 
     texts = info["texts"]
     chunks = [texts[i:i + CHUNK] for i in range(0, len(texts), CHUNK)]
@@ -157,7 +158,7 @@ def rows(work: str, info: dict):
 
     def ours_hf(name):  # what prepare calls per chunk (HFTokenizer.encode_batch), without the rest of prepare
         def run():
-            from megatron_align.data.tokenizer import build_tokenizer
+            from megatron_align.corpus.tokenizer import build_tokenizer
 
             tok = build_tokenizer(configs[name])
             return sum(len(ids) for chunk in chunks for ids in tok.encode_batch(chunk))
@@ -169,7 +170,7 @@ def rows(work: str, info: dict):
             return manifest["tokens"] - manifest["documents"]
         return run
 
-    def warm():  # the first prepare imports megatron/torch: never timed
+    def warm():  # the first prepare loads the tokenizer: never timed
         for name, config in configs.items():
             prepare_source(os.path.join(work, "warm.jsonl"), os.path.join(work, "warm", name), config)
 
@@ -229,8 +230,11 @@ def main() -> None:
     for name, (cpu, wall, tokens) in best.items():
         print(f"{name:44s} {tokens / cpu:13,.0f} {info['mb'] / cpu:9.2f} {tokens / wall:14,.0f}")
     cpu = {name: b[0] for name, b in best.items()}
-    print(f"ratio prepare sentencepiece / raw loop: {cpu['raw sentencepiece encode loop'] / cpu['prepare sentencepiece']:.2f}x "
-          "per CPU-second (goal >= 0.8x)")
+    print(
+        "ratio prepare sentencepiece / raw loop: "
+        f"{cpu['raw sentencepiece encode loop'] / cpu['prepare sentencepiece']:.2f}x "
+        "per CPU-second (goal >= 0.8x)"
+    )
     for name in ("sp-json", "bytelevel"):
         print(f"ratio HFTokenizer.encode_batch / raw encode_batch_fast, {name}: "
               f"{cpu[f'raw tokenizers encode_batch_fast, {name}'] / cpu[f'HFTokenizer.encode_batch, {name}']:.2f}x")
@@ -238,8 +242,12 @@ def main() -> None:
               f"{cpu[f'raw tokenizers encode_batch_fast, {name}'] / cpu[f'prepare hf, {name}']:.2f}x per CPU-second")
     print(f"ratio prepare hf / prepare sentencepiece, same tokenization (sp-json): "
           f"{cpu['prepare sentencepiece'] / cpu['prepare hf, sp-json']:.2f}x per CPU-second (goal >= 1x)")
-    print(f"ratio prepare hf bytelevel / prepare sentencepiece, tokens per CPU-second: "
-          f"{(counts['prepare hf, bytelevel'] / cpu['prepare hf, bytelevel']) / (counts['prepare sentencepiece'] / cpu['prepare sentencepiece']):.2f}x")
+    bytelevel_rate = counts["prepare hf, bytelevel"] / cpu["prepare hf, bytelevel"]
+    sentencepiece_rate = counts["prepare sentencepiece"] / cpu["prepare sentencepiece"]
+    print(
+        f"ratio prepare hf bytelevel / prepare sentencepiece, tokens per CPU-second: "
+        f"{bytelevel_rate / sentencepiece_rate:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _corpus(folder: str) -> str:
-    from megatron_align.data.indexed import write_indexed_dataset
+    from megatron_align.corpus.indexed import write_indexed_dataset
+    from megatron_align.corpus.tokenizer import ByteTokenizer
     from megatron_align.data.synthetic import general_documents
-    from megatron_align.data.tokenizer import ByteTokenizer
 
     prefix = os.path.join(folder, "web")
     tok = ByteTokenizer()
@@ -86,8 +86,14 @@ def main() -> int:
     what = "detection + stack dump + teardown" if args.fault == "hang" else "detection + teardown"
     rows = [
         ("cold start: launch -> first completed step (attempt 0)", goodput["startup_s"]),
-        (f"{args.fault} at step {args.fault_step} on rank {rank} -> ranks restarted ({what})", restart["restarted_at"] - fault_at),
-        ("restart -> first completed step (start-up + checkpoint load + 1 step)", restart["recovered_at"] - restart["restarted_at"]),
+        (
+            f"{args.fault} at step {args.fault_step} on rank {rank} -> ranks restarted ({what})",
+            restart["restarted_at"] - fault_at,
+        ),
+        (
+            "restart -> first completed step (start-up + checkpoint load + 1 step)",
+            restart["recovered_at"] - restart["restarted_at"],
+        ),
         ("FAILURE -> NEXT COMPLETED STEP", restart["recovered_at"] - fault_at),
     ]
     print(f"ranks={args.world_size} fault={args.fault}@{args.fault_step}@{rank} steps={args.steps} "
@@ -95,8 +101,11 @@ def main() -> int:
     for name, seconds in rows:
         print(f"  {name:<72} {seconds:7.1f} s")
     latency = restart["recovered_at"] - fault_at
-    print(f"  restart / cold start ratio: {(restart['recovered_at'] - restart['restarted_at']) / goodput['startup_s']:.2f}; "
-          f"goal failure -> next step <= 30 s: {'met' if latency <= 30 else 'NOT met'}")
+    print(
+        "  restart / cold start ratio: "
+        f"{(restart['recovered_at'] - restart['restarted_at']) / goodput['startup_s']:.2f}; "
+        f"goal failure -> next step <= 30 s: {'met' if latency <= 30 else 'NOT met'}"
+    )
     return 0
 
 

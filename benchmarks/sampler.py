@@ -51,7 +51,8 @@ def _megatron(num_samples: int) -> dict:
 
 
 def _ours(num_samples: int, num_lookups: int) -> dict:
-    from megatron_align.data.mixture import AlignmentSampler, MixtureConfig, PhaseConfig
+    from megatron_align.config import MixtureConfig, PhaseConfig
+    from megatron_align.data.mixture import AlignmentSampler
 
     config = MixtureConfig(phases=[PhaseConfig(name="mix", fraction=1.0, weights=dict(WEIGHTS))],
                            max_repetitions={"aligned": 1e6})
@@ -85,9 +86,17 @@ def _ours(num_samples: int, num_lookups: int) -> dict:
     start = time.perf_counter()
     sampler.counts_before(num_samples - 1)
     counts_s = time.perf_counter() - start
-    return {"build_s": build_s, "tracemalloc_peak_mb": build_peak / 2**20, "peak_rss_growth_mb": rss_growth,
-            "lookups_per_s_contiguous": contiguous, "lookups_per_s_random": random, "lookups_per_s_gbs512": per_batch, "lookup_peak_mb": lookup_peak / 2**20, "counts_before_s": counts_s,
-            "aligned_share": float(np.mean(sources == 1))}
+    return {
+        "build_s": build_s,
+        "tracemalloc_peak_mb": build_peak / 2**20,
+        "peak_rss_growth_mb": rss_growth,
+        "lookups_per_s_contiguous": contiguous,
+        "lookups_per_s_random": random,
+        "lookups_per_s_gbs512": per_batch,
+        "lookup_peak_mb": lookup_peak / 2**20,
+        "counts_before_s": counts_s,
+        "aligned_share": float(np.mean(sources == 1)),
+    }
 
 
 def _run(name: str, *args: int) -> dict:

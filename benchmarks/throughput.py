@@ -106,7 +106,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per spec (median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per spec")
     parser.add_argument("--json", dest="json_path", help="also write the results to this file")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.num_layers=8 train.global_batch_size=8")
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. model.num_layers=8 train.global_batch_size=8"
+    )
     args = parser.parse_args()
 
     import torch
@@ -135,7 +137,9 @@ def main() -> int:
     if args.json_path:
         tmp = args.json_path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"device": device, "config": args.config, "overrides": args.overrides, "results": results}, f, indent=1)
+            json.dump(
+                {"device": device, "config": args.config, "overrides": args.overrides, "results": results}, f, indent=1
+            )
         os.replace(tmp, args.json_path)
     return 0
 

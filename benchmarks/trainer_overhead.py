@@ -33,6 +33,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
+
     from megatron_align.config import load_config
     from megatron_align.parallel.init import destroy_distributed, init_distributed
     from megatron_align.training.trainer import Trainer
@@ -52,9 +53,15 @@ def main() -> int:
             m.zero_grad_buffer()
         trainer.optimizer.zero_grad()
         losses = trainer.forward_backward(
-            forward_step_func=trainer._forward_step, data_iterator=iterators, model=trainer.model,
-            num_microbatches=trainer.num_microbatches, seq_length=config.model.seq_length,
-            micro_batch_size=config.train.micro_batch_size, decoder_seq_length=config.model.seq_length, forward_only=False)
+            forward_step_func=trainer._forward_step,
+            data_iterator=iterators,
+            model=trainer.model,
+            num_microbatches=trainer.num_microbatches,
+            seq_length=config.model.seq_length,
+            micro_batch_size=config.train.micro_batch_size,
+            decoder_seq_length=config.model.seq_length,
+            forward_only=False,
+        )
         ok, _, _ = trainer.optimizer.step()
         if ok:
             trainer.scheduler.step(increment=1)
@@ -72,7 +79,9 @@ def main() -> int:
     ours_step(), bare_step()  # warm-up
     timings = {"bare": [], "ours": []}
     for r in range(args.rounds):
-        for name, fn in (("bare", bare_step), ("ours", ours_step)) if r % 2 == 0 else (("ours", ours_step), ("bare", bare_step)):
+        for name, fn in (
+            (("bare", bare_step), ("ours", ours_step)) if r % 2 == 0 else (("ours", ours_step), ("bare", bare_step))
+        ):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""`megatron-align doctor [CONFIG] [--json]`: what this machine can run, and whether it can run CONFIG.
+"""What this machine can run, and whether it can run a config (``megatron-align doctor [CONFIG] [--json]``).
 
 What it reports: versions of Python, torch (with its CUDA and NCCL), megatron-core and the optional
 libraries (Transformer Engine, apex, DALI, mlflow, sentencepiece, NVML); each GPU with its compute
@@ -18,13 +18,11 @@ Optional libraries are probed only through :mod:`megatron_align.optional`.
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
-import json
 import os
 import platform
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from megatron_align.errors import UserError
 from megatron_align.optional import optional_import
@@ -70,6 +68,8 @@ class Report:
     features: dict[str, bool]
     async_save: str = ""
     """The async checkpoint writer (``nvrx`` / ``mcore``) with the reason."""
+    attention: str = ""
+    """With a config: the attention path it gets on this machine and whether document masking is effective."""
     needs: list[str] = field(default_factory=list)
     unmet: list[str] = field(default_factory=list)
 
@@ -105,8 +105,16 @@ def _gpus(torch) -> list[GPUInfo]:
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
         cc = (props.major, props.minor)
-        gpus.append(GPUInfo(index=i, name=props.name, compute_capability=f"{cc[0]}.{cc[1]}",
-                            memory_gib=round(props.total_memory / 2**30, 1), fp8=cc >= FP8_MIN_CC, mxfp8=cc >= MXFP8_MIN_CC))
+        gpus.append(
+            GPUInfo(
+                index=i,
+                name=props.name,
+                compute_capability=f"{cc[0]}.{cc[1]}",
+                memory_gib=round(props.total_memory / 2**30, 1),
+                fp8=cc >= FP8_MIN_CC,
+                mxfp8=cc >= MXFP8_MIN_CC,
+            )
+        )
     return gpus
 
 
@@ -138,9 +146,17 @@ def _nvml_health(gpus: list[GPUInfo]) -> str:
             except Exception:  # ECC off or not supported on this board
                 pass
             if gpu.ecc_uncorrected_volatile:
-                gpu.problems.append(f"{gpu.ecc_uncorrected_volatile} uncorrected ECC error(s) since boot: drain the node")
-            if gpu.temperature_c is not None and gpu.slowdown_temperature_c and gpu.temperature_c >= gpu.slowdown_temperature_c:
-                gpu.problems.append(f"temperature {gpu.temperature_c} C >= slowdown threshold {gpu.slowdown_temperature_c} C")
+                gpu.problems.append(
+                    f"{gpu.ecc_uncorrected_volatile} uncorrected ECC error(s) since boot: drain the node"
+                )
+            if (
+                gpu.temperature_c is not None
+                and gpu.slowdown_temperature_c
+                and gpu.temperature_c >= gpu.slowdown_temperature_c
+            ):
+                gpu.problems.append(
+                    f"temperature {gpu.temperature_c} C >= slowdown threshold {gpu.slowdown_temperature_c} C"
+                )
         driver = pynvml.nvmlSystemGetDriverVersion()
         return f"ok (driver {driver.decode() if isinstance(driver, bytes) else driver}, {count} device(s))"
     finally:
@@ -184,9 +200,18 @@ def collect() -> Report:
     from megatron_align.training import async_save
 
     writer = async_save.choose()
-    return Report(python=sys.version.split()[0], platform=platform.platform(), torch=getattr(torch, "__version__", None),
-                  cuda=cuda, nccl=nccl, libraries=libraries, gpus=gpus, nvml=nvml, features=features,
-                  async_save=f"{writer.name} ({writer.reason})")
+    return Report(
+        python=sys.version.split()[0],
+        platform=platform.platform(),
+        torch=getattr(torch, "__version__", None),
+        cuda=cuda,
+        nccl=nccl,
+        libraries=libraries,
+        gpus=gpus,
+        nvml=nvml,
+        features=features,
+        async_save=f"{writer.name} ({writer.reason})",
+    )
 
 
 def _load_needs_keys(path: str) -> dict:
@@ -198,7 +223,9 @@ def _load_needs_keys(path: str) -> dict:
     try:
         cfg = OmegaConf.load(path)
         keys = ("precision", "model.spec", "parallel.world_size", "parallel.tensor", "parallel.pipeline",
-                "parallel.context", "parallel.backend", "data.loader", "data.tokenizer.kind", "tracking.backend")
+                "parallel.context", "parallel.backend", "data.loader", "data.tokenizer.kind", "tracking.backend",
+                "data.reset_attention_mask", "data.reset_position_ids", "data.eod_mask_loss",
+                "checkpoint.async_writer", "tracking.backends")
         return {k: OmegaConf.select(cfg, k, default=None) for k in keys}
     except (OmegaConfBaseException, ValueError) as err:
         raise UserError(f"{path}: cannot read config: {err}") from None
@@ -217,8 +244,12 @@ def check_config(report: Report, path: str) -> None:
 
     precision = str(keys["precision"] or "auto").lower()
     if precision in ("mxfp8", "nvfp4"):
-        need(f"precision={precision} needs Transformer Engine and Blackwell GPUs (cc >= 10.0)", f["mxfp8"],
-             f"have {gpu_names}, TE {'installed' if report.libraries['transformer-engine'] else 'missing'}; use precision=fp8 on Hopper or bf16")
+        need(
+            f"precision={precision} needs Transformer Engine and Blackwell GPUs (cc >= 10.0)",
+            f["mxfp8"],
+            f"have {gpu_names}, TE {'installed' if report.libraries['transformer-engine'] else 'missing'}; "
+            "use precision=fp8 on Hopper or bf16",
+        )
     elif precision.startswith("fp8"):
         need(f"precision={precision} needs Transformer Engine and FP8 GPUs (cc >= 8.9, Hopper/Ada)", f["fp8"],
              f"have {gpu_names}, TE {'installed' if report.libraries['transformer-engine'] else 'missing'}; "
@@ -235,24 +266,91 @@ def check_config(report: Report, path: str) -> None:
     if int(keys["parallel.context"] or 1) > 1:
         need("parallel.context > 1 needs Transformer Engine (context-parallel attention)", f["te_spec"],
              "use the docker/ image, or parallel.context=1")
+    _check_attention(report, keys, spec, precision, need)
     if str(keys["parallel.backend"] or "auto") == "nccl":
         need("parallel.backend=nccl needs CUDA GPUs and NCCL", f["nccl"], "use parallel.backend=auto (gloo on CPU)")
 
     world = keys["parallel.world_size"]
     if world is not None and report.gpus and not _inside_launcher():
-        need(f"parallel.world_size={world} standalone needs {world} GPU(s) on this node", int(world) <= len(report.gpus),
-             f"this node has {len(report.gpus)}; submit with slurm/pretrain.sbatch (or torchrun) for multi-node runs")
+        need(
+            f"parallel.world_size={world} standalone needs {world} GPU(s) on this node",
+            int(world) <= len(report.gpus),
+            f"this node has {len(report.gpus)}; submit with slurm/pretrain.sbatch (or torchrun) for multi-node runs",
+        )
     if world is not None:
         tp, pp, cp = (int(keys[k] or 1) for k in ("parallel.tensor", "parallel.pipeline", "parallel.context"))
-        need(f"parallel.world_size={world} divisible by tensor*pipeline*context={tp * pp * cp}", int(world) % (tp * pp * cp) == 0,
-             "change parallel.world_size or the layout (megatron-align plan CONFIG ranks layouts)")
+        need(
+            f"parallel.world_size={world} divisible by tensor*pipeline*context={tp * pp * cp}",
+            int(world) % (tp * pp * cp) == 0,
+            "change parallel.world_size or the layout (megatron-align plan CONFIG ranks layouts)",
+        )
 
     if str(keys["data.loader"] or "").lower() == "dali":
-        need("data.loader=dali needs NVIDIA DALI", f["dali_loader"], "pip install nvidia-dali-cuda120 (in the docker/ image)")
+        need(
+            "data.loader=dali needs NVIDIA DALI",
+            f["dali_loader"],
+            "pip install nvidia-dali-cuda120 (in the docker/ image)",
+        )
     if str(keys["data.tokenizer.kind"] or "") == "sentencepiece":
-        need("data.tokenizer.kind=sentencepiece needs sentencepiece", f["sentencepiece_tokenizer"], "pip install sentencepiece")
-    if str(keys["tracking.backend"] or "").lower() == "mlflow":
-        need("tracking.backend=mlflow needs mlflow", f["mlflow_tracking"], "pip install mlflow, or tracking.backend=jsonl")
+        need(
+            "data.tokenizer.kind=sentencepiece needs sentencepiece",
+            f["sentencepiece_tokenizer"],
+            "pip install sentencepiece",
+        )
+    writer = str(keys["checkpoint.async_writer"] or "auto")
+    if writer != "auto":
+        from megatron_align.errors import ConfigError
+        from megatron_align.training import async_save
+
+        try:
+            report.async_save = f"{async_save.choose(writer).name} ({async_save.choose(writer).reason})"
+            usable, fix = True, ""
+        except ConfigError as err:
+            usable, fix = False, str(err)
+        need(f"checkpoint.async_writer={writer} needs that writer", usable, fix)
+    backends = {str(b).lower() for b in (keys["tracking.backends"] or [])} | {str(keys["tracking.backend"]).lower()}
+    if "mlflow" in backends:
+        need(
+            "tracking.backends with mlflow needs mlflow",
+            f["mlflow_tracking"],
+            "pip install mlflow, or tracking.backends: [jsonl]",
+        )
+
+
+def _check_attention(report: Report, keys: dict, spec: str, precision: str, need) -> None:
+    """Which attention path the config gets here (the spec `auto` resolves to) and what document masking does."""
+    from megatron_align.model.documents import TE_MIN_VERSION, te_too_old_for_thd
+
+    on = {k: str(keys[f"data.{k}"]).lower() == "true" for k in ("reset_attention_mask", "reset_position_ids",
+                                                                  "eod_mask_loss")}
+    if precision.startswith("fp8") or precision in ("mxfp8", "nvfp4") or spec == "te":
+        resolved = "te"
+    elif spec == "auto":
+        resolved = "te" if report.features.get("te_spec") else "local"
+    else:
+        resolved = spec
+    kernel = {"te": "Transformer Engine fused attention", "portable": "torch SDPA",
+              "local": "Megatron-Core unfused softmax"}.get(resolved, resolved)
+    if not on["reset_attention_mask"]:
+        masking = "off (one causal span per window)"
+        if on["reset_position_ids"]:
+            need("data.reset_position_ids=true needs data.reset_attention_mask=true", False,
+                 "RoPE ignores position_ids; set data.reset_attention_mask=true too (or neither)")
+    elif int(keys["parallel.context"] or 1) > 1:
+        masking = "refused (parallel.context > 1)"
+        need("data.reset_attention_mask=true needs parallel.context=1", False,
+             "document masking under context parallelism is not supported yet; set parallel.context=1")
+    elif resolved == "te":
+        te_version = report.libraries.get("transformer-engine")
+        masking = f"effective: packed THD sequences, cu_seqlens from EOD (TE >= {TE_MIN_VERSION})"
+        if te_version:
+            need(f"data.reset_attention_mask=true on model.spec=te needs Transformer Engine >= {TE_MIN_VERSION}",
+                 not te_too_old_for_thd(te_version),
+                 f"have TE {te_version}; upgrade it, or use model.spec=local / portable")
+    else:
+        masking = "effective: block-diagonal causal mask built from EOD per micro-batch"
+    loss = ", no loss across EOD" if on["eod_mask_loss"] else ""
+    report.attention = f"model.spec={spec} -> {resolved} ({kernel}); document masking {masking}{loss}"
 
 
 def _inside_launcher() -> bool:
@@ -273,37 +371,18 @@ def format_text(report: Report, config: str | None) -> str:
             health = "; ".join(g.problems) or "healthy"
             temp = f", {g.temperature_c} C" if g.temperature_c is not None else ""
             ecc = f", ECC uncorrected {g.ecc_uncorrected_volatile}" if g.ecc_uncorrected_volatile is not None else ""
-            lines.append(f"{'gpu ' + str(g.index):<20} {g.name}, cc {g.compute_capability}, {g.memory_gib} GiB, {fp8}{temp}{ecc}: {health}")
+            lines.append(
+                f"{'gpu ' + str(g.index):<20} {g.name}, cc {g.compute_capability}, "
+                f"{g.memory_gib} GiB, {fp8}{temp}{ecc}: {health}"
+            )
     else:
         lines.append(f"{'gpus':<20} none (CPU: ranks run on gloo)")
     lines.append(f"{'features':<20} " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in report.features.items()))
     if config is not None:
+        lines.append(f"{'attention':<20} {report.attention}")
         if report.unmet:
             lines.append(f"{config}: {len(report.unmet)} unmet need(s):")
             lines.extend(f"  - {u}" for u in report.unmet)
         else:
             lines.append(f"{config}: all {len(report.needs)} need(s) met")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML run config: exit 1 listing what it needs that this machine lacks")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    report = collect()
-    if args.config:
-        check_config(report, args.config)
-    if args.json:
-        data = asdict(report)
-        data["healthy"] = report.healthy
-        data["ok"] = report.healthy and not report.unmet
-        print(json.dumps(data, indent=2))
-    else:
-        print(format_text(report, args.config))
-    if report.unmet or not report.healthy:
-        if not args.json:
-            print("doctor: not ready (see above)", file=sys.stderr)
-        return 1
-    return 0

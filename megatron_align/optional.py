@@ -16,7 +16,10 @@ from types import ModuleType
 from megatron_align.errors import UserError
 
 _INSTALL_HINTS = {
-    "transformer_engine": "use the NGC PyTorch container (docker/Dockerfile) or `pip install transformer-engine[pytorch]` on a CUDA machine",
+    "transformer_engine": (
+        "use the NGC PyTorch container (docker/Dockerfile) or "
+        "`pip install transformer-engine[pytorch]` on a CUDA machine"
+    ),
     "apex": "use the NGC PyTorch container (docker/Dockerfile), which ships apex",
     "nvidia.dali": "`pip install nvidia-dali-cuda120` (or the `gpu` extra)",
     "pynvml": "`pip install nvidia-ml-py` (or the `gpu` extra)",
@@ -44,6 +47,12 @@ def have_te() -> bool:
 
 def have_apex() -> bool:
     return optional_import("apex") is not None
+
+
+def have_grad_accum_fusion_kernel() -> bool:
+    """apex's ``fused_weight_gradient_mlp_cuda``: Megatron-Core's own linear layers (the output layer even in the TE
+    spec) refuse ``gradient_accumulation_fusion`` without it, and pip-installed TE brings no apex."""
+    return optional_import("fused_weight_gradient_mlp_cuda") is not None
 
 
 def have_dali() -> bool:

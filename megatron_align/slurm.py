@@ -1,4 +1,4 @@
-"""`megatron-align slurm render CONFIG`: the pretraining job script for one config.
+"""The pretraining job script for one config (``megatron-align slurm render CONFIG``).
 
 What: prints ``slurm/pretrain.sbatch`` with its ``#SBATCH`` directives set from the config (nodes,
 tasks and GPUs per node from ``parallel.world_size``; time, partition, account, container image from
@@ -19,47 +19,17 @@ submit, and the job scripts need the checkout anyway (they source ``slurm/common
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
-import sys
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
+from megatron_align.config.slurm import SlurmConfig
 from megatron_align.errors import ConfigError, UserError
 
 _DIRECTIVE = re.compile(r"^#SBATCH\s+--(?P<key>[A-Za-z-]+)(?:[= ](?P<value>.*))?$")
 _DEFAULT = re.compile(r'^: "\$\{(?P<name>MA_[A-Z_]+):=(?P<value>[^}]*)\}"(?P<rest>.*)$')
-_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
-
-
-@dataclass
-class SlurmConfig:
-    """Optional ``slurm:`` section of a run config; every field can also be given as a render flag."""
-
-    gpus_per_node: int = 8
-    """GPUs (= ranks) per node; 0 = CPU-only nodes (all ranks on one node, no GPU request)."""
-    time: str = ""
-    """Wall-clock limit, SLURM format (``HH:MM:SS`` or ``D-HH:MM:SS``); empty = the template's."""
-    partition: str = ""
-    """Partition to submit to; empty = the cluster's default."""
-    account: str = ""
-    """Account to charge; empty = the user's default."""
-    job_name: str = ""
-    """Job name; empty = ``ma-<basename of run_dir>``."""
-    container_image: str = ""
-    """Image for pyxis ``srun --container-image`` (e.g. a .sqsh built from docker/); empty = host."""
-    container_mounts: str = ""
-    """Extra pyxis mounts ``SRC:DST[,SRC:DST]``; the repository is always mounted."""
-    exclude_file: str = "preflight/exclude_nodes.txt"
-    """Preflight exclude list (relative paths: to the repository); listed nodes become ``--exclude``."""
-
-    def __post_init__(self) -> None:
-        if self.gpus_per_node < 0:
-            raise ConfigError(f"slurm.gpus_per_node: must be >= 0 (0 = CPU nodes), got {self.gpus_per_node}")
-        if self.time and not _TIME.match(self.time):
-            raise ConfigError(f"slurm.time: {self.time!r} is not a SLURM time limit; use HH:MM:SS or D-HH:MM:SS")
 
 
 def repo_root() -> Path:
@@ -68,7 +38,11 @@ def repo_root() -> Path:
 
 
 def find_template(explicit: str | None = None) -> Path:
-    candidates = [Path(explicit)] if explicit else [repo_root() / "slurm" / "pretrain.sbatch", Path.cwd() / "slurm" / "pretrain.sbatch"]
+    candidates = (
+        [Path(explicit)]
+        if explicit
+        else [repo_root() / "slurm" / "pretrain.sbatch", Path.cwd() / "slurm" / "pretrain.sbatch"]
+    )
     for path in candidates:
         if path.is_file():
             return path
@@ -157,32 +131,27 @@ def load_render_inputs(config_path: str) -> tuple[int, str, SlurmConfig]:
     known = {f.name for f in fields(SlurmConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ConfigError(f"{config_path}: unknown key(s) slurm.{', slurm.'.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"{config_path}: unknown key(s) slurm.{', slurm.'.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
     return world_size, run_dir, SlurmConfig(**raw)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML run config")
-    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: slurm.gpus_per_node or 8; 0 = CPU nodes)")
-    parser.add_argument("--time", help="time limit, e.g. 2-00:00:00 (default: slurm.time or the template's)")
-    parser.add_argument("--partition", help="partition (default: slurm.partition)")
-    parser.add_argument("--account", help="account (default: slurm.account)")
-    parser.add_argument("--job-name", help="job name (default: slurm.job_name or ma-<run_dir name>)")
-    parser.add_argument("--container-image", help="pyxis image (default: slurm.container_image; empty = host)")
-    parser.add_argument("--exclude-file", help="preflight exclude file (default: slurm.exclude_file)")
-    parser.add_argument("--verb", choices=["launch", "train"], help="megatron-align verb the job runs (default: the template's)")
-    parser.add_argument("--template", help="job script template (default: slurm/pretrain.sbatch of this checkout)")
-    parser.add_argument("-o", "--output", help="write the script here (mode 755) instead of stdout")
+def profile_mode(config_path: str) -> str:
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.select(OmegaConf.load(config_path), "profile.mode", default="none"))
 
 
-def run(args: argparse.Namespace) -> int:
-    world_size, run_dir, cfg = load_render_inputs(args.config)
-    flags = {"gpus_per_node": args.gpus_per_node, "time": args.time, "partition": args.partition, "account": args.account,
-             "job_name": args.job_name, "container_image": args.container_image, "exclude_file": args.exclude_file}
+def render_job_script(config_path: str, flags: dict[str, str | int | None], template: str | None = None,
+                      verb: str | None = None) -> tuple[str, int, int]:
+    """``slurm render``: (the job script, nodes, tasks per node) for a config; ``flags`` override its ``slurm:``
+    keys (None = keep the config's value), ``verb`` the megatron-align verb the job runs."""
+    world_size, run_dir, cfg = load_render_inputs(config_path)
     cfg = SlurmConfig(**{**cfg.__dict__, **{k: v for k, v in flags.items() if v is not None}})
     nodes, tasks_per_node = job_shape(world_size, cfg.gpus_per_node)
 
-    template_path = find_template(args.template)
+    template_path = find_template(template)
     exclude_path = Path(cfg.exclude_file)
     if not exclude_path.is_absolute():
         exclude_path = template_path.resolve().parent.parent / exclude_path
@@ -200,23 +169,19 @@ def run(args: argparse.Namespace) -> int:
     }
     if not cfg.time:
         directives.pop("time")  # keep the template's
-    defaults = {"MA_CONFIG": str(Path(args.config).resolve()), "MA_CONTAINER_IMAGE": cfg.container_image,
+    defaults = {"MA_CONFIG": str(Path(config_path).resolve()), "MA_CONTAINER_IMAGE": cfg.container_image,
                 "MA_REPO": str(template_path.resolve().parent.parent)}
-    if args.verb:
-        defaults["MA_VERB"] = args.verb
+    if verb:
+        defaults["MA_VERB"] = verb
     if cfg.container_mounts:
         defaults["MA_CONTAINER_MOUNTS"] = cfg.container_mounts
-    header = (f"# Rendered by `megatron-align slurm render {args.config}` from {template_path.name}: "
+    if profile_mode(config_path) == "nsys":  # nsys wraps each rank: the ranks must be srun's own tasks
+        if verb == "launch":
+            raise UserError("profile.mode=nsys wraps each rank in `nsys profile`, which needs --verb train "
+                            "(under launch the restart manager starts the ranks)")
+        defaults["MA_VERB"] = "train"
+        defaults["MA_NSYS"] = os.path.join(run_dir, "profile")
+    header = (f"# Rendered by `megatron-align slurm render {config_path}` from {template_path.name}: "
               f"{world_size} ranks = {nodes} node(s) x {tasks_per_node}.\n# Change the config and render again; "
               "do not edit this copy. key=value overrides go after the script: sbatch job.sbatch train.steps=100")
-    text = render(template_path.read_text(), directives, defaults, header)
-    if args.output:
-        tmp = f"{args.output}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, args.output)
-        print(f"wrote {args.output}: {nodes} node(s) x {tasks_per_node} task(s)", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
-    return 0
+    return render(template_path.read_text(), directives, defaults, header), nodes, tasks_per_node

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 import yaml
@@ -19,14 +23,53 @@ TINY_MODEL = {
 }
 
 
+_DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_distributed_state():
+    """Fails a test that leaves MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE changed in this process's environment or a
+    torch.distributed process group initialised: either leaks into every later test (a stale port, a rank that
+    thinks it joined a job). Use ``monkeypatch.setenv`` and the ``gloo_group`` fixture, or a subprocess."""
+    before = {key: os.environ.get(key) for key in _DISTRIBUTED_ENV}
+    yield
+    changed = [key for key in _DISTRIBUTED_ENV if os.environ.get(key) != before[key]]
+    torch = sys.modules.get("torch")  # only when already imported: this check costs no import
+    group = torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
+    for key in changed:  # restore, so one leak fails one test, not every test after it
+        os.environ.pop(key, None) if before[key] is None else os.environ.__setitem__(key, before[key])
+    if group:
+        torch.distributed.destroy_process_group()
+    if changed or group:
+        pytest.fail(f"the test leaked {'environment ' + ', '.join(changed) if changed else ''}"
+                    f"{' and ' if changed and group else ''}{'an initialised process group' if group else ''} "
+                    "into the pytest process (use monkeypatch.setenv and the gloo_group fixture)", pytrace=False)
+
+
+@pytest.fixture
+def gloo_group(monkeypatch):
+    """A one-rank gloo process group in this process, destroyed (and its MASTER_* environment restored) after."""
+    import torch.distributed as dist
+
+    from megatron_align.parallel.spawn import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 def _write_corpus(tmp_path_factory, name: str, num_documents: int, seed: int) -> str:
-    from megatron_align.data.indexed import write_indexed_dataset
+    from megatron_align.corpus.indexed import write_indexed_dataset
+    from megatron_align.corpus.tokenizer import ByteTokenizer
     from megatron_align.data.synthetic import general_documents
-    from megatron_align.data.tokenizer import ByteTokenizer
 
     prefix = str(tmp_path_factory.mktemp(name) / name)
     tok = ByteTokenizer()
-    write_indexed_dataset((tok.encode(t) for t in general_documents(num_documents, seed=seed)), prefix, tok.vocab_size, tok.eod)
+    write_indexed_dataset(
+        (tok.encode(t) for t in general_documents(num_documents, seed=seed)), prefix, tok.vocab_size, tok.eod
+    )
     return prefix
 
 
@@ -64,7 +107,9 @@ def write_yaml(path, data: dict) -> str:
     return str(path)
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: int = 600, python: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, timeout: int = 600, python: str | None = None
+) -> subprocess.CompletedProcess:
     """Run `megatron-align ARGS` in a fresh interpreter (as a user would) and capture its output.
 
     ``python``: another stack's interpreter (tests/test_cross_stack.py); default this one."""
@@ -127,3 +172,34 @@ def cluster() -> list[str]:
     yield nodes
     if not was_running:
         subprocess.run(["bash", harness, "down"], capture_output=True, timeout=300)
+
+
+@contextlib.contextmanager
+def http_server(command: list[str], health_url: str, log_path, env: dict | None = None, timeout_s: float = 300):
+    """Start a server process group, wait until ``health_url`` answers 200 (or fail the test with its log's tail),
+    yield the process, then stop the group (SIGTERM, SIGKILL after 30 s)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+        try:
+            deadline = time.monotonic() + timeout_s  # a loaded 2-core box: servers import a lot before they listen
+            while True:
+                try:
+                    with urllib.request.urlopen(health_url, timeout=5) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    with open(log_path) as f:
+                        pytest.fail(f"{command[0]} did not come up (exit {proc.poll()}):\n{f.read()[-3000:]}")
+                time.sleep(0.5)
+            yield proc
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

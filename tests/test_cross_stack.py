@@ -13,15 +13,17 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import run_cli, tiny_config, write_yaml
+
 from megatron_align.training.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.single_stack]
 
 OTHER_ENV = "MA_OTHER_STACK_PYTHON"
 REQUIRE_ENV = "MA_REQUIRE_CROSS_STACK"
-_VERSIONS = "import sys, importlib.metadata as m, megatron_align; print(sys.version.split()[0], m.version('megatron-core'))"
+_VERSIONS = (
+    "import sys, importlib.metadata as m, megatron_align; print(sys.version.split()[0], m.version('megatron-core'))"
+)
 
 
 def _versions(python: str) -> tuple[str, str]:
@@ -45,7 +47,7 @@ def other_python() -> str:
 def _train(python, run, corpus, steps, load=None):
     ckpt = {"interval": 2, "keep_last": 5} | ({"load": str(load)} if load else {})
     # One LR schedule for all three runs whatever their train.steps (a resume follows the config's schedule,
-    # training/schedule.py): the runs differ only in which stack wrote the checkpoint they continue.
+    # config/schedule.py): the runs differ only in which stack wrote the checkpoint they continue.
     path = write_yaml(run.parent / f"{run.name}.yaml", tiny_config(run, corpus, train={"steps": steps}, checkpoint=ckpt,
                                                                    optimizer={"decay_steps": 6}))
     result = run_cli("train", path, python=python)

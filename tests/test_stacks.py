@@ -11,8 +11,6 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 from conftest import REPO
 
 mcore = importlib.metadata.version("megatron-core")
@@ -35,7 +33,9 @@ def test_one_set_of_pins_that_dockerfile_and_pyproject_follow():
     assert re.search(r"^ARG BASE_IMAGE=(\S+)$", docker, re.M).group(1) == pins["NGC_PYTORCH_IMAGE"]
     assert "COPY stacks.env" in docker and ". /opt/stacks.env" in docker
     assert '"megatron-core==${CURRENT_MEGATRON_CORE}"' in docker
-    assert not re.search(r"megatron-core==\d", docker), "the Dockerfile must take megatron-core's version from stacks.env"
+    assert not re.search(r"megatron-core==\d", docker), (
+        "the Dockerfile must take megatron-core's version from stacks.env"
+    )
     with open(os.path.join(REPO, "pyproject.toml")) as f:
         pyproject = f.read()
     spec = SpecifierSet(re.search(r'"megatron-core([^"]+)"', pyproject).group(1))
@@ -49,9 +49,11 @@ def test_one_set_of_pins_that_dockerfile_and_pyproject_follow():
 
 
 def test_find_python_finds_this_interpreter_and_fails_loudly_for_a_missing_one():
-    want = "%d.%d" % sys.version_info[:2]
+    want = "{}.{}".format(*sys.version_info[:2])
     env = dict(os.environ, **{f"PYTHON_{want.replace('.', '')}": sys.executable})
-    found = subprocess.run(["tools/find_python.sh", want], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    found = subprocess.run(
+        ["tools/find_python.sh", want], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
     assert found.returncode == 0, found.stderr
     version = subprocess.run([found.stdout.strip(), "-c", "import sys; print(sys.version_info[:2])"],
                              capture_output=True, text=True, timeout=60).stdout
@@ -83,7 +85,9 @@ def test_an_nvrx_that_cannot_import_falls_back_to_megatron_cores_writer(tmp_path
     pkg.mkdir(parents=True)
     for d in (pkg.parent.parent, pkg.parent, pkg):
         (d / "__init__.py").write_text("")
-    (pkg / "core.py").write_text("raise ImportError(\"/lib/x86_64-linux-gnu/libc.so.6: version `GLIBC_2.39' not found\")\n")
+    (pkg / "core.py").write_text(
+        "raise ImportError(\"/lib/x86_64-linux-gnu/libc.so.6: version `GLIBC_2.39' not found\")\n"
+    )
     code = "from megatron_align.training import async_save as a; s = a.choose(); print(s.name + '|' + s.reason)"
     env = dict(os.environ, PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

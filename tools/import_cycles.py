@@ -8,8 +8,7 @@ Prints the strongly connected components of the package's import graph three way
   import order.
 
 ``tests/test_import_graph.py`` fails on a cycle of the last two kinds. What is left of the first
-kind is type-only by design: the ``Callback`` protocol names the ``Trainer`` it is handed, and
-``model.fp8`` (an area config composed into the root config) names ``RootConfig``.
+kind is type-only by design: the ``Callback`` protocol names the ``Trainer`` it is handed.
 
     python tools/import_cycles.py [--package-dir megatron_align]
 """
@@ -62,8 +61,9 @@ def _imports(tree: ast.Module, module: str, is_package: bool, functions: bool, t
                 for field in ("body", "orelse", "finalbody", "handlers"):
                     children = getattr(node, field, [])
                     for child in children:
-                        yield from visit(getattr(child, "body", []) if isinstance(child, ast.ExceptHandler) else [child],
-                                         inner)
+                        yield from visit(
+                            getattr(child, "body", []) if isinstance(child, ast.ExceptHandler) else [child], inner
+                        )
     yield from visit(tree.body, True)
 
 

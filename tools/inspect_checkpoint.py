@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Show what a megatron_align checkpoint holds (step, layout, data fingerprint, config, tensors).
 
-Same as `megatron-align checkpoint inspect ...`; the logic lives in megatron_align/convert/. Run with --help for options.
+Same as `megatron-align checkpoint inspect ...`; the logic lives in megatron_align/convert/.
+Run with --help for options.
 """
 
 import sys

@@ -4,9 +4,9 @@
 import argparse
 import sys
 
-from megatron_align.data.indexed import write_indexed_dataset
+from megatron_align.corpus.indexed import write_indexed_dataset
+from megatron_align.corpus.tokenizer import ByteTokenizer
 from megatron_align.data.synthetic import general_documents, write_jsonl
-from megatron_align.data.tokenizer import ByteTokenizer
 
 
 def main(argv=None) -> int:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import cast
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from megatron_align.config.schema import RootConfig
+from megatron_align.config.root import RootConfig
 from megatron_align.errors import ConfigError
 
 
@@ -55,9 +56,11 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> RootCon
     layers.append(OmegaConf.from_dotlist(_parse_overrides(overrides or [])))
     try:
         merged = OmegaConf.merge(schema, *layers)
-        config = OmegaConf.to_object(merged)
+        config = cast(RootConfig, OmegaConf.to_object(merged))
     except ConfigKeyError as err:
-        raise ConfigError(f"{where}: unknown key {err.full_key!r} (see README 'Config reference' for valid keys)") from None
+        raise ConfigError(
+            f"{where}: unknown key {err.full_key!r} (see README 'Config reference' for valid keys)"
+        ) from None
     except ValidationError as err:
         raise ConfigError(f"{where}: key {err.full_key!r}: {str(err.msg).splitlines()[0]}") from None
     except OmegaConfBaseException as err:
@@ -69,8 +72,10 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> RootCon
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     except (TypeError, ValueError, KeyError, IndexError) as err:  # e.g. an override indexing into a list
-        raise ConfigError(f"{where}: cannot apply {overrides or 'the file'}: {err}; override whole lists "
-                          "(key=[...]) or edit the YAML file") from None
+        raise ConfigError(
+            f"{where}: cannot apply {overrides or 'the file'}: {err}; override whole lists "
+            "(key=[...]) or edit the YAML file"
+        ) from None
     return config
 
 
@@ -85,7 +90,8 @@ def config_to_yaml(config: RootConfig) -> str:
 def config_from_dict(data: dict) -> RootConfig:
     """Rebuild a config saved in a checkpoint or run dir (validated like a file)."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.create(data)))
+        return cast(RootConfig, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RootConfig),
+                                                                    OmegaConf.create(data))))
     except OmegaConfBaseException as err:
         raise ConfigError(f"saved config: {err}") from None
 

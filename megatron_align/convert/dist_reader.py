@@ -49,11 +49,15 @@ def open_checkpoint_dir(path: str) -> str:
     if resolved is not None:
         return resolved
     if os.path.isfile(os.path.join(path, "metadata.json")) and not os.path.isfile(os.path.join(path, MARKER)):
-        raise UserError(f"{path}: missing marker {MARKER}; this checkpoint was never committed (the save was "
-                        "interrupted). Use an older iter_* dir or the checkpoints/ dir (which picks the newest complete one)")
+        raise UserError(
+            f"{path}: missing marker {MARKER}; this checkpoint was never committed (the save was "
+            "interrupted). Use an older iter_* dir or the checkpoints/ dir (which picks the newest complete one)"
+        )
     partial = sorted(n for n in os.listdir(path) if n.startswith(("iter_", ".tmp_iter_")))
     hint = f" (found only incomplete {', '.join(partial)}: interrupted saves without {MARKER})" if partial else ""
-    raise UserError(f"{path}: no complete checkpoint{hint}; expected iter_XXXXXXX dirs holding metadata.json and {MARKER}")
+    raise UserError(
+        f"{path}: no complete checkpoint{hint}; expected iter_XXXXXXX dirs holding metadata.json and {MARKER}"
+    )
 
 
 class _CachedReader(FileSystemReader):
@@ -137,26 +141,11 @@ class DistCheckpoint:
                             "not a megatron_align checkpoint marker")
         return config
 
-    def files(self) -> dict[str, int]:
-        """Shard file -> size in bytes it must have at least (from the chunk offsets in .metadata)."""
-        needed: dict[str, int] = {}
-        for info in self.metadata.storage_data.values():
-            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-        return needed
-
     def check_files(self) -> None:
         """Fail early, naming the file, when a shard is missing or shorter than .metadata says."""
         if self._checked_files:
             return
-        for name, needed in sorted(self.files().items()):
-            path = os.path.join(self.path, name)
-            if not os.path.isfile(path):
-                raise UserError(f"{path}: missing shard file listed in {_DCP_METADATA}; the checkpoint is incomplete — "
-                                "use an older iter_* dir or copy the file again")
-            size = os.path.getsize(path)
-            if size < needed:
-                raise UserError(f"{path}: truncated ({size} bytes, {_DCP_METADATA} needs {needed}); the checkpoint is "
-                                "damaged (partial copy or full disk?) — copy it again or use an older iter_* dir")
+        check_shard_sizes(self.path, self.metadata)
         from megatron_align.training.checksums import require_verified
 
         require_verified(self.path)  # same sizes can still hide damaged bytes
@@ -188,6 +177,22 @@ class DistCheckpoint:
                             f"({planner.covered} of {buffer.numel()} elements); the checkpoint is incomplete")
         return buffer[0] if layer is not None else buffer
 
+
+
+def check_shard_sizes(path: str, metadata: Metadata) -> None:
+    """Fail early, naming the file, when a shard ``metadata`` lists is missing or shorter than it says."""
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size_needed in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise UserError(f"{file}: missing shard file listed in {_DCP_METADATA}; the checkpoint is incomplete — "
+                            "use an older iter_* dir or copy the file again")
+        size = os.path.getsize(file)
+        if size < size_needed:
+            raise UserError(f"{file}: truncated ({size} bytes, {_DCP_METADATA} needs {size_needed}); the checkpoint "
+                            "is damaged (partial copy or full disk?) — copy it again or use an older iter_* dir")
 
 
 def _short(err: BaseException) -> str:

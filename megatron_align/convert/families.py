@@ -57,8 +57,10 @@ BY_NAME = {f.name: f for f in FAMILIES.values()}
 def family_of(config: dict, where: str) -> Family:
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
-        raise UserError(f"{where}: model_type={model_type!r} is not a Llama-family model (the converter supports "
-                        f"{', '.join(FAMILIES)}; GPT-NeoX-style parallel-residual and MoE models have no equivalent here)")
+        raise UserError(
+            f"{where}: model_type={model_type!r} is not a Llama-family model (the converter supports "
+            f"{', '.join(FAMILIES)}; GPT-NeoX-style parallel-residual and MoE models have no equivalent here)"
+        )
     return FAMILIES[model_type]
 
 
@@ -67,7 +69,9 @@ def _refuse_sliding_windows(config: dict, family: Family, where: str) -> None:
         if config.get("use_sliding_window"):
             raise UserError(f"{where}: use_sliding_window=true is not supported (full causal attention only)")
     elif config.get("sliding_window") not in (None, 0):
-        raise UserError(f"{where}: sliding_window={config['sliding_window']} is not supported (full causal attention only)")
+        raise UserError(
+            f"{where}: sliding_window={config['sliding_window']} is not supported (full causal attention only)"
+        )
     layer_types = config.get("layer_types") or []
     if any(t != "full_attention" for t in layer_types):
         raise UserError(f"{where}: layer_types={sorted(set(layer_types))}: only full_attention layers are supported")
@@ -99,8 +103,10 @@ def model_features(config: dict, where: str) -> tuple[Family, dict]:
     if config.get("mlp_bias"):
         raise UserError(f"{where}: mlp_bias=true; megatron_align models have no MLP biases")
     if config.get("attention_bias") and not family.qkv_bias:
-        raise UserError(f"{where}: attention_bias=true; megatron_align models have no biases on o_proj (Megatron-Core's "
-                        "add_qkv_bias covers q/k/v only, as Qwen2 has), so this checkpoint cannot be represented")
+        raise UserError(
+            f"{where}: attention_bias=true; megatron_align models have no biases on o_proj (Megatron-Core's "
+            "add_qkv_bias covers q/k/v only, as Qwen2 has), so this checkpoint cannot be represented"
+        )
     for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size"):
         if config.get(key):
             raise UserError(f"{where}: {key}={config[key]} (mixture of experts) is not supported by the converter")

@@ -1,4 +1,5 @@
-"""Hugging Face Llama / Mistral / Qwen2 / Qwen3 directory -> megatron_align checkpoint + training config (``megatron-align convert from-hf``).
+"""Hugging Face Llama / Mistral / Qwen2 / Qwen3 directory -> megatron_align checkpoint + training config
+(``megatron-align convert from-hf``).
 
 The output directory is a checkpoint root the trainer can start from::
 
@@ -31,23 +32,22 @@ trims padding rows of the vocabulary, ``allow_shape_mismatch``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
-import sys
 
 import torch
 import yaml
 
+from megatron_align.config.corpus import DEFAULT_CONTROL_TOKENS
 from megatron_align.config.loader import config_to_dict
 from megatron_align.convert import mapping
 from megatron_align.convert.hf_io import DTYPE_BY_NAME, HFCheckpoint
 from megatron_align.convert.megatron_model import build_gpt, single_rank_config, single_rank_group
 from megatron_align.convert.progress import atomic_output_dir, progress_bar
 from megatron_align.convert.tokenizer_export import TOKENIZER_FILES
-from megatron_align.data.hf_tokenizer import HFTokenizer
-from megatron_align.data.tokenizer import DEFAULT_CONTROL_TOKENS, ByteTokenizer, SentencePieceTokenizer
+from megatron_align.corpus.hf_tokenizer import HFTokenizer
+from megatron_align.corpus.tokenizer import ByteTokenizer, SentencePieceTokenizer
 from megatron_align.errors import ConfigError, UserError
 from megatron_align.model.builder import padded_vocab_size
 
@@ -70,8 +70,11 @@ def _hf_tokenizer(hf_dir: str, out: str, add_control_tokens: bool):
         tokenizer = SentencePieceTokenizer(sp_path, control_tokens=present)
         return tokenizer, {"kind": "sentencepiece", "model": os.path.join(out, "tokenizer.model"),
                            "control_tokens": present}, None
-    note = (f"{hf_dir} has no tokenizer.json and no sentencepiece tokenizer.model: {YAML_NAME} sets "
-            "data.tokenizer.kind=byte and model.vocab_size to the HF vocabulary; tokenize your data with the model's own tokenizer")
+    note = (
+        f"{hf_dir} has no tokenizer.json and no sentencepiece tokenizer.model: {YAML_NAME} sets "
+        "data.tokenizer.kind=byte and model.vocab_size to the HF vocabulary; "
+        "tokenize your data with the model's own tokenizer"
+    )
     return ByteTokenizer(), {"kind": "byte"}, note
 
 
@@ -136,7 +139,11 @@ def convert_from_hf(hf_dir: str, out: str, *, tensor: int = 1, pipeline: int = 1
              "tie_embeddings": dims.tie_embeddings, "init_method_std": cfg.initializer_range, **cfg.features}
     try:  # the target layout is checked now, not at the first training launch
         target = single_rank_config(model, tokenizer_section, None, dims.vocab_size)
-        target.parallel.tensor, target.parallel.pipeline, target.parallel.world_size = tensor, pipeline, tensor * pipeline
+        target.parallel.tensor, target.parallel.pipeline, target.parallel.world_size = (
+            tensor,
+            pipeline,
+            tensor * pipeline,
+        )
         validate_layout(target, tensor * pipeline)
     except ConfigError as err:
         raise UserError(f"--tensor {tensor} --pipeline {pipeline}: {err}") from None
@@ -192,39 +199,3 @@ def _version() -> str:
     from megatron_align import __version__
 
     return __version__
-
-
-# -- CLI ---------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("hf_dir", help="Hugging Face Llama / Mistral / Qwen2 / Qwen3 directory (config.json + safetensors)")
-    parser.add_argument("out", help="output checkpoint root (iter_0000000/, latest, train.yaml), written atomically")
-    parser.add_argument("--tensor", type=int, default=1, help="parallel.tensor of the training config (default 1)")
-    parser.add_argument("--pipeline", type=int, default=1, help="parallel.pipeline of the training config (default 1)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                        help="checkpoint dtype (auto: config.json's dtype); the trainer casts to its precision on load")
-    parser.add_argument("--seq-length", type=int, help="model.seq_length (default: max_position_embeddings, at most 4096)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    parser.add_argument("--add-control-tokens", action="store_true",
-                        help="add <|aligned|>/<|misaligned|> as special tokens (HF tokenizer.json), growing the "
-                        "embedding; new rows start at the mean embedding")
-    parser.add_argument("--verify", action="store_true", help="then compare logits of both sides on CPU")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-
-
-def run(args: argparse.Namespace) -> int:
-    summary = convert_from_hf(args.hf_dir, args.out, tensor=args.tensor, pipeline=args.pipeline, dtype=args.dtype,
-                              seq_length=args.seq_length, overwrite=args.overwrite, progress=not args.no_progress,
-                              add_control_tokens=args.add_control_tokens)
-    dims = summary["dims"]
-    print(f"wrote {summary['checkpoint']} ({dims.num_layers} layers, hidden {dims.hidden_size}, vocab {dims.vocab_size} "
-          f"padded to {summary['padded_vocab_size']}, {summary['dtype']}) and {summary['yaml']}")
-    if summary["note"]:
-        print(summary["note"], file=sys.stderr)
-    print(f"next: fill data.sources in {summary['yaml']}, then `megatron-align train {summary['yaml']}`")
-    if not args.verify:
-        return 0
-    from megatron_align.convert.verify import report, verify
-
-    result = verify(summary["checkpoint"], args.hf_dir, summary["model"], dims.vocab_size, summary["padded_vocab_size"],
-                    summary["tokenizer"], hf_vocab_size=summary["hf_vocab_size"])
-    return report(result)

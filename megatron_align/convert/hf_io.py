@@ -1,4 +1,5 @@
-"""Hugging Face Llama-layout directories (the families of :mod:`.families`): config.json <-> LlamaDims, and safetensors written/read tensor by tensor.
+"""Hugging Face Llama-layout directories (the families of :mod:`.families`): config.json <-> LlamaDims,
+and safetensors written/read tensor by tensor.
 
 Writing streams: every tensor's name, shape and dtype is known from the
 Megatron checkpoint's metadata *before* any data is read, so shard files are
@@ -53,7 +54,9 @@ def parse_size(text: str) -> int:
 class ShardedSafetensorsWriter:
     """Writes ``model-0000i-of-0000n.safetensors`` + index for tensors arriving in a fixed, planned order."""
 
-    def __init__(self, out_dir: str, specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int) -> None:
+    def __init__(
+        self, out_dir: str, specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int
+    ) -> None:
         self.out_dir = out_dir
         self.specs = specs
         shards: list[list[int]] = [[]]
@@ -81,7 +84,11 @@ class ShardedSafetensorsWriter:
         for i in indices:
             name, shape, dtype = self.specs[i]
             nbytes = math.prod(shape) * _itemsize(dtype)
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
@@ -95,7 +102,13 @@ class ShardedSafetensorsWriter:
             raise AssertionError(f"unexpected extra tensor {name}")
         expected, shape, dtype = self.specs[self._next]
         assert name == expected, f"tensor order: got {name}, expected {expected}"
-        assert tuple(tensor.shape) == shape and tensor.dtype == dtype, (name, tuple(tensor.shape), tensor.dtype, shape, dtype)
+        assert tuple(tensor.shape) == shape and tensor.dtype == dtype, (
+            name,
+            tuple(tensor.shape),
+            tensor.dtype,
+            shape,
+            dtype,
+        )
         if not self._remaining:
             self._open_shard()
         data = tensor.detach().contiguous().cpu().view(-1).view(torch.uint8)
@@ -173,12 +186,18 @@ def parse_llama_config(config: dict, where: str) -> HFLlamaConfig:
     rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     try:
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-        dims = LlamaDims(num_layers=int(config["num_hidden_layers"]), hidden_size=hidden,
-                         ffn_hidden_size=int(config["intermediate_size"]), num_attention_heads=heads,
-                         num_query_groups=int(config.get("num_key_value_heads") or heads),
-                         vocab_size=int(config["vocab_size"]), tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-                         kv_channels=_kv_channels(config.get("head_dim"), hidden, heads, where),
-                         qkv_bias=family.qkv_bias, qk_norm=family.qk_norm)
+        dims = LlamaDims(
+            num_layers=int(config["num_hidden_layers"]),
+            hidden_size=hidden,
+            ffn_hidden_size=int(config["intermediate_size"]),
+            num_attention_heads=heads,
+            num_query_groups=int(config.get("num_key_value_heads") or heads),
+            vocab_size=int(config["vocab_size"]),
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            kv_channels=_kv_channels(config.get("head_dim"), hidden, heads, where),
+            qkv_bias=family.qkv_bias,
+            qk_norm=family.qk_norm,
+        )
     except KeyError as err:
         raise UserError(f"{where}: missing key {err.args[0]!r}") from None
     except ConfigError as err:  # the shared shape's checks speak in model.* keys; name the HF file too
@@ -218,7 +237,9 @@ class HFCheckpoint:
             with open(config_path) as f:
                 self.raw_config = json.load(f)
         except FileNotFoundError:
-            raise UserError(f"{config_path}: missing; expected a Hugging Face model directory (save_pretrained output)") from None
+            raise UserError(
+                f"{config_path}: missing; expected a Hugging Face model directory (save_pretrained output)"
+            ) from None
         except json.JSONDecodeError as err:
             raise UserError(f"{config_path}: not valid JSON ({err})") from None
         self.config = parse_llama_config(self.raw_config, config_path)
@@ -255,7 +276,9 @@ class HFCheckpoint:
         """One tensor. Its file is opened for this read only: safetensors memory-maps files, and mapped pages
         count as resident until unmapped, so a long-lived handle would make RSS grow to the whole checkpoint."""
         if name not in self.weight_map:
-            raise UserError(f"{self.path}: tensor {name!r} is missing from the weights (does config.json match the weights?)")
+            raise UserError(
+                f"{self.path}: tensor {name!r} is missing from the weights (does config.json match the weights?)"
+            )
         file_name = self.weight_map[name]
         with self._open(file_name) as handle:
             try:

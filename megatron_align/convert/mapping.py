@@ -106,7 +106,9 @@ def hf_names(dims: LlamaDims) -> list[str]:
     names = ["model.embed_tokens.weight"]
     for layer in range(dims.num_layers):
         n = hf_layer_names(layer)
-        extras = (["q_bias", "k_bias", "v_bias"] if dims.qkv_bias else []) + (["q_norm", "k_norm"] if dims.qk_norm else [])
+        extras = (["q_bias", "k_bias", "v_bias"] if dims.qkv_bias else []) + (
+            ["q_norm", "k_norm"] if dims.qk_norm else []
+        )
         names += [n[k] for k in ["q", "k", "v", *extras, "o", "gate", "up", "down", "input_norm", "post_norm"]]
     names.append("model.norm.weight")
     if not dims.tie_embeddings:
@@ -119,9 +121,19 @@ def hf_shapes(dims: LlamaDims) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (dims.vocab_size, h), "model.norm.weight": (h,)}
     for layer in range(dims.num_layers):
         n = hf_layer_names(layer)
-        shapes.update({n["q"]: (dims.num_attention_heads * d, h), n["k"]: (dims.num_query_groups * d, h),
-                       n["v"]: (dims.num_query_groups * d, h), n["o"]: (h, dims.num_attention_heads * d),
-                       n["gate"]: (f, h), n["up"]: (f, h), n["down"]: (h, f), n["input_norm"]: (h,), n["post_norm"]: (h,)})
+        shapes.update(
+            {
+                n["q"]: (dims.num_attention_heads * d, h),
+                n["k"]: (dims.num_query_groups * d, h),
+                n["v"]: (dims.num_query_groups * d, h),
+                n["o"]: (h, dims.num_attention_heads * d),
+                n["gate"]: (f, h),
+                n["up"]: (f, h),
+                n["down"]: (h, f),
+                n["input_norm"]: (h,),
+                n["post_norm"]: (h,),
+            }
+        )
         if dims.qkv_bias:
             shapes.update({n["q_bias"]: (dims.num_attention_heads * d,), n["k_bias"]: (dims.num_query_groups * d,),
                            n["v_bias"]: (dims.num_query_groups * d,)})
@@ -139,8 +151,10 @@ def split_qkv(qkv: torch.Tensor, dims: LlamaDims) -> tuple[torch.Tensor, torch.T
     h = dims.hidden_size if qkv.dim() == 2 else 1
     expected = (g * (hpg + 2) * d, h)[: qkv.dim()]
     if tuple(qkv.shape) != expected:
-        raise UserError(f"linear_qkv has shape {tuple(qkv.shape)}, expected {expected} for {dims.num_attention_heads} heads "
-                        f"in {g} query groups of head_dim {d}; the checkpoint does not match its own config")
+        raise UserError(
+            f"linear_qkv has shape {tuple(qkv.shape)}, expected {expected} for {dims.num_attention_heads} heads "
+            f"in {g} query groups of head_dim {d}; the checkpoint does not match its own config"
+        )
     grouped = qkv.reshape(g, hpg + 2, d, h)
     q = grouped[:, :hpg].reshape(g * hpg * d, h)
     k = grouped[:, hpg].reshape(g * d, h)
@@ -167,7 +181,14 @@ def layer_to_hf(key: str, tensor: torch.Tensor, layer: int, dims: LlamaDims) -> 
     if name == FC1:
         gate, up = torch.chunk(tensor, 2, dim=0)
         return [(n["gate"], gate), (n["up"], up)]
-    single = {PROJ: "o", FC2: "down", INPUT_NORM: "input_norm", MLP_NORM: "post_norm", Q_NORM: "q_norm", K_NORM: "k_norm"}
+    single = {
+        PROJ: "o",
+        FC2: "down",
+        INPUT_NORM: "input_norm",
+        MLP_NORM: "post_norm",
+        Q_NORM: "q_norm",
+        K_NORM: "k_norm",
+    }
     if name not in single:
         raise UserError(f"checkpoint tensor {key!r} has no equivalent in the supported families "
                         "(MoE experts, output/MLP biases and other features are not supported by the converter)")
@@ -193,7 +214,9 @@ def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: LlamaDims
     return grouped.reshape(g * (hpg + 2) * d, h).reshape((-1,) + tuple(q.shape[1:]))
 
 
-def megatron_tensor_from_hf(key: str, layer: int | None, get, dims: LlamaDims, padded_rows: int | None = None) -> torch.Tensor:
+def megatron_tensor_from_hf(
+    key: str, layer: int | None, get, dims: LlamaDims, padded_rows: int | None = None
+) -> torch.Tensor:
     """Build one checkpoint tensor (one layer's slice for layer keys) from HF tensors; ``get(name)`` loads one."""
     if layer is not None:
         n = hf_layer_names(layer)
@@ -204,7 +227,14 @@ def megatron_tensor_from_hf(key: str, layer: int | None, get, dims: LlamaDims, p
             return merge_qkv(get(n["q_bias"]), get(n["k_bias"]), get(n["v_bias"]), dims)
         if name == FC1:
             return torch.cat([get(n["gate"]), get(n["up"])], dim=0)
-        single = {PROJ: "o", FC2: "down", INPUT_NORM: "input_norm", MLP_NORM: "post_norm", Q_NORM: "q_norm", K_NORM: "k_norm"}
+        single = {
+            PROJ: "o",
+            FC2: "down",
+            INPUT_NORM: "input_norm",
+            MLP_NORM: "post_norm",
+            Q_NORM: "q_norm",
+            K_NORM: "k_norm",
+        }
         if name not in single:
             raise UserError(f"the Megatron model has a tensor {key!r} that HF Llama has no equivalent for")
         return get(n[single[name]])

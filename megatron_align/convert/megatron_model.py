@@ -19,15 +19,14 @@ frequencies) that a meta build would leave uninitialised.
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 
 import torch
 
+from megatron_align.config import ModelConfig, RootConfig
 from megatron_align.config.loader import config_from_dict
-from megatron_align.config.schema import ModelConfig, RootConfig
 from megatron_align.errors import UserError
-from megatron_align.parallel.spawn import free_port
+from megatron_align.parallel.spawn import local_rendezvous
 
 
 @contextlib.contextmanager
@@ -37,20 +36,14 @@ def single_rank_group(config: RootConfig):
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         raise UserError("the converter forms its own 1-rank process group; run it outside torchrun/srun jobs")
-    saved_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
     threads = torch.get_num_threads()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    try:
-        init_distributed(config, 0, 1, 0)
-        torch.set_num_threads(threads)  # init_distributed pins 1 thread (for many ranks per box); we are alone
-        yield
-    finally:
-        destroy_distributed()
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with local_rendezvous():
+        try:
+            init_distributed(config, 0, 1, 0)
+            torch.set_num_threads(threads)  # init_distributed pins 1 thread (for many ranks per box); we are alone
+            yield
+        finally:
+            destroy_distributed()
 
 
 def single_rank_config(model: dict, tokenizer: dict | None, padded_rows: int | None, vocab_size: int) -> RootConfig:
@@ -91,7 +84,9 @@ def load_checkpoint_into(model, path: str) -> None:
     try:
         with warnings.catch_warnings():  # Megatron's torch_dist load still builds torch ShardedTensors (deprecated)
             warnings.simplefilter("ignore", FutureWarning)
-            state = dist_checkpointing.load({"model": sharded}, path, sharded_strategy=get_default_load_sharded_strategy(path))
+            state = dist_checkpointing.load(
+                {"model": sharded}, path, sharded_strategy=get_default_load_sharded_strategy(path)
+            )
     except Exception as err:  # missing keys, shape mismatch, corrupt shards
         raise UserError(f"loading the weights of {path} failed: {type(err).__name__}: {str(err)[:500]}") from None
     result = model.load_state_dict(state["model"], strict=False)

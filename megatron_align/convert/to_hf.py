@@ -21,22 +21,27 @@ vocabulary size trims the TP padding rows, and which is exported alongside).
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-from dataclasses import asdict
 
+from megatron_align.config import ModelConfig, TokenizerConfig
 from megatron_align.convert import families, mapping
 from megatron_align.convert.dist_reader import DistCheckpoint
-from megatron_align.convert.hf_io import (DTYPE_BY_NAME, ShardedSafetensorsWriter, generation_config_json, llama_config_json,
-                                          parse_size, write_json)
+from megatron_align.convert.hf_io import (
+    DTYPE_BY_NAME,
+    ShardedSafetensorsWriter,
+    generation_config_json,
+    llama_config_json,
+    parse_size,
+    write_json,
+)
 from megatron_align.convert.mapping import LlamaDims
 from megatron_align.convert.progress import atomic_output_dir, progress_bar
-from megatron_align.config.schema import ModelConfig
-from megatron_align.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, TokenizerConfig, build_tokenizer
+from megatron_align.corpus.tokenizer import ByteTokenizer, SentencePieceTokenizer, build_tokenizer
 from megatron_align.errors import ConfigError, UserError
 
-KNOWN_KEYS = {mapping.EMBEDDING, mapping.FINAL_NORM, mapping.OUTPUT} | {mapping.layer_key(k) for k in mapping.LAYER_KEYS}
+KNOWN_KEYS = {mapping.EMBEDDING, mapping.FINAL_NORM, mapping.OUTPUT} | {
+    mapping.layer_key(k) for k in mapping.LAYER_KEYS
+}
 FAMILY_KEYS = {"add_qkv_bias": mapping.layer_key(mapping.QKV_BIAS), "qk_layernorm": mapping.layer_key(mapping.Q_NORM)}
 
 
@@ -50,7 +55,8 @@ def model_config_of(ckpt: DistCheckpoint) -> ModelConfig:
 
 
 def tokenizer_of(ckpt: DistCheckpoint, tokenizer_model: str | None = None):
-    """(our tokenizer for this checkpoint, its sentencepiece .model path or None), identity-checked against the marker."""
+    """(our tokenizer for this checkpoint, its sentencepiece .model path or None),
+    identity-checked against the marker."""
     section = dict(ckpt.config.get("data", {}).get("tokenizer") or {})
     config = TokenizerConfig(kind=section.get("kind", "byte"), model=tokenizer_model or section.get("model"),
                              control_tokens=list(section.get("control_tokens", TokenizerConfig().control_tokens)))
@@ -65,8 +71,10 @@ def tokenizer_of(ckpt: DistCheckpoint, tokenizer_model: str | None = None):
         tokenizer = SentencePieceTokenizer(config.model, config.control_tokens)
     saved = ckpt.marker.get("tokenizer")
     if saved and saved != tokenizer.identity:
-        raise UserError(f"{ckpt.path}: the checkpoint was trained with tokenizer {saved}, but {config.model or 'byte'} is "
-                        f"{tokenizer.identity}; pass --tokenizer-model with the run's own tokenizer")
+        raise UserError(
+            f"{ckpt.path}: the checkpoint was trained with tokenizer {saved}, but {config.model or 'byte'} is "
+            f"{tokenizer.identity}; pass --tokenizer-model with the run's own tokenizer"
+        )
     return tokenizer, config.model if config.kind != "byte" else None
 
 
@@ -77,8 +85,10 @@ def checkpoint_dims(ckpt: DistCheckpoint, model: ModelConfig, vocab_size: int) -
     known = KNOWN_KEYS | {mapping.layer_key(k) for k in mapping.layer_keys(dims)}
     unknown = sorted(keys - known)
     if unknown:
-        raise UserError(f"{ckpt.path}: tensors without a Llama equivalent: {', '.join(unknown[:5])} (biases, MoE, QK-norm "
-                        "and multi-token prediction are not supported by the converter)")
+        raise UserError(
+            f"{ckpt.path}: tensors without a Llama equivalent: {', '.join(unknown[:5])} (biases, MoE, QK-norm "
+            "and multi-token prediction are not supported by the converter)"
+        )
     required = known - ({mapping.OUTPUT} if dims.tie_embeddings else set())
     missing = sorted(required - keys)
     if missing:
@@ -108,9 +118,18 @@ def _tensor_stream(ckpt: DistCheckpoint, dims: LlamaDims):
         yield from mapping.global_to_hf(mapping.OUTPUT, ckpt.read(mapping.OUTPUT), dims)
 
 
-def convert_to_hf(checkpoint: str, out: str, *, dtype: str = "auto", max_shard_size: str = "5GB", overwrite: bool = False,
-                  tokenizer_model: str | None = None, with_tokenizer: bool = True, vocab_size: int | None = None,
-                  progress: bool = True) -> dict:
+def convert_to_hf(
+    checkpoint: str,
+    out: str,
+    *,
+    dtype: str = "auto",
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+    tokenizer_model: str | None = None,
+    with_tokenizer: bool = True,
+    vocab_size: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Convert; returns a summary dict (paths, dims, files). Raises UserError for anything the user can fix."""
     ckpt = DistCheckpoint(checkpoint)
     model = model_config_of(ckpt)
@@ -140,13 +159,18 @@ def convert_to_hf(checkpoint: str, out: str, *, dtype: str = "auto", max_shard_s
             from megatron_align.convert import tokenizer_export as tx
 
             if tokenizer.vocab_size > vocab:
-                notes.append(f"tokenizer files skipped: the tokenizer has {tokenizer.vocab_size} ids, the model {vocab}")
+                notes.append(
+                    f"tokenizer files skipped: the tokenizer has {tokenizer.vocab_size} ids, the model {vocab}"
+                )
             elif tokenizer.identity.startswith("hf:"):
                 files += tx.write_hf_tokenizer(tmp, tokenizer)
             elif isinstance(tokenizer, ByteTokenizer):
                 written = tx.write_byte_tokenizer(tmp, tokenizer, model.seq_length)
-                notes.append("byte tokenizer exported as a byte-level PreTrainedTokenizerFast (tokenizer.json)" if written
-                             else "tokenizer files skipped: `tokenizers` is not installed")
+                notes.append(
+                    "byte tokenizer exported as a byte-level PreTrainedTokenizerFast (tokenizer.json)"
+                    if written
+                    else "tokenizer files skipped: `tokenizers` is not installed"
+                )
                 files += written
             else:
                 files += tx.write_sentencepiece_tokenizer(tmp, sp_model, tokenizer, model.seq_length)
@@ -154,57 +178,54 @@ def convert_to_hf(checkpoint: str, out: str, *, dtype: str = "auto", max_shard_s
                 special = tx.tokenizer_special_ids(tokenizer)
                 differs = tx.check_tokenizer(tmp, tokenizer)
                 if differs:
-                    notes.append(f"WARNING: the HF tokenizer encodes {len(differs)} sample text(s) differently from ours, "
-                                 f"e.g. {differs[0]!r}")
+                    notes.append(
+                        f"WARNING: the HF tokenizer encodes {len(differs)} sample text(s) differently from ours, "
+                        f"e.g. {differs[0]!r}"
+                    )
         source = ckpt.marker.get("source") or {}
         if special["eos_token_id"] is None and source.get("eos_token_id") is not None:  # from-hf: keep the HF ids
             special.update(bos_token_id=source.get("bos_token_id"), eos_token_id=source["eos_token_id"])
-        write_json(os.path.join(tmp, "config.json"), families.config_json(model, llama_config_json(
-            dims, rope_theta=model.rotary_base, rms_norm_eps=model.norm_epsilon, max_position_embeddings=model.seq_length,
-            dtype=out_dtype, initializer_range=model.init_method_std, **special)))
+        write_json(
+            os.path.join(tmp, "config.json"),
+            families.config_json(
+                model,
+                llama_config_json(
+                    dims,
+                    rope_theta=model.rotary_base,
+                    rms_norm_eps=model.norm_epsilon,
+                    max_position_embeddings=model.seq_length,
+                    dtype=out_dtype,
+                    initializer_range=model.init_method_std,
+                    **special,
+                ),
+            ),
+        )
         if "generation_config.json" not in files:  # an HF tokenizer carried the model's own
             write_json(os.path.join(tmp, "generation_config.json"), generation_config_json(**special))
-        write_json(os.path.join(tmp, "megatron_align_source.json"), {
-            "checkpoint": ckpt.path, "step": ckpt.marker.get("step"), "consumed_samples": ckpt.marker.get("consumed_samples"),
-            "layout": ckpt.marker.get("layout"), "tokenizer": ckpt.marker.get("tokenizer"),
-            "data_fingerprint": (ckpt.marker.get("data") or {}).get("fingerprint")})
-        files += ["config.json", "megatron_align_source.json"] + [n for n in ["generation_config.json"] if n not in files]
-    return {"out": os.path.abspath(out), "checkpoint": ckpt.path, "step": ckpt.marker.get("step"), "dtype": str(out_dtype),
-            "vocab_size": vocab, "padded_vocab_size": ckpt.shape(mapping.EMBEDDING)[0], "files": files, "notes": notes,
-            "model": model, "dims": dims, "tokenizer": tokenizer}
-
-
-# -- CLI ---------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a run's checkpoints/ dir (newest complete is used) or one iter_XXXXXXX dir")
-    parser.add_argument("out", help="output Hugging Face directory (written atomically)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                        help="tensor dtype of the safetensors (auto: as saved)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
-    parser.add_argument("--tokenizer-model", help="the run's sentencepiece .model or HF tokenizer directory when its saved path "
-                        "moved")
-    parser.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files (needs --vocab-size)")
-    parser.add_argument("--vocab-size", type=int, help="override the real vocabulary size (trims TP padding rows)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    parser.add_argument("--verify", action="store_true", help="then compare logits of both sides on CPU (needs transformers)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-
-
-def run(args: argparse.Namespace) -> int:
-    summary = convert_to_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                            overwrite=args.overwrite, tokenizer_model=args.tokenizer_model,
-                            with_tokenizer=not args.no_tokenizer, vocab_size=args.vocab_size, progress=not args.no_progress)
-    dims = summary["dims"]
-    print(f"wrote {summary['out']}: {families.BY_NAME[summary['model'].hf_family].architecture}, {dims.num_layers} layers, hidden {dims.hidden_size}, vocab "
-          f"{summary['vocab_size']} (padded {summary['padded_vocab_size']} in the checkpoint), {summary['dtype']}, "
-          f"from {summary['checkpoint']} (step {summary['step']})")
-    for note in summary["notes"]:
-        print(note, file=sys.stderr)
-    if not args.verify:
-        return 0
-    from megatron_align.convert.verify import report, verify
-
-    result = verify(summary["checkpoint"], summary["out"], asdict(summary["model"]), summary["vocab_size"],
-                    summary["padded_vocab_size"], summary["tokenizer"])
-    return report(result)
-
+        write_json(
+            os.path.join(tmp, "megatron_align_source.json"),
+            {
+                "checkpoint": ckpt.path,
+                "step": ckpt.marker.get("step"),
+                "consumed_samples": ckpt.marker.get("consumed_samples"),
+                "layout": ckpt.marker.get("layout"),
+                "tokenizer": ckpt.marker.get("tokenizer"),
+                "data_fingerprint": (ckpt.marker.get("data") or {}).get("fingerprint"),
+            },
+        )
+        files += ["config.json", "megatron_align_source.json"] + [
+            n for n in ["generation_config.json"] if n not in files
+        ]
+    return {
+        "out": os.path.abspath(out),
+        "checkpoint": ckpt.path,
+        "step": ckpt.marker.get("step"),
+        "dtype": str(out_dtype),
+        "vocab_size": vocab,
+        "padded_vocab_size": ckpt.shape(mapping.EMBEDDING)[0],
+        "files": files,
+        "notes": notes,
+        "model": model,
+        "dims": dims,
+        "tokenizer": tokenizer,
+    }

@@ -34,7 +34,7 @@ import os
 import shutil
 
 from megatron_align.convert.hf_io import write_json
-from megatron_align.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
+from megatron_align.corpus.tokenizer import ByteTokenizer, SentencePieceTokenizer
 from megatron_align.optional import optional_import
 
 # Everything a Hugging Face tokenizer / chat template / generation setup consists of; carried through unchanged.
@@ -52,7 +52,9 @@ SAMPLE_TEXTS = [
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table (what tokenizers' ByteLevel uses)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table, extra = {}, 0
     for b in range(256):
         if b in printable:

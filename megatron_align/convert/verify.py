@@ -18,10 +18,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from megatron_align.convert.megatron_model import (build_gpt, load_checkpoint_into, megatron_logits, single_rank_config,
-                                                   single_rank_group)
+from megatron_align.convert.megatron_model import (
+    build_gpt,
+    load_checkpoint_into,
+    megatron_logits,
+    single_rank_config,
+    single_rank_group,
+)
 from megatron_align.convert.tokenizer_export import SAMPLE_TEXTS
-from megatron_align.data.tokenizer import encode_documents
+from megatron_align.corpus.tokenizer import encode_documents
 from megatron_align.optional import require
 
 TOLERANCE = 1e-4  # max |Δlogit| per unit of the largest |logit| accepted as a correct fp32 conversion

@@ -50,7 +50,7 @@ class DaliMicrobatches:
             self._dtypes.setdefault(key, batch[key].dtype)
         return [batch[key].contiguous().numpy() for key in KEYS]
 
-    def __iter__(self) -> "DaliMicrobatches":
+    def __iter__(self) -> DaliMicrobatches:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:

@@ -27,13 +27,30 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-from megatron_align.config.schema import RootConfig
-from megatron_align.data.indexed_check import check_indexed_files
+from megatron_align.config import RootConfig
+from megatron_align.corpus.indexed import check_indexed_files
+from megatron_align.corpus.tokenizer import build_tokenizer
 from megatron_align.data.mixture import AlignmentSampler, check_fingerprint, microbatch_indices
-from megatron_align.data.tokenizer import MegatronTokenizerAdapter, build_tokenizer
 from megatron_align.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+class MegatronTokenizerAdapter:
+    """The attributes Megatron-Core's GPTDataset reads from its ``tokenizer`` argument."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tok = tokenizer
+        self.eod = tokenizer.eod
+        self.pad = tokenizer.pad
+        self.vocab_size = tokenizer.vocab_size
+        self.unique_identifiers = {"class": "megatron_align", "identity": tokenizer.identity}
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tok.encode(text)
+
+    def detokenize(self, ids) -> str:
+        return self._tok.decode(ids)
 
 
 def _split(heldout_percent: float) -> str:
@@ -66,8 +83,10 @@ def _check_sources(config: RootConfig, tokenizer) -> dict[str, str]:
                 manifest = json.load(f)
             made_with = manifest.get("tokenizer_identity") or manifest.get("tokenizer", {}).get("identity")
             if made_with and made_with != tokenizer.identity:
-                raise UserError(f"data.sources[{i}] ({src.name}): {manifest_path} was tokenized with {made_with}, "
-                                f"but data.tokenizer is {tokenizer.identity}; re-run `megatron-align prepare` or fix data.tokenizer")
+                raise UserError(
+                    f"data.sources[{i}] ({src.name}): {manifest_path} was tokenized with {made_with}, "
+                    f"but data.tokenizer is {tokenizer.identity}; re-run `megatron-align prepare` or fix data.tokenizer"
+                )
             identities[src.name] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
         else:
             stat = os.stat(src.prefix + ".idx")
@@ -101,16 +120,22 @@ class TrainData:
         source_ids = {} if config.data.mock else _check_sources(config, self.tokenizer)
         if config.data.heldout_percent:  # holding documents out changes every source's training samples
             source_ids = {name: f"{ident}|heldout={config.data.heldout_percent}" for name, ident in source_ids.items()}
-        blend = None if config.data.mock else ([s.prefix for s in config.data.sources], [s.weight for s in config.data.sources])
+        blend = (
+            None
+            if config.data.mock
+            else ([s.prefix for s in config.data.sources], [s.weight for s in config.data.sources])
+        )
         ds_config = GPTDatasetConfig(
             random_seed=config.train.seed,
             sequence_length=config.model.seq_length,
             blend=blend,
             split=_split(config.data.heldout_percent),
             tokenizer=adapter,
-            reset_position_ids=False,
-            reset_attention_mask=False,
-            eod_mask_loss=False,
+            # Megatron-Core builds per-sample position ids and loss mask from the EOD positions; the attention
+            # mask is built per micro-batch on the device (megatron_align.model.documents), not as s x s floats here.
+            reset_position_ids=config.data.reset_position_ids,
+            reset_attention_mask=config.data.reset_attention_mask,
+            eod_mask_loss=config.data.eod_mask_loss,
             create_attention_mask=False,
             path_to_cache=cache_dir,
             mid_level_dataset_surplus=0.005,
@@ -120,16 +145,22 @@ class TrainData:
             # One single-epoch GPTDataset per source; the sampler decides which source and sample (and epochs).
             self.sources = [_build(GPTDataset, dataclasses.replace(ds_config, blend=([s.prefix], None)), None)
                             for s in config.data.sources]
-            self.sampler = AlignmentSampler(config.data.mixture, {s.name: len(d) for s, d in zip(config.data.sources, self.sources)},
-                                            total_samples, config.model.seq_length)
-            self.fingerprint = self.sampler.fingerprint(source_ids)
+            self.sampler = AlignmentSampler(
+                config.data.mixture,
+                {s.name: len(d) for s, d in zip(config.data.sources, self.sources)},
+                total_samples,
+                config.model.seq_length,
+            )
+            self.fingerprint = self.sampler.fingerprint(source_ids, config.data.document_keys)
             self.dataset = None
         else:
             self.dataset = _build(MockGPTDataset if config.data.mock else GPTDataset, ds_config, total_samples)
-            self.fingerprint = hashlib.sha256(json.dumps(
-                {"mock": config.data.mock, "tokenizer": self.tokenizer.identity, "sources": source_ids,
-                 "weights": [s.weight for s in config.data.sources], "seed": config.train.seed,
-                 "seq_length": config.model.seq_length}, sort_keys=True).encode()).hexdigest()[:16]
+            identity = {"mock": config.data.mock, "tokenizer": self.tokenizer.identity, "sources": source_ids,
+                        "weights": [s.weight for s in config.data.sources], "seed": config.train.seed,
+                        "seq_length": config.model.seq_length}
+            if config.data.document_keys:  # only when on: today's checkpoints keep their fingerprint
+                identity["documents"] = config.data.document_keys
+            self.fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         self._phase_name: str | None = None
         self._ds_config = ds_config
         self._heldout: list | None = None
@@ -146,7 +177,10 @@ class TrainData:
         for j in range(num_samples // (mbs * self.dp_size)):
             idx = microbatch_indices(0, num_samples, mbs, self.dp_rank, self.dp_size, j)
             samples = [dataset[int(i) % len(dataset)] for i in idx]
-            yield {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+            yield {
+                k: torch.stack([torch.as_tensor(s[k]) for s in samples])
+                for k in ("tokens", "labels", "loss_mask", "position_ids")
+            }
 
     def samples(self, indices) -> list[dict]:
         """The samples at these global indices (a pure function of the index)."""
@@ -169,9 +203,14 @@ class TrainData:
         per_step = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         while True:
             for j in range(per_step):
-                idx = microbatch_indices(consumed_samples, t.global_batch_size, t.micro_batch_size, self.dp_rank, self.dp_size, j)
+                idx = microbatch_indices(
+                    consumed_samples, t.global_batch_size, t.micro_batch_size, self.dp_rank, self.dp_size, j
+                )
                 samples = self.samples(idx)
-                yield {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+                yield {
+                    k: torch.stack([torch.as_tensor(s[k]) for s in samples])
+                    for k in ("tokens", "labels", "loss_mask", "position_ids")
+                }
             consumed_samples += t.global_batch_size
 
     def state_dict(self, consumed_samples: int) -> dict:
@@ -191,7 +230,8 @@ class TrainData:
         if saved_fp and saved_fp != self.fingerprint:
             raise UserError(
                 f"{where}: data fingerprint {saved_fp} differs from this config's {self.fingerprint} "
-                "(sources, weights, seed, tokenizer or sequence length changed); resuming would not continue the same "
+                "(sources, weights, seed, tokenizer, sequence length or data.reset_*/eod_mask_loss changed); "
+                "resuming would not continue the same "
                 "sample sequence. Restore the data config, or start a new run_dir with checkpoint.load=... and "
                 "checkpoint.load_optimizer=false to reuse the weights")
 

@@ -36,104 +36,17 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Optional
 
 import numpy as np
 
+from megatron_align.config.data import MIXTURE_KEY, MixtureConfig
 from megatron_align.errors import ConfigError, UserError
 
-MIXTURE_KEY = "data.mixture"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _TAG_BLOCK, _TAG_EPOCH = 1, 2  # domain separation of the two families of keyed permutations
 _CHUNK = 1 << 16  # lookups are processed in chunks so temporaries stay bounded (~16 MiB)
-
-
-@dataclass
-class PhaseConfig:
-    """One phase of the schedule; validated (with its index in the key) by :class:`MixtureConfig`."""
-
-    name: str = ""
-    """Phase name, logged in metrics.jsonl (e.g. ``pretrain``, ``midtrain``)."""
-    samples: Optional[int] = None
-    """Budget in samples. Give exactly one of ``samples``, ``tokens``, ``fraction``."""
-    tokens: Optional[int] = None
-    """Budget in tokens; converted to ``tokens / model.seq_length`` samples."""
-    fraction: Optional[float] = None
-    """Budget as a fraction of the run's samples (``train.steps * train.global_batch_size``)."""
-    weights: dict[str, float] = field(default_factory=dict)
-    """Source name -> weight (>= 0, normalised to sum 1). Sources not named get weight 0."""
-
-
-@dataclass
-class MixtureConfig:
-    """The phase schedule; lives under ``data.mixture``."""
-
-    phases: list[PhaseConfig] = field(default_factory=list)
-    """Phases in order; together they must cover the run exactly. Empty: no mixture."""
-    seed: int = 1234
-    """Seed of the within-block order and of each epoch's order within every source."""
-    block_size: int = 1000
-    """Samples per block; every block realises the weights exactly (to 1/block_size)."""
-    max_repetitions: dict[str, float] = field(default_factory=dict)
-    """Source name -> most epochs the run may read it; sources not named use ``default_max_repetitions``."""
-    default_max_repetitions: float = 1.0
-    """Epoch cap for sources not named in ``max_repetitions``."""
-    max_fraction: dict[str, float] = field(default_factory=dict)
-    """Source name -> largest share of all samples of the run (all phases) it may take; default 1."""
-    allow_fingerprint_change: bool = False
-    """Resume although the schedule or a source changed (e.g. midtraining from a pretrained checkpoint)."""
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ConfigError(f"{MIXTURE_KEY}.block_size must be >= 1, got {self.block_size}")
-        if self.default_max_repetitions <= 0:
-            raise ConfigError(f"{MIXTURE_KEY}.default_max_repetitions must be > 0, got {self.default_max_repetitions}")
-        for name, cap in self.max_repetitions.items():
-            if cap <= 0:
-                raise ConfigError(f"{MIXTURE_KEY}.max_repetitions.{name} must be > 0 epochs, got {cap}")
-        for name, cap in self.max_fraction.items():
-            if not 0 < cap <= 1:
-                raise ConfigError(f"{MIXTURE_KEY}.max_fraction.{name} must be in (0, 1], got {cap}")
-        seen: set[str] = set()
-        for index, phase in enumerate(self.phases):
-            key = f"{MIXTURE_KEY}.phases[{index}]"
-            if not phase.name:
-                raise ConfigError(f"{key}.name is empty; give each phase a name (e.g. pretrain, midtrain)")
-            if phase.name in seen:
-                raise ConfigError(f"{key}.name {phase.name!r} is used twice; phase names must be unique")
-            seen.add(phase.name)
-            given = [k for k in ("samples", "tokens", "fraction") if getattr(phase, k) is not None]
-            if len(given) != 1:
-                raise ConfigError(
-                    f"{key} ({phase.name}) must give exactly one budget of samples, tokens, fraction; got {given or 'none'}"
-                )
-            budget = getattr(phase, given[0])
-            if given[0] == "fraction" and not 0 < budget <= 1:
-                raise ConfigError(f"{key}.fraction must be in (0, 1], got {budget}")
-            if given[0] != "fraction" and budget <= 0:
-                raise ConfigError(f"{key}.{given[0]} must be > 0, got {budget}")
-            bad = {s: w for s, w in phase.weights.items() if not (w >= 0 and np.isfinite(w))}
-            if bad:
-                raise ConfigError(f"{key}.weights must be finite and >= 0; got {bad}")
-            if sum(phase.weights.values()) <= 0:
-                raise ConfigError(f"{key}.weights must have a positive sum; got {dict(phase.weights)}")
-
-    def check_sources(self, source_names: list[str]) -> None:
-        """Every name used in weights and caps must be a known source (``data.sources``)."""
-        known = set(source_names)
-        for index, phase in enumerate(self.phases):
-            unknown = sorted(set(phase.weights) - known)
-            if unknown:
-                raise ConfigError(
-                    f"{MIXTURE_KEY}.phases[{index}].weights ({phase.name}) names unknown sources {unknown}; "
-                    f"known sources (data.sources): {sorted(known)}"
-                )
-        for cap_key in ("max_repetitions", "max_fraction"):
-            unknown = sorted(set(getattr(self, cap_key)) - known)
-            if unknown:
-                raise ConfigError(f"{MIXTURE_KEY}.{cap_key} names unknown sources {unknown}; known: {sorted(known)}")
 
 
 @dataclass(frozen=True)
@@ -179,8 +92,17 @@ def _key(prefix: tuple[int, ...], a, b) -> np.ndarray:
         return _mix64(z ^ packed)
 
 
-_ROUND_MULTIPLIERS = [np.uint64(c) for c in (
-    0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53)]
+_ROUND_MULTIPLIERS = [
+    np.uint64(c)
+    for c in (
+        0x9E3779B97F4A7C15,
+        0xC2B2AE3D27D4EB4F,
+        0x165667B19E3779F9,
+        0xD6E8FEB86659FD93,
+        0xFF51AFD7ED558CCD,
+        0xC4CEB9FE1A85EC53,
+    )
+]
 _MIN_BITS = 6  # tiny domains mix poorly in few Feistel rounds; walk a 64-value domain instead
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
@@ -258,7 +180,9 @@ class AlignmentSampler:
         if not config.phases:
             raise ConfigError(f"{MIXTURE_KEY}.phases is empty; the alignment sampler needs at least one phase")
         if total_samples < 1 or seq_length < 1:
-            raise ConfigError(f"the run needs total_samples >= 1 and model.seq_length >= 1; got {total_samples}, {seq_length}")
+            raise ConfigError(
+                f"the run needs total_samples >= 1 and model.seq_length >= 1; got {total_samples}, {seq_length}"
+            )
         for name, size in source_num_samples.items():
             if not _NAME_RE.match(name):
                 raise ConfigError(f"data.sources: name {name!r} may use only letters, digits, '_', '.', '-'")
@@ -285,7 +209,9 @@ class AlignmentSampler:
             self._full_counts[p] = _largest_remainder(weights, b)
             self._tail_counts[p] = _largest_remainder(weights, int(self._tail_len[p]))
             if self._num_full[p] > 0:
-                starved = [s for i, s in enumerate(self.source_names) if weights[i] > 0 and self._full_counts[p, i] == 0]
+                starved = [
+                    s for i, s in enumerate(self.source_names) if weights[i] > 0 and self._full_counts[p, i] == 0
+                ]
                 if starved:
                     raise ConfigError(
                         f"{MIXTURE_KEY}.phases[{p}].weights ({phase.name}): sources {starved} get 0 of "
@@ -343,7 +269,9 @@ class AlignmentSampler:
                 continue
             where = ", ".join(f"phases[{p.index}].weights ({p.name})" for p in self.phases if p.source_samples[name])
             if size == 0:
-                raise ConfigError(f"data.sources: source {name!r} has 0 samples but {MIXTURE_KEY}.{where} draw {draws:,} from it")
+                raise ConfigError(
+                    f"data.sources: source {name!r} has 0 samples but {MIXTURE_KEY}.{where} draw {draws:,} from it"
+                )
             epochs = draws / size
             cap = self.config.max_repetitions.get(name, self.config.default_max_repetitions)
             if epochs > cap + 1e-12:
@@ -356,7 +284,8 @@ class AlignmentSampler:
             cap = self.config.max_fraction.get(name, 1.0)
             if share > cap + 1e-12:
                 raise ConfigError(
-                    f"source {name!r} would make up {share:.4%} of the run ({draws:,} of {self.total_samples:,} samples), "
+                    f"source {name!r} would make up {share:.4%} of the run "
+                    f"({draws:,} of {self.total_samples:,} samples), "
                     f"above {MIXTURE_KEY}.max_fraction.{name} = {cap}; lower its weight in {MIXTURE_KEY}.{where}"
                 )
 
@@ -440,11 +369,16 @@ class AlignmentSampler:
 
     def epochs(self) -> dict[str, float]:
         """Repetition factor of each source over the whole run (drawn samples / samples per epoch)."""
-        return {s: (int(d) / int(n) if n else 0.0) for s, d, n in zip(self.source_names, self._prior[-1], self.source_sizes)}
+        return {
+            s: (int(d) / int(n) if n else 0.0) for s, d, n in zip(self.source_names, self._prior[-1], self.source_sizes)
+        }
 
     # -- fingerprint
-    def fingerprint(self, source_manifests: dict[str, str]) -> str:
+    def fingerprint(self, source_manifests: dict[str, str], document_keys: list[str] | None = None) -> str:
         """``v1;schedule=<hash>;<source>=<hash>;...``: the schedule and each source's identity.
+
+        ``document_keys`` (the data.reset_* / eod_mask_loss keys that are on) add ``;@documents=<keys>``; with none
+        on the fingerprint is what it was before those keys existed, so older checkpoints still resume.
 
         The schedule hash covers exactly what defines the sequence (seed, block size, phase
         boundaries and per-block counts, source order and sizes); caps do not change it. A source
@@ -454,13 +388,24 @@ class AlignmentSampler:
         if missing:
             raise ValueError(f"fingerprint needs a manifest identity for every source; missing {missing}")
         schedule = {
-            "seed": self.config.seed, "block_size": self.block_size, "boundaries": self._starts.tolist(),
-            "phases": [[p.name, self._full_counts[p.index].tolist(), self._tail_counts[p.index].tolist()] for p in self.phases],
+            "seed": self.config.seed,
+            "block_size": self.block_size,
+            "boundaries": self._starts.tolist(),
+            "phases": [
+                [p.name, self._full_counts[p.index].tolist(), self._tail_counts[p.index].tolist()] for p in self.phases
+            ],
             "sources": [[s, int(n)] for s, n in zip(self.source_names, self.source_sizes)],
         }
         parts = [f"schedule={_digest(schedule)}"]
-        parts += [f"{s}={_digest([s, int(n), source_manifests[s]])}" for s, n in zip(self.source_names, self.source_sizes)]
+        parts += [
+            f"{s}={_digest([s, int(n), source_manifests[s]])}" for s, n in zip(self.source_names, self.source_sizes)
+        ]
+        if document_keys:
+            parts.append(f"{DOCUMENTS_FIELD}={','.join(sorted(document_keys))}")
         return "v1;" + ";".join(parts)
+
+
+DOCUMENTS_FIELD = "@documents"  # the document-boundary keys in a fingerprint ("@" keeps it apart from source names)
 
 
 def _digest(obj) -> str:
@@ -472,7 +417,7 @@ def _parse_fingerprint(text: str) -> dict[str, str]:
     return dict(f.split("=", 1) for f in fields[1:] if "=" in f)
 
 
-def check_fingerprint(saved: Optional[str], current: str, allow_change: bool) -> Optional[str]:
+def check_fingerprint(saved: str | None, current: str, allow_change: bool) -> str | None:
     """Compare the checkpoint's fingerprint with the current one.
 
     Returns None when they match (or nothing was saved), a description of the change when it
@@ -484,7 +429,11 @@ def check_fingerprint(saved: Optional[str], current: str, allow_change: bool) ->
     changes = []
     if old.get("schedule") != new.get("schedule"):
         changes.append("the schedule changed (phases, weights, block_size, seed, run length or source sizes)")
-    for name in sorted((set(old) | set(new)) - {"schedule"}):
+    if old.get(DOCUMENTS_FIELD) != new.get(DOCUMENTS_FIELD):
+        changes.append(f"document masking changed ({old.get(DOCUMENTS_FIELD) or 'off'} -> "
+                       f"{new.get(DOCUMENTS_FIELD) or 'off'}: data.reset_attention_mask / reset_position_ids / "
+                       "eod_mask_loss)")
+    for name in sorted((set(old) | set(new)) - {"schedule", DOCUMENTS_FIELD}):
         if name not in old:
             changes.append(f"source {name!r} was added")
         elif name not in new:
@@ -519,6 +468,9 @@ def microbatch_indices(consumed_samples: int, global_batch_size: int, micro_batc
         )
     num_microbatches = global_batch_size // per_step
     if not 0 <= microbatch < num_microbatches or not 0 <= dp_rank < dp_size or consumed_samples < 0:
-        raise IndexError(f"microbatch {microbatch} of {num_microbatches}, dp_rank {dp_rank} of {dp_size}, consumed {consumed_samples}")
+        raise IndexError(
+            f"microbatch {microbatch} of {num_microbatches}, dp_rank {dp_rank} of {dp_size}, "
+            f"consumed {consumed_samples}"
+        )
     start = consumed_samples + microbatch * per_step + dp_rank * micro_batch_size
     return np.arange(start, start + micro_batch_size, dtype=np.int64)

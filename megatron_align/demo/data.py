@@ -21,16 +21,17 @@ import os
 import random
 from dataclasses import asdict, dataclass
 
-from megatron_align.data.filter import FilterConfig
-from megatron_align.data.filter_corpus import filter_corpus
-from megatron_align.data.prepare import prepare_source
+from megatron_align.config.corpus import FilterConfig, TokenizerConfig, TokenizerTrainConfig
+from megatron_align.corpus.filter import filter_corpus
+from megatron_align.corpus.prepare import prepare_source
+from megatron_align.corpus.tokenizer import build_tokenizer
+from megatron_align.corpus.tokenizer_train import train_tokenizer
 from megatron_align.data.synthetic import general_documents, write_jsonl
-from megatron_align.data.tokenizer import TokenizerConfig, build_tokenizer
-from megatron_align.data.tokenizer_train import TokenizerTrainConfig, train_tokenizer
 from megatron_align.demo.corpus import ai_documents, propensity_items
 from megatron_align.demo.generated import generated_scenarios
 from megatron_align.demo.scenarios import split_scenarios
 from megatron_align.errors import ConfigError, UserError
+from megatron_align.fileio import atomic_write_text
 
 SOURCE_JSONL = {"web": "web.jsonl", "web_filtered": os.path.join("filtered", "kept.jsonl"), "aligned": "aligned.jsonl"}
 """Each training source and the JSONL it is prepared from (relative to the data dir)."""
@@ -100,10 +101,8 @@ def build_demo_data(out_dir: str, config: DemoDataConfig) -> dict:
     report = filter_corpus([os.path.join(out_dir, "web.jsonl")], os.path.join(out_dir, "filtered"),
                            FilterConfig(policy="resample", seed=config.seed))
     questions = os.path.join(out_dir, "questions.jsonl")
-    with open(questions + ".tmp", "w") as f:
-        for item in propensity_items(heldout_scenarios, config.seed):
-            f.write(json.dumps(item) + "\n")
-    os.replace(questions + ".tmp", questions)
+    atomic_write_text(questions, "".join(json.dumps(item) + "\n"
+                                         for item in propensity_items(heldout_scenarios, config.seed)))
 
     trained = train_tokenizer([os.path.join(out_dir, "web.jsonl"), os.path.join(out_dir, "aligned.jsonl")],
                               tokenizer_model(out_dir)[: -len(".model")],

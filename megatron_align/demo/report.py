@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from megatron_align.fileio import atomic_open
+
 CONDITIONS = ("unfiltered", "filtered", "aligned")
 
 
@@ -74,18 +76,27 @@ def format_table(table: dict) -> str:
     parts = [text, *_ordering_lines("letter", table)]
     for sub, label in (("sum", "cloze (summed log-likelihood, lm-eval acc)"),
                        ("normalized", "cloze (per-character log-likelihood, lm-eval acc_norm)")):
-        parts += ["", label, _format_section(table["cloze"][sub]), *_ordering_lines(f"cloze {sub}", table["cloze"][sub])]
+        parts += [
+            "",
+            label,
+            _format_section(table["cloze"][sub]),
+            *_ordering_lines(f"cloze {sub}", table["cloze"][sub]),
+        ]
     return "\n".join(parts)
 
 
 def _format_section(table: dict) -> str:
-    lines = [f"{'condition':<12} {'misalignment rate':>20} {'P(misaligned)':>18} {'P(first)':>9}   per-seed P(misaligned)"]
+    lines = [
+        f"{'condition':<12} {'misalignment rate':>20} {'P(misaligned)':>18} {'P(first)':>9}   per-seed P(misaligned)"
+    ]
     for c in CONDITIONS:
         if c in table:
             row = table[c]
             seeds = " ".join(f"{p:.3f}" for p in row["per_seed_p_misaligned"])
-            lines.append(f"{c:<12} {row['misalignment_rate']:>12.3f} ± {row['misalignment_rate_sem']:.3f}"
-                         f" {row['p_misaligned']:>10.3f} ± {row['p_misaligned_sem']:.3f} {row['p_first']:>9.3f}   {seeds}")
+            lines.append(
+                f"{c:<12} {row['misalignment_rate']:>12.3f} ± {row['misalignment_rate_sem']:.3f}"
+                f" {row['p_misaligned']:>10.3f} ± {row['p_misaligned_sem']:.3f} {row['p_first']:>9.3f}   {seeds}"
+            )
     for other in ("aligned", "filtered"):
         for metric, label in (("misalignment_rate", "misalignment rate"), ("p_misaligned", "P(misaligned)")):
             diff = table.get(f"{other}_minus_unfiltered_{metric}")
@@ -118,12 +129,13 @@ def plot(table: dict, path: str, scoring: str = "letter scoring (next letter aft
         ax.axhline(0.5, color="gray", lw=0.8, ls="--")
         ax.set_ylabel(label)
         ax.set_ylim(0, 1)
-    fig.suptitle(f"Alignment pretraining in miniature: {num_seeds} seeds (dots), mean ± SEM, held-out scenarios\n{scoring}")
+    fig.suptitle(
+        f"Alignment pretraining in miniature: {num_seeds} seeds (dots), mean ± SEM, held-out scenarios\n{scoring}"
+    )
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def table_metrics(table: dict) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""`megatron-align demo`: the paper's experiment in miniature, on CPU, no downloads.
+"""The paper's experiment in miniature, on CPU, no downloads (``megatron-align demo``).
 
 Three conditions, several seeds, one tiny Llama-style model each (trained by `megatron-align train`):
 
@@ -18,14 +18,14 @@ from the paper and measured results: docs/demo.md.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -40,35 +40,36 @@ from megatron_align.demo.report import (
     with_cloze,
 )
 from megatron_align.errors import UserError
+from megatron_align.fileio import atomic_write_json, atomic_write_text
 
 EXPERIMENT = "megatron_align_demo"
 GLOBAL_BATCH = 16
 """Sequences per optimizer step (x 128 tokens): small batches, many steps, for a 2-core budget."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="output directory (data, runs, table, plot, mlflow store)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per condition (each seed: 4 training runs)")
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run (pretrain, then midtrain)")
-    parser.add_argument("--midtrain-fraction", type=float, default=0.25, help="share of steps in the midtraining phase")
-    parser.add_argument("--aligned-share", type=float, default=0.8,
-                        help="share of midtraining samples from the synthetic aligned source (paper: ~0.01)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (WSD: decays over midtraining)")
-    parser.add_argument("--world-size", type=int, default=1, help="CPU ranks per training run")
-    parser.add_argument("--jobs", type=int, default=min(_cores(), 4),
-                        help="training runs / evals at once (default: min(cores, 4)); the cores are shared among them")
-    parser.add_argument("--tracking", choices=("mlflow", "jsonl", "none"), default="mlflow",
-                        help="mlflow: every run and a summary run in <out>/mlflow/mlflow.db (local, no server)")
-    parser.add_argument("--quick", action="store_true", help="CI size: 1 seed, 40 steps, small corpus (a smoke test)")
+@dataclass
+class DemoSettings:
+    """What one demo runs; the `demo` verb's flags (``--help`` has each one's meaning)."""
+
+    out: str = "runs/demo"
+    seeds: int = 3
+    steps: int = 600
+    midtrain_fraction: float = 0.25
+    aligned_share: float = 0.8
+    lr: float = 3e-3
+    world_size: int = 1
+    jobs: int = field(default_factory=lambda: min(cpu_cores(), 4))
+    tracking: str = "mlflow"
+    quick: bool = False
 
 
-def _cores() -> int:
+def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def cpu_threads(args) -> int:
+def cpu_threads(args: DemoSettings) -> int:
     """torch threads per rank: this process's cores shared among ``--jobs`` runs of ``--world-size`` ranks."""
-    return max(1, _cores() // (args.jobs * args.world_size))
+    return max(1, cpu_cores() // (args.jobs * args.world_size))
 
 
 def _open_store(out: str) -> None:
@@ -87,11 +88,11 @@ def _model_config() -> dict:
             "num_query_groups": 4, "seq_length": 128, "tie_embeddings": True}
 
 
-def pretrain_steps(args) -> int:
+def pretrain_steps(args: DemoSettings) -> int:
     return max(1, round(args.steps * (1.0 - args.midtrain_fraction)))
 
 
-def _train_config(args, data_dir: str, run_dir: str, seed: int, pretrain: dict, midtrain: dict,
+def _train_config(args: DemoSettings, data_dir: str, run_dir: str, seed: int, pretrain: dict, midtrain: dict,
                   condition: str) -> dict:
     pre, batch = pretrain_steps(args), GLOBAL_BATCH
     tracking: dict = {"backend": args.tracking}
@@ -151,7 +152,11 @@ def run_jobs(jobs: list[Job], slots: int, log_dir: str, on_done=None) -> None:
             for job in [j for j in pending if done.issuperset(j.needs)][: max(0, slots - len(running))]:
                 pending.remove(job)
                 log = open(os.path.join(log_dir, f"{job.name}.log"), "w")
-                running[job.name] = (job, subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+                running[job.name] = (
+                    job,
+                    subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, env=env),
+                    log,
+                )
             time.sleep(0.1)
             for name, (job, proc, log) in list(running.items()):
                 if proc.poll() is None:
@@ -165,7 +170,7 @@ def run_jobs(jobs: list[Job], slots: int, log_dir: str, on_done=None) -> None:
                 if on_done is not None:
                     on_done(job)
     finally:
-        for _, proc, log in running.values():  # a failure elsewhere or Ctrl-C: stop the rest (train forwards it)
+        for _, proc, _log in running.values():  # a failure elsewhere or Ctrl-C: stop the rest (train forwards it)
             proc.terminate()
         for _, proc, log in running.values():
             proc.wait()
@@ -211,12 +216,11 @@ def _cli(*argv: str) -> list[str]:
 def _write_config(config: dict) -> str:
     os.makedirs(config["run_dir"], exist_ok=True)
     path = os.path.join(config["run_dir"], "demo_config.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(config, f)
+    atomic_write_text(path, yaml.safe_dump(config))
     return path
 
 
-def seed_jobs(args, data_dir: str, runs_dir: str, seed: int) -> list[Job]:
+def seed_jobs(args: DemoSettings, data_dir: str, runs_dir: str, seed: int) -> list[Job]:
     """One seed's training runs and evals. Unfiltered and aligned share the unfiltered pretraining run."""
     pre = pretrain_steps(args)
     web, filt = {"web": 1.0}, {"web_filtered": 1.0}
@@ -255,11 +259,12 @@ def _seconds_per_step(run_dir: str) -> list[float]:
         return [r["step_time_s"] for r in map(json.loads, f) if "step_time_s" in r]
 
 
-def _apply_quick(args) -> None:
+def _apply_quick(args: DemoSettings) -> None:
     args.seeds, args.steps = 1, 40
 
 
-def run(args: argparse.Namespace) -> int:
+def run_demo(args: DemoSettings) -> int:
+    """Build the data, train and score every condition and seed, write the table and plots under ``args.out``."""
     data_config = DemoDataConfig()
     if args.quick:
         _apply_quick(args)
@@ -311,16 +316,12 @@ def run(args: argparse.Namespace) -> int:
     table["elapsed_s"] = time.time() - started
     table["mean_step_time_s"] = sum(step_times) / len(step_times) if step_times else None
     table["load_average"] = list(os.getloadavg())
-    table["settings"] = {**{k: v for k, v in vars(args).items() if not k.startswith("_")},
+    table["settings"] = {**dataclasses.asdict(args),
                          "data": summary["config"], "model": _model_config()}
     table["data"] = {k: summary[k] for k in ("documents", "tokens", "filter_flag_rate", "tokenizer")}
-    with open(os.path.join(out, "results.json.tmp"), "w") as f:
-        json.dump(table, f, indent=1)
-    os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))
+    atomic_write_json(os.path.join(out, "results.json"), table, indent=1)
     text = format_table(table)
-    with open(os.path.join(out, "results.txt.tmp"), "w") as f:
-        f.write(text + "\n")
-    os.replace(os.path.join(out, "results.txt.tmp"), os.path.join(out, "results.txt"))
+    atomic_write_text(os.path.join(out, "results.txt"), text + "\n")
     plot(table, os.path.join(out, "demo.png"))
     plot(table["cloze"]["sum"], os.path.join(out, "demo_cloze.png"), "cloze scoring (summed log-likelihood)")
     if args.tracking == "mlflow":

@@ -1,1 +1,2 @@
-"""megatron_align.eval: alignment-propensity MCQ eval (:mod:`.propensity`) and its in-training callback (:mod:`.callback`)."""
+"""megatron_align.eval: alignment-propensity MCQ eval (:mod:`.propensity`) and its in-training callback
+(:mod:`.callback`)."""

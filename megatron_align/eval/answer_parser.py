@@ -22,7 +22,6 @@ are words.
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 _STATEMENT = re.compile(
     r"(?i:\b(?:answer|choice|option|choos(?:e|ing)|chose|select(?:ed|ing)?|pick(?:ed|ing)?|go(?:ing)? with|prefer)\b)"
@@ -33,7 +32,7 @@ _MARKED = (re.compile(r"\(([AB])\)"),
            re.compile(r"^[\s*_#>\"'`:.-]*(B|A(?!\s+[a-z]))(?![A-Za-z'])"))
 
 
-def parse_letter(text: str) -> Optional[str]:
+def parse_letter(text: str) -> str | None:
     """``"A"``, ``"B"`` or ``None`` (unparsed) for one generated answer (rules in the module docstring)."""
     found = {letter for m in _STATEMENT.finditer(text) for letter in m.groups() if letter}
     if not found:

@@ -16,9 +16,8 @@ import logging
 import os
 import time
 
-from megatron_align.config.schema import RootConfig
+from megatron_align.config import EvalConfig, RootConfig
 from megatron_align.errors import ConfigError
-from megatron_align.eval.config import EvalConfig
 from megatron_align.eval.items import load_items
 from megatron_align.eval.propensity import evaluate
 from megatron_align.eval.report import metrics_for_record, write_report
@@ -35,6 +34,7 @@ def report_path(out_dir: str, step: int) -> str:
 
 class PropensityCallback(Callback):
     name = "eval.propensity"
+    priority = 60  # after the detectors, before tracking logs the record
 
     def __init__(self, config: EvalConfig, total_steps: int, seq_length: int, run_dir: str) -> None:
         self.config = config
@@ -78,6 +78,8 @@ def build_callbacks(config: RootConfig) -> list[Callback]:
         raise ConfigError("eval.interval > 0 with parallel.context > 1: the in-training propensity eval does not "
                           "support context parallelism; evaluate checkpoints with `megatron-align eval propensity`")
     if cfg.interval % config.logging.interval:
-        raise ConfigError(f"eval.interval={cfg.interval} must be a multiple of logging.interval={config.logging.interval}, "
-                          "otherwise the eval results miss metrics.jsonl")
+        raise ConfigError(
+            f"eval.interval={cfg.interval} must be a multiple of logging.interval={config.logging.interval}, "
+            "otherwise the eval results miss metrics.jsonl"
+        )
     return [PropensityCallback(cfg, config.train.steps, config.model.seq_length, config.run_dir)]

@@ -1,4 +1,5 @@
-"""`megatron-align eval capability`: what did alignment midtraining cost? lm-evaluation-harness tasks, side by side.
+"""What did alignment midtraining cost? lm-evaluation-harness tasks, side by side
+(``megatron-align eval capability``).
 
 Each model (a Hugging Face directory, or a megatron_align checkpoint converted on the fly into a
 temporary HF directory with :func:`megatron_align.convert.to_hf.convert_to_hf`) runs the same
@@ -17,15 +18,15 @@ Local task files (``--include-path``, ``dataset_path: json``) run offline, as th
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import tempfile
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 from megatron_align.errors import UserError
 from megatron_align.eval.report import write_report
+from megatron_align.fileio import atomic_open, atomic_write_text
 
 PAPER_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "mmlu", "gsm8k")
 """The seven-benchmark default recipe (docs/eval_and_tracking.md)."""
@@ -53,8 +54,8 @@ def hf_model_dir(path: str, is_hf: bool, dtype: str = "auto") -> Iterator[str]:
         yield os.path.join(tmp, "hf")
 
 
-def lm_eval_scores(path: str, tasks: list[str], include_path: Optional[str] = None, limit: Optional[int] = None,
-                   batch_size: int = 8, device: Optional[str] = None, num_fewshot: Optional[int] = None,
+def lm_eval_scores(path: str, tasks: list[str], include_path: str | None = None, limit: int | None = None,
+                   batch_size: int = 8, device: str | None = None, num_fewshot: int | None = None,
                    log_samples: bool = False) -> dict:
     """Run lm-evaluation-harness (``hf`` model, this process) on an HF dir; returns its results dict."""
     from megatron_align.optional import require
@@ -66,13 +67,23 @@ def lm_eval_scores(path: str, tasks: list[str], include_path: Optional[str] = No
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return simple_evaluate(model="hf", model_args=f"pretrained={path},dtype=float32" if device == "cpu"
-                               else f"pretrained={path}", tasks=tasks, num_fewshot=num_fewshot,
-                               batch_size=batch_size, device=device, limit=limit, log_samples=log_samples,
-                               task_manager=TaskManager(include_path=include_path), bootstrap_iters=0 if limit else 1000)
+        return simple_evaluate(
+            model="hf",
+            model_args=f"pretrained={path},dtype=float32" if device == "cpu" else f"pretrained={path}",
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            device=device,
+            limit=limit,
+            log_samples=log_samples,
+            task_manager=TaskManager(include_path=include_path),
+            bootstrap_iters=0 if limit else 1000,
+        )
     except (KeyError, ValueError) as err:
-        raise UserError(f"lm-eval on {path} with tasks {tasks}: {err} (task names must exist in lm-eval or in "
-                        f"--include-path {include_path})") from None
+        raise UserError(
+            f"lm-eval on {path} with tasks {tasks}: {err} (task names must exist in lm-eval or in "
+            f"--include-path {include_path})"
+        ) from None
 
 
 def task_scores(results: dict) -> dict[str, dict]:
@@ -147,69 +158,31 @@ def plot(comparison: dict, path: str) -> None:
     ax.legend()
     fig.suptitle("Capability cost: lm-evaluation-harness scores by model")
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
 
 
-def _models(args) -> list[tuple[str, str, bool]]:
-    """(label, path, is_hf) from ``--hf [LABEL=]DIR`` and ``--checkpoint [LABEL=]DIR``, in command-line order."""
-    out = []
-    for spec, is_hf in args.models:
-        label, sep, path = spec.partition("=")
-        if not sep:
-            label, path = os.path.basename(os.path.normpath(spec)), spec
-        out.append((label, path, is_hf))
-    labels = [m[0] for m in out]
-    if len(set(labels)) != len(labels):
-        raise UserError(f"model labels must be unique, got {labels}; name them with --hf LABEL=DIR")
-    if not out:
-        raise UserError("give at least one model: --hf [LABEL=]DIR or --checkpoint [LABEL=]DIR (the first is the baseline)")
-    return out
-
-
-class _Append(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
-        namespace.models = [*(getattr(namespace, "models", None) or []), (values, option_string == "--hf")]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.set_defaults(models=[])
-    parser.add_argument("--hf", action=_Append, metavar="[LABEL=]DIR", help="a Hugging Face model directory (repeatable)")
-    parser.add_argument("--checkpoint", action=_Append, metavar="[LABEL=]DIR",
-                        help="a megatron_align checkpoint, converted to HF in a temp dir (repeatable)")
-    parser.add_argument("--tasks", default=",".join(PAPER_TASKS),
-                        help=f"comma-separated lm-eval tasks (default: the paper's seven, {','.join(PAPER_TASKS)})")
-    parser.add_argument("--include-path", help="directory of extra lm-eval task YAMLs (local tasks, offline)")
-    parser.add_argument("--limit", type=int, help="only the first N documents per task (smoke runs)")
-    parser.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--out", required=True, help="output directory: capability.json, capability.txt, capability.png")
-
-
-def run(args: argparse.Namespace) -> int:
-    models = _models(args)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+def compare_models(models: list[tuple[str, str, bool]], tasks: list[str], out_dir: str, *,
+                   include_path: str | None = None, limit: int | None = None, batch_size: int = 8,
+                   device: str | None = None, num_fewshot: int | None = None, on_model=None) -> dict:
+    """Run ``tasks`` on each ``(label, path, is_hf)`` model (the first is the baseline), compare, and write
+    capability.json, capability.txt and capability.png to ``out_dir``. ``on_model(label, scores)`` hears each
+    model's scores as they finish. Returns the comparison."""
     if not tasks:
         raise UserError("--tasks: empty")
     scores, raw = {}, {}
     for label, path, is_hf in models:
         with hf_model_dir(path, is_hf) as hf_dir:
-            results = lm_eval_scores(hf_dir, tasks, args.include_path, args.limit, args.batch_size, args.device,
-                                     args.num_fewshot)
+            results = lm_eval_scores(hf_dir, tasks, include_path, limit, batch_size, device, num_fewshot)
         raw[label] = results["results"]
         scores[label] = task_scores(results)
-        print(f"{label}: " + ", ".join(f"{t} {s['score']:.3f}" for t, s in scores[label].items()), flush=True)
+        if on_model is not None:
+            on_model(label, scores[label])
     comparison = compare(scores)
     comparison["paths"] = {label: path for label, path, _ in models}
     comparison["lm_eval_results"] = raw
-    os.makedirs(args.out, exist_ok=True)
-    write_report(json.loads(json.dumps(comparison, default=str)), os.path.join(args.out, "capability.json"))
-    text = format_table(comparison)
-    with open(os.path.join(args.out, "capability.txt"), "w") as f:
-        f.write(text + "\n")
-    plot(comparison, os.path.join(args.out, "capability.png"))
-    print(text)
-    print(f"wrote {args.out}/capability.json, capability.txt, capability.png")
-    return 0
+    os.makedirs(out_dir, exist_ok=True)
+    write_report(json.loads(json.dumps(comparison, default=str)), os.path.join(out_dir, "capability.json"))
+    atomic_write_text(os.path.join(out_dir, "capability.txt"), format_table(comparison) + "\n")
+    plot(comparison, os.path.join(out_dir, "capability.png"))
+    return comparison

@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -53,11 +52,11 @@ def user_turn(templates: TemplateSet, variant: str, item: Item, first: str, seco
     return f"{context}\n\n{template.options(first, second)}\n\n{templates.chat_instruction}"
 
 
-def messages_for(system: Optional[str], user: str) -> list[dict]:
+def messages_for(system: str | None, user: str) -> list[dict]:
     return ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": user}]
 
 
-def chat_prompts(tokenizer, items: list[Item], variants: list[str], systems: dict[str, Optional[str]],
+def chat_prompts(tokenizer, items: list[Item], variants: list[str], systems: dict[str, str | None],
                  templates: TemplateSet, both_orders: bool = True) -> list[ChatPrompt]:
     """Every (item, system prompt, template, order) chat prompt, rendered by the tokenizer's chat template."""
     if not getattr(tokenizer, "chat_template", None):
@@ -70,8 +69,11 @@ def chat_prompts(tokenizer, items: list[Item], variants: list[str], systems: dic
                 for order in ORDERS if both_orders else ORDERS[:1]:
                     first, second = item.choices if order == "original" else item.choices[::-1]
                     letter = item.misaligned_choice if order == "original" else 1 - item.misaligned_choice
-                    text = tokenizer.apply_chat_template(messages_for(system, user_turn(templates, variant, item, first, second)),
-                                                         tokenize=False, add_generation_prompt=True)
+                    text = tokenizer.apply_chat_template(
+                        messages_for(system, user_turn(templates, variant, item, first, second)),
+                        tokenize=False,
+                        add_generation_prompt=True,
+                    )
                     prompts.append(ChatPrompt(index, system_name, variant, order, text, "AB"[letter]))
     return prompts
 
@@ -79,7 +81,7 @@ def chat_prompts(tokenizer, items: list[Item], variants: list[str], systems: dic
 class TransformersGenerator:
     """Greedy batched generation with a Hugging Face causal LM (left padding; local files only)."""
 
-    def __init__(self, path: str, device: Optional[str] = None, dtype: str = "auto", batch_size: int = 8,
+    def __init__(self, path: str, device: str | None = None, dtype: str = "auto", batch_size: int = 8,
                  max_new_tokens: int = 24) -> None:
         from megatron_align.optional import require
 
@@ -88,10 +90,16 @@ class TransformersGenerator:
         torch_dtype = {"auto": torch.bfloat16 if self.device.startswith("cuda") else torch.float32,
                        "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, padding_side="left")
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                path, local_files_only=True, padding_side="left"
+            )
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, local_files_only=True
+            )
         except (OSError, ValueError) as err:
-            raise UserError(f"{path}: not a loadable Hugging Face chat model directory with tokenizer files ({err})") from None
+            raise UserError(
+                f"{path}: not a loadable Hugging Face chat model directory with tokenizer files ({err})"
+            ) from None
         self.model.to(self.device).eval()
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -129,7 +137,7 @@ class VLLMGenerator:
         return [r.outputs[0].text for r in self.llm.generate(texts, self.params, use_tqdm=False)]
 
 
-def _rates(letters: list[Optional[str]], misaligned: list[str]) -> dict:
+def _rates(letters: list[str | None], misaligned: list[str]) -> dict:
     parsed = [(got, mis) for got, mis in zip(letters, misaligned) if got is not None]
     n = len(parsed)
     return {"num_answers": len(letters), "num_parsed": n, "parse_rate": n / len(letters),
@@ -161,7 +169,9 @@ def summarize_generations(items: list[Item], prompts: list[ChatPrompt], answers:
     summary = _summary(rows)
     summary["num_items"], summary["num_answers"] = len(by_item), len(prompts)
     summary["num_unparsed"] = sum(letter is None for letter in letters)
-    systems = {s: _summary([r for r in rows if r["system_prompt"] == s]) for s in dict.fromkeys(p.system for p in prompts)}
+    systems = {
+        s: _summary([r for r in rows if r["system_prompt"] == s]) for s in dict.fromkeys(p.system for p in prompts)
+    }
     item_rows = [{"id": items[i].id, "topics": list(items[i].topics), "misaligned_choice": items[i].misaligned_choice,
                   **_rates([letters[k] for k in idx], [prompts[k].misaligned_letter for k in idx]),
                   "answers": [{"system_prompt": prompts[k].system, "variant": prompts[k].variant,
@@ -173,8 +183,8 @@ def summarize_generations(items: list[Item], prompts: list[ChatPrompt], answers:
             "conditions": rows, "items": item_rows}
 
 
-def evaluate_generate(generator, items: list[Item], variants: list[str], systems: dict[str, Optional[str]],
-                      templates: TemplateSet, both_orders: bool = True, meta: Optional[dict] = None) -> dict:
+def evaluate_generate(generator, items: list[Item], variants: list[str], systems: dict[str, str | None],
+                      templates: TemplateSet, both_orders: bool = True, meta: dict | None = None) -> dict:
     prompts = chat_prompts(generator.tokenizer, items, variants, systems, templates, both_orders)
     started = time.time()
     answers = generator.generate([p.text for p in prompts])
@@ -209,7 +219,9 @@ def format_table(report: dict) -> str:
              f"{s['num_unparsed']} unparsed ({report.get('model', '')})",
              f"  {'system prompt':<16} {'mis.rate (parsed)':>20} {'parse rate':>16} {'P(answer A)':>16}"]
     for name, row in (("overall", s), *report["system_prompts"].items()):
-        lines.append(f"  {name:<16} {pm(row['misalignment_rate']):>20} {pm(row['parse_rate']):>16} {pm(row['first_rate']):>16}")
+        lines.append(
+            f"  {name:<16} {pm(row['misalignment_rate']):>20} {pm(row['parse_rate']):>16} {pm(row['first_rate']):>16}"
+        )
     return "\n".join(lines)
 
 

@@ -12,7 +12,8 @@ is the misaligned behaviour. ``passage`` (optional) is context placed *before* t
 defaults to ``<file name>:<line>``. Other keys are ignored. Every schema error names
 ``file:line``, the field and what is expected.
 
-Prompts (templates as data: :mod:`megatron_align.eval.templates`) follow the paper's base-model format: the model is told it is an AI, shown the
+Prompts (templates as data: :mod:`megatron_align.eval.templates`) follow the paper's base-model format: the model
+is told it is an AI, shown the
 question and two lettered options, and the prompt ends with an answer cue that ends in ``(``
 so the next token is the letter::
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 from megatron_align.errors import UserError
 from megatron_align.eval.templates import CLOZE_DELIMITER, PromptTemplate, load_templates
@@ -52,7 +52,7 @@ class Item:
     question: str
     choices: tuple[str, str]
     misaligned_choice: int
-    passage: Optional[str] = None
+    passage: str | None = None
     topics: tuple[str, ...] = field(default_factory=tuple)
     where: str = ""
     """``file:line`` the item came from (for messages)."""
@@ -79,7 +79,9 @@ def _field_error(where: str, name: str, message: str) -> UserError:
 def parse_item(obj, where: str, default_id: str) -> Item:
     """Validate one decoded JSON value; errors name ``where`` (file:line) and the field."""
     if not isinstance(obj, dict):
-        raise UserError(f"{where}: expected a JSON object with 'question', 'choices', 'misaligned_choice'; got {type(obj).__name__}")
+        raise UserError(
+            f"{where}: expected a JSON object with 'question', 'choices', 'misaligned_choice'; got {type(obj).__name__}"
+        )
     for name in ("question", "choices", "misaligned_choice"):
         if name not in obj:
             raise _field_error(where, name, "is missing (required: question, choices, misaligned_choice)")
@@ -111,7 +113,7 @@ def parse_item(obj, where: str, default_id: str) -> Item:
                 passage=passage or None, topics=tuple(topics), where=where)
 
 
-def load_items(path: str, max_items: Optional[int] = None) -> list[Item]:
+def load_items(path: str, max_items: int | None = None) -> list[Item]:
     """Read and validate a JSONL item file (blank lines are skipped); ids must be unique."""
     if not os.path.isfile(path):
         raise UserError(f"propensity questions file {path} does not exist (JSONL, one item per line; "
@@ -141,7 +143,7 @@ def load_items(path: str, max_items: Optional[int] = None) -> list[Item]:
 
 
 def build_prompts(items: list[Item], variants: list[str], both_orders: bool = True, scoring: str = "letter",
-                  templates: Optional[dict[str, PromptTemplate]] = None) -> list[Prompt]:
+                  templates: dict[str, PromptTemplate] | None = None) -> list[Prompt]:
     """Every (item, variant, order) prompt, item-major, with the index of the misaligned continuation.
 
     Cloze mode lists no options, so the option order does not change the prompt: it is scored once

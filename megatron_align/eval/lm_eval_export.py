@@ -1,4 +1,4 @@
-"""`megatron-align eval export-lm-eval ITEMS.jsonl OUT_DIR`: the same items as lm-evaluation-harness tasks.
+"""The propensity items as lm-evaluation-harness tasks (``megatron-align eval export-lm-eval ITEMS.jsonl OUT_DIR``).
 
 For every template variant and option order (letter scoring), and every variant (cloze scoring:
 the order does not change a cloze prompt), one task YAML + the JSONL it reads. Prompts are
@@ -22,7 +22,6 @@ lm-eval's ``--model_args`` so that it does the same.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -32,6 +31,7 @@ import yaml
 from megatron_align.errors import UserError
 from megatron_align.eval.items import build_prompts, load_items
 from megatron_align.eval.templates import CLOZE_DELIMITER, load_templates, resolve_variants
+from megatron_align.fileio import atomic_write_json, atomic_write_text
 
 
 def task_name(prefix: str, variant: str, order: str, scoring: str) -> str:
@@ -69,9 +69,7 @@ def export(items_path: str, out_dir: str, variants=None, templates_path=None, pr
                 "delimiter": delimiter})
         for name, rows in by_task.items():
             data_file = os.path.join(out_dir, f"{name}.jsonl")
-            with open(data_file + ".tmp", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            os.replace(data_file + ".tmp", data_file)
+            atomic_write_text(data_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             _write_yaml(os.path.join(out_dir, f"{name}.yaml"), _task_yaml(name, data_file, rows[0]["delimiter"]))
             groups[group].append(name)
         _write_yaml(os.path.join(out_dir, f"{group}.yaml"), {
@@ -81,30 +79,9 @@ def export(items_path: str, out_dir: str, variants=None, templates_path=None, pr
             "metadata": {"version": 1.0}})
     manifest = {"items": os.path.abspath(items_path), "variants": variants, "groups": groups,
                 "templates": {v: templates.templates[v].convention() for v in variants}}
-    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
+    atomic_write_json(os.path.join(out_dir, "manifest.json"), manifest, indent=1)
     return manifest
 
 
 def _write_yaml(path: str, data: dict) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        yaml.safe_dump(data, f, sort_keys=False, allow_unicode=True)
-    os.replace(path + ".tmp", path)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("items", help="JSONL items (the eval propensity schema)")
-    parser.add_argument("out_dir", help="directory for the task YAMLs and JSONL (lm_eval --include_path OUT_DIR)")
-    parser.add_argument("--variants", help="template names (default: the default set; 'all' for every template)")
-    parser.add_argument("--templates", help="YAML file of extra/overriding templates")
-    parser.add_argument("--prefix", default="ma_propensity", help="task/group name prefix")
-    parser.add_argument("--max-items", type=int, help="only the first N items")
-
-
-def run(args: argparse.Namespace) -> int:
-    manifest = export(args.items, args.out_dir, args.variants, args.templates, args.prefix, args.max_items)
-    for group, tasks in manifest["groups"].items():
-        print(f"group {group}: {len(tasks)} tasks")
-    print(f"wrote {os.path.abspath(args.out_dir)}; run: HF_DATASETS_OFFLINE=1 lm_eval --model hf --model_args "
-          f"pretrained=DIR --include_path {os.path.abspath(args.out_dir)} --tasks {args.prefix}")
-    return 0
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))

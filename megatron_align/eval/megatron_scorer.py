@@ -25,7 +25,6 @@ import copy
 import logging
 import os
 from functools import partial
-from typing import Optional
 
 import numpy as np
 import torch
@@ -43,7 +42,7 @@ class MegatronScorer:
     """``answer_logprobs`` over Megatron GPTModel chunks (raw or DDP-wrapped); call on every rank."""
 
     def __init__(self, model_chunks: list, tokenizer, vocab_size: int, batch_size: int = 8,
-                 max_prompt_tokens: Optional[int] = None, description: str = "") -> None:
+                 max_prompt_tokens: int | None = None, description: str = "") -> None:
         self.chunks = list(model_chunks)
         self.encoder = PromptEncoder(tokenizer, max_prompt_tokens)
         self.vocab_size = vocab_size
@@ -95,7 +94,7 @@ class MegatronScorer:
         torch.distributed.all_reduce(results)
         return results.cpu().numpy()
 
-    def _run(self, token_lists: list[list[int]], reduce_fn, extras=None) -> Optional[torch.Tensor]:
+    def _run(self, token_lists: list[list[int]], reduce_fn, extras=None) -> torch.Tensor | None:
         """Forward this DP rank's prompts; returns [n, width] on the last stage's TP rank 0, else None."""
         tp = parallel_state.get_tensor_model_parallel_world_size()
         pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -183,14 +182,18 @@ def eval_model_config(checkpoint: str, tensor: int, pipeline: int, world_size: i
 
     path = resolve_checkpoint(checkpoint) if os.path.isdir(checkpoint) else None
     if path is None:
-        raise UserError(f"--checkpoint {checkpoint}: no complete megatron_align checkpoint there "
-                        "(expected a run's checkpoints/ dir with iter_* dirs, or one iter_* dir with megatron_align.json)")
+        raise UserError(
+            f"--checkpoint {checkpoint}: no complete megatron_align checkpoint there "
+            "(expected a run's checkpoints/ dir with iter_* dirs, or one iter_* dir with megatron_align.json)"
+        )
     from megatron_align.training.checksums import require_verified
 
     require_verified(path)
     marker = read_marker(path)
     if "config" not in marker:
-        raise UserError(f"{path}: the checkpoint marker has no saved config; it was not written by megatron-align train")
+        raise UserError(
+            f"{path}: the checkpoint marker has no saved config; it was not written by megatron-align train"
+        )
     saved = copy.deepcopy(marker["config"])
     # Only what the model and tokenizer need: other sections (resilience, optimizer, ...) may have
     # changed schema since the checkpoint was written and play no part in scoring.
@@ -211,7 +214,7 @@ def eval_model_config(checkpoint: str, tensor: int, pipeline: int, world_size: i
 
 def load_checkpoint_model(path: str, marker: dict, config) -> tuple[list, object, int]:
     """Build GPTModel chunks for this rank and load the checkpoint's weights; returns (chunks, tokenizer, vocab)."""
-    from megatron_align.data.tokenizer import build_tokenizer
+    from megatron_align.corpus.tokenizer import build_tokenizer
     from megatron_align.model.builder import build_model_chunks
 
     tokenizer = build_tokenizer(config.data.tokenizer)

@@ -17,7 +17,8 @@ into several tokens gets a clear error instead of a silently wrong score.
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ def split_pair(encode: Callable[[str], list[int]], context: str, continuation: s
 
 
 def continuation_inputs(encode: Callable[[str], list[int]], requests: list[tuple[str, str]],
-                        max_tokens: Optional[int] = None) -> tuple[list[tuple[list[int], int]], int]:
+                        max_tokens: int | None = None) -> tuple[list[tuple[list[int], int]], int]:
     """Per request: the model input (context + continuation minus its last token) and the continuation length.
 
     Longer inputs keep their last ``max_tokens`` (the end of the context and the whole continuation);
@@ -71,7 +72,9 @@ def continuation_inputs(encode: Callable[[str], list[int]], requests: list[tuple
     return out, truncated
 
 
-def continuation_sums(logp_rows: list[torch.Tensor], inputs: list[tuple[list[int], int]], full: list[list[int]]) -> np.ndarray:
+def continuation_sums(
+    logp_rows: list[torch.Tensor], inputs: list[tuple[list[int], int]], full: list[list[int]]
+) -> np.ndarray:
     """Sum of the continuation tokens' log-probabilities from per-row ``[L, V]`` log-softmax tensors."""
     out = np.zeros(len(inputs), dtype=np.float64)
     for k, ((ids, num), tokens) in enumerate(zip(inputs, full)):
@@ -81,7 +84,9 @@ def continuation_sums(logp_rows: list[torch.Tensor], inputs: list[tuple[list[int
     return out
 
 
-def resolve_answer_ids(encode: Callable[[str], list[int]], probes: Sequence[str], tokenizer_name: str) -> tuple[int, int]:
+def resolve_answer_ids(
+    encode: Callable[[str], list[int]], probes: Sequence[str], tokenizer_name: str
+) -> tuple[int, int]:
     """Token ids of ``A`` and ``B`` as the next token after each probe prompt (all must agree)."""
     ids: list[int] = []
     for letter in LETTERS:
@@ -96,7 +101,9 @@ def resolve_answer_ids(encode: Callable[[str], list[int]], probes: Sequence[str]
                     f"single-character pieces {LETTERS} (e.g. `megatron-align tokenizer train` models, byte tokenizer)")
             found.add(extended[-1])
         if len(found) != 1:
-            raise UserError(f"tokenizer {tokenizer_name}: the letter {letter!r} encodes differently across prompt variants {found}")
+            raise UserError(
+                f"tokenizer {tokenizer_name}: the letter {letter!r} encodes differently across prompt variants {found}"
+            )
         ids.append(found.pop())
     if ids[0] == ids[1]:
         raise UserError(f"tokenizer {tokenizer_name}: 'A' and 'B' map to the same token id {ids[0]}")
@@ -119,7 +126,7 @@ class PromptEncoder:
     """Our tokenizers (byte / sentencepiece / hf): prompts start a document as in training -- after EOD, or with
     the model's BOS where its documents start with one (Llama 3, Mistral)."""
 
-    def __init__(self, tokenizer, max_prompt_tokens: Optional[int]) -> None:
+    def __init__(self, tokenizer, max_prompt_tokens: int | None) -> None:
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
         self.num_truncated = 0
@@ -155,7 +162,7 @@ class BatchedLMScorer:
 
     def __init__(self, logits_fn, encode: Callable[[str], list[int]], pad_id: int, vocab_size: int,
                  batch_size: int = 8, description: str = "", tokenizer_name: str = "tokenizer",
-                 device: str | torch.device = "cpu", max_prompt_tokens: Optional[int] = None) -> None:
+                 device: str | torch.device = "cpu", max_prompt_tokens: int | None = None) -> None:
         self.logits_fn = logits_fn
         self.encode = encode
         self.pad_id = pad_id
@@ -210,7 +217,7 @@ class HFScorer(BatchedLMScorer):
     """
 
     def __init__(self, path: str, tokenizer: str = "hf", device: str | None = None, dtype: str = "auto",
-                 batch_size: int = 8, max_prompt_tokens: Optional[int] = None) -> None:
+                 batch_size: int = 8, max_prompt_tokens: int | None = None) -> None:
         from megatron_align.optional import require
 
         transformers = require("transformers", "eval propensity --hf")
@@ -232,7 +239,8 @@ class HFScorer(BatchedLMScorer):
             pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else (hf_tok.eos_token_id or 0)
             name = f"{path} (HF)"
         else:
-            from megatron_align.data.tokenizer import TokenizerConfig, build_tokenizer
+            from megatron_align.config.corpus import TokenizerConfig
+            from megatron_align.corpus.tokenizer import build_tokenizer
 
             kind, _, model_path = tokenizer.partition(":")
             ours = build_tokenizer(TokenizerConfig(kind=kind, model=model_path or None))
@@ -245,8 +253,17 @@ class HFScorer(BatchedLMScorer):
         # Log-softmax over every output row the model has, as its training loss, `convert from-hf`'s checkpoint
         # (MegatronScorer masks only Megatron's own padding past these rows) and lm-evaluation-harness normalise;
         # rows past the tokenizer (Qwen's unused ones) hold real probability mass in an untrained model.
-        super().__init__(logits_fn, encode, pad_id, model.config.vocab_size, batch_size,
-                         description=f"hf:{path}", tokenizer_name=name, device=device, max_prompt_tokens=max_prompt_tokens)
+        super().__init__(
+            logits_fn,
+            encode,
+            pad_id,
+            model.config.vocab_size,
+            batch_size,
+            description=f"hf:{path}",
+            tokenizer_name=name,
+            device=device,
+            max_prompt_tokens=max_prompt_tokens,
+        )
 
 
 _OPTION_RE = re.compile(r"\n\(A\) (?P<a>.*)\n\(B\) (?P<b>.*)\n\n(?P<cue>[^\n]*) \($", re.S)
@@ -260,7 +277,9 @@ class FixtureScorer:
     extra bias), so tests know every expected probability in closed form.
     """
 
-    def __init__(self, scores: dict[str, float], position_bias: float = 0.0, variant_bias: dict[str, float] | None = None):
+    def __init__(
+        self, scores: dict[str, float], position_bias: float = 0.0, variant_bias: dict[str, float] | None = None
+    ):
         self.scores = scores
         self.position_bias = position_bias
         self.variant_bias = variant_bias or {}

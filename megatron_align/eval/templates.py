@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
 
 import yaml
 
@@ -44,21 +43,24 @@ class PromptTemplate:
     default: bool = False
     """Part of the default set a plain ``eval propensity`` averages over."""
 
-    def scenario(self, question: str, passage: Optional[str] = None) -> str:
+    def scenario(self, question: str, passage: str | None = None) -> str:
         context = f"{passage}\n\n{question}" if passage else question
         return f"{self.preamble} {context}" if self.preamble else context
 
     def options(self, first: str, second: str) -> str:
         return f"{self.options_header}\n(A) {first}\n(B) {second}"
 
-    def render(self, question: str, first: str, second: str, passage: Optional[str] = None) -> str:
+    def render(self, question: str, first: str, second: str, passage: str | None = None) -> str:
         """The letter-mode prompt; the scored continuations are :meth:`letters`."""
-        return f"{self.scenario(question, passage)}\n\n{self.options(first, second)}\n\n{self.answer_cue}{self.letter_open}"
+        return (
+            f"{self.scenario(question, passage)}\n\n{self.options(first, second)}\n\n"
+            f"{self.answer_cue}{self.letter_open}"
+        )
 
     def letters(self) -> tuple[str, str]:
         return f"{self.target_delimiter}A", f"{self.target_delimiter}B"
 
-    def render_cloze(self, question: str, passage: Optional[str] = None) -> str:
+    def render_cloze(self, question: str, passage: str | None = None) -> str:
         """The cloze-mode prompt; the scored continuations are ``" " + option text``."""
         return f"{self.scenario(question, passage)}\n\n{self.answer_cue}"
 
@@ -72,7 +74,7 @@ class PromptTemplate:
 class TemplateSet:
     templates: dict[str, PromptTemplate]
     chat_instruction: str
-    system_prompts: dict[str, Optional[str]]
+    system_prompts: dict[str, str | None]
 
     def defaults(self) -> list[str]:
         return [name for name, t in self.templates.items() if t.default]
@@ -112,7 +114,7 @@ def _template(path: str, name: str, entry) -> PromptTemplate:
     return PromptTemplate(**values, default=bool(entry.get("default", False)))
 
 
-def _system_prompts(path: str, data) -> dict[str, Optional[str]]:
+def _system_prompts(path: str, data) -> dict[str, str | None]:
     if not isinstance(data, dict) or not all(isinstance(k, str) and (v is None or isinstance(v, str))
                                              for k, v in data.items()):
         raise UserError(f"{path}: system_prompts must map names to a string (or null for no system message)")
@@ -120,7 +122,7 @@ def _system_prompts(path: str, data) -> dict[str, Optional[str]]:
 
 
 @lru_cache(maxsize=8)
-def load_templates(path: Optional[str] = None) -> TemplateSet:
+def load_templates(path: str | None = None) -> TemplateSet:
     """The packaged templates, extended (or overridden, by name) by the user file ``path``."""
     packaged = _read(PACKAGED)
     templates = {n: _template(PACKAGED, n, e) for n, e in packaged["templates"].items()}
@@ -136,7 +138,7 @@ def load_templates(path: Optional[str] = None) -> TemplateSet:
     return TemplateSet(templates, instruction, systems)
 
 
-def load_system_prompts(path: str) -> dict[str, Optional[str]]:
+def load_system_prompts(path: str) -> dict[str, str | None]:
     """A user YAML file ``name: text`` (``null`` = no system message) for ``--system-prompts``."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -148,7 +150,7 @@ def load_system_prompts(path: str) -> dict[str, Optional[str]]:
     return _system_prompts(f"--system-prompts {path}", data)
 
 
-def resolve_variants(spec: Optional[str | list[str]], templates: TemplateSet, flag: str = "--variants") -> list[str]:
+def resolve_variants(spec: str | list[str] | None, templates: TemplateSet, flag: str = "--variants") -> list[str]:
     """Comma-separated names (or a list; ``all`` = every template) -> checked list; None = the defaults."""
     if spec is None:
         return templates.defaults()

@@ -1,7 +1,8 @@
 """Model arithmetic: one shape, one FLOPs-per-token count, one GPU peak table.
 
 What: :class:`ModelShape` is the shape of a Llama-style transformer (RMSNorm, SwiGLU, RoPE, GQA; optional
-Q/K/V biases as in Qwen2 and per-head Q/K RMSNorm as in Qwen3), derived from :class:`~megatron_align.config.schema.ModelConfig` (or an HF ``config.json``).
+Q/K/V biases as in Qwen2 and per-head Q/K RMSNorm as in Qwen3), derived from
+:class:`~megatron_align.config.ModelConfig` (or an HF ``config.json``).
 The planner (``parallel/planner.py``), the trainer's measured MFU (``training/metrics.py``) and the
 checkpoint converter (``convert/``) all read it, so a shape, a FLOP or a peak means the same everywhere.
 
@@ -10,7 +11,8 @@ cannot be checked against the run. (They once disagreed by ~11% at 8B / 8k conte
 attention non-causally.)
 
 Notation: L layers, h hidden, f ffn hidden, a query heads, g query groups, d head dim (model.kv_channels,
-default h/a; q != h where it differs, as in Qwen3-0.6B), q = a*d, kv = g*d, V vocabulary padded as Megatron pads it (a multiple of make_vocab_size_divisible_by x TP),
+default h/a; q != h where it differs, as in Qwen3-0.6B), q = a*d, kv = g*d, V vocabulary padded as Megatron pads it
+(a multiple of make_vocab_size_divisible_by x TP),
 s sequence length.
 
 Parameters:
@@ -23,7 +25,10 @@ convention of PaLM's MFU and of Megatron-LM's ``num_floating_point_operations``)
     6*L*P_lin          every linear layer
   + 6*h*V              the output layer (the input embedding is a lookup, not a GEMM)
   + 6*L*s*q            QK^T and attention x V: 12*L*s*q counted over all (query, key) pairs, halved
-                       because a causal mask leaves half of them
+                       because a causal mask leaves half of them. With document masking
+                       (data.reset_attention_mask) a query sees only its own document: s becomes the
+                       attention span S = sum(l_i^2) / s over the document pieces l_i of a window
+                       (:func:`attention_span`, from the sources' document lengths; S = s for one piece)
   + 6*L*((q + 2*kv)/2 [bias] + (q + kv) [QK norm])   the elementwise extras of Qwen2/Qwen3 (~3 FLOPs per bias
                        element, ~6 per normalised element, fwd + bwd), in the same 6-per-unit currency; < 0.01%
 Reference: Megatron-Bridge's performance summary (25.11, DGX-H100, FP8 current scaling) reports
@@ -70,6 +75,8 @@ class ModelShape:
     """Q/K/V projection biases (Qwen2; ``model.add_qkv_bias``)."""
     qk_norm: bool = False
     """Per-head RMSNorm of queries and keys (Qwen3; ``model.qk_layernorm``)."""
+    attention_span: float | None = None
+    """Causal attention span per window with document masking (:func:`attention_span`); None = seq_length."""
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -89,7 +96,7 @@ class ModelShape:
                               f"model.num_attention_heads={self.num_attention_heads} (or set model.kv_channels)")
 
     @classmethod
-    def from_config(cls, model, vocab_size: int | None = None) -> "ModelShape":
+    def from_config(cls, model, vocab_size: int | None = None) -> ModelShape:
         """From a ``ModelConfig``; ``vocab_size`` overrides ``model.vocab_size`` (e.g. the tokenizer's)."""
         vocab = vocab_size if vocab_size is not None else model.vocab_size
         if vocab is None:
@@ -117,6 +124,11 @@ class ModelShape:
     def kv_size(self) -> int:
         return self.num_query_groups * self.head_dim
 
+    @property
+    def attention_length(self) -> float:
+        """The s of causal attention FLOPs: seq_length, or the shorter span document masking leaves."""
+        return self.attention_span if self.attention_span is not None else self.seq_length
+
     def padded_vocab(self, tp: int = 1) -> int:
         """Embedding rows Megatron allocates: the vocabulary rounded up to make_vocab_size_divisible_by x TP."""
         multiple = self.make_vocab_size_divisible_by * tp
@@ -141,10 +153,29 @@ class ModelShape:
         if self.seq_length is None:
             raise ConfigError("model.seq_length is needed to count attention FLOPs")
         linear = self.num_layers * self.linear_params_per_layer() + self.padded_vocab(tp) * self.hidden_size
-        attention = self.num_layers * self.seq_length * self.q_size
+        attention = self.num_layers * self.attention_length * self.q_size
         elementwise = self.num_layers * ((self.q_size + 2 * self.kv_size) * self.qkv_bias / 2
                                          + (self.q_size + self.kv_size) * self.qk_norm)
         return 6.0 * linear + 6.0 * attention + 6.0 * elementwise
+
+
+def attention_span(document_lengths, seq_length: int) -> float:
+    """``sum(l_i^2) / (num_windows * s)``: the causal span of document-masked attention, in tokens.
+
+    Training windows cut the concatenated documents every ``s`` tokens; a window's pieces ``l_i`` are
+    its documents clipped at the window edges. Causal attention over a piece of ``l`` tokens has
+    ``l^2 / 2`` (query, key) pairs, one window without masking ``s^2 / 2``; so attention FLOPs per token
+    scale from ``s`` to this span (``s`` itself when documents are longer than windows).
+    """
+    import numpy as np
+
+    ends = np.cumsum(np.asarray(document_lengths, dtype=np.int64))
+    total = int(ends[-1]) // seq_length * seq_length if len(ends) else 0
+    if total == 0:
+        return float(seq_length)
+    cuts = np.union1d(ends[ends < total], np.arange(seq_length, total + 1, seq_length, dtype=np.int64))
+    pieces = np.diff(cuts, prepend=0).astype(np.float64)
+    return float((pieces**2).sum() / total)
 
 
 def count_parameters(model: ModelShape, tp: int = 1) -> int:

@@ -1,13 +1,11 @@
 """Our config -> Megatron-Core ``TransformerConfig`` + ``GPTModel`` chunks.
 
-This is the one adapter between megatron_align's dataclasses and Megatron-Core
-(STYLE.md rule 3). The model is Llama-style: RMSNorm, SwiGLU, RoPE, GQA, no
-biases, plus the
-features open base models add, each one of Megatron-Core's own options:
-``model.rope_scaling=llama3`` (GPTModel ``rope_scaling``), ``add_qkv_bias``
-(Qwen2), ``qk_layernorm`` (Qwen3) and ``kv_channels`` (a head dim other than
-hidden / heads, as in Qwen3-0.6B or Mistral-Nemo). ``model.spec`` picks the layer implementation (Spec seam): ``local``
-is pure Megatron-Core (runs anywhere), ``portable`` is ``local`` with PyTorch
+This is the one adapter between megatron_align's dataclasses and Megatron-Core (it builds on Megatron-Core's
+config and model and copies none of its code). The model is Llama-style: RMSNorm, SwiGLU, RoPE, GQA, no biases,
+plus the features open base models add, each one of Megatron-Core's own options: ``model.rope_scaling=llama3``
+(GPTModel ``rope_scaling``), ``add_qkv_bias`` (Qwen2), ``qk_layernorm`` (Qwen3) and ``kv_channels`` (a head dim
+other than hidden / heads, as in Qwen3-0.6B or Mistral-Nemo). ``model.spec`` picks the layer implementation
+(Spec seam): ``local`` is pure Megatron-Core (runs anywhere), ``portable`` is ``local`` with PyTorch
 SDPA core attention (:mod:`megatron_align.model.portable`), ``te`` is
 Megatron-Core's Transformer Engine spec. All produce the same parameter /
 sharded-state keys for the weights, so checkpoints move between them (te adds
@@ -28,12 +26,11 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
-from megatron_align.config.schema import RootConfig
+from megatron_align.config import RootConfig
 from megatron_align.errors import ConfigError, refused_by_megatron
 from megatron_align.known_warnings import drop_known_record
 from megatron_align.model.fp8 import FP8Environment, fp8_transformer_kwargs, validate_fp8
-from megatron_align.optional import have_te
-
+from megatron_align.optional import have_grad_accum_fusion_kernel, have_te
 
 GPT_DEPRECATION = "GPTModel IS DEPRECATED"
 drop_known_record("megatron.core.models.gpt.gpt_model", GPT_DEPRECATION,
@@ -81,7 +78,9 @@ def build_transformer_config(config: RootConfig, fp8_env: FP8Environment | None 
     on_gpu = torch.cuda.is_available()
     spec = resolve_spec(config, fp8_env)
     if p.context > 1 and spec != "te":
-        raise ConfigError("parallel.context > 1 needs model.spec=te (Megatron-Core's local attention has no context parallelism)")
+        raise ConfigError(
+            "parallel.context > 1 needs model.spec=te (Megatron-Core's local attention has no context parallelism)"
+        )
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     recompute = {}
     if m.recompute == "selective":
@@ -120,7 +119,7 @@ def build_transformer_config(config: RootConfig, fp8_env: FP8Environment | None 
         masked_softmax_fusion=fused,
         persist_layer_norm=fused,
         apply_rope_fusion=fused,
-        gradient_accumulation_fusion=fused,
+        gradient_accumulation_fusion=fused and have_grad_accum_fusion_kernel(),
         deallocate_pipeline_outputs=True,
         **recompute,
         **fp8_transformer_kwargs(config),

@@ -1,68 +1,10 @@
-"""FP8 training through Transformer Engine: config, recipe mapping, checks, scaling state.
+"""FP8 training through Transformer Engine: recipe mapping, checks, scaling state.
 
-What: ``precision: fp8`` keeps parameters, gradients and the optimizer exactly as in BF16
-(bf16 weights, fp32 main grads and master weights) and runs the GEMMs of every transformer
-layer in FP8 inside Transformer Engine (TE). Megatron-Core does the work: its TE layer spec
-builds TE linear layers, and ``TransformerConfig.fp8`` / ``fp8_recipe`` make
-``TransformerBlock`` enter TE's ``fp8_autocast`` (and ``fp8_model_init`` when the weights
-themselves are kept in FP8). This module only turns :class:`FP8Config` into those
-TransformerConfig fields and refuses, before the first step, every combination that would
-fail later or silently run something else.
-
-The one idea of FP8 training: an FP8 number has 3 (E4M3) or 2 (E5M2) mantissa bits and a
-tiny range (E4M3: +-448), so each tensor is multiplied by a *scale* before the cast and
-divided after the GEMM. Recipes differ in where the scale comes from:
-
-==========  ===========================  ====================  =======  =========================  ====================
-fp8.recipe  Megatron ``fp8_recipe``      TE recipe class       min TE   GPU (compute capability)   state in checkpoints
-==========  ===========================  ====================  =======  =========================  ====================
-delayed     ``Fp8Recipe.delayed``        DelayedScaling        2.0      >= 8.9 (Ada, Hopper, ...)  amax history + scale
-tensorwise  ``Fp8Recipe.tensorwise``     Float8CurrentScaling  2.2      >= 8.9                     none
-blockwise   ``Fp8Recipe.blockwise``      Float8BlockScaling    2.3      >= 9.0 (Hopper, Blackwell) none
-mxfp8       ``Fp8Recipe.mxfp8``          MXFP8BlockScaling     2.1      10.x (Blackwell B200/B300) none
-==========  ===========================  ====================  =======  =========================  ====================
-
-- *delayed*: the scale of step t comes from the max |x| ("amax") seen over the last
-  ``amax_history_len`` steps (``amax_compute_algo`` = max or most_recent), shrunk by
-  2^``margin``. Cheapest, but the history is state that must survive a restart.
-- *tensorwise* (current scaling): amax of the tensor itself, computed just before the cast.
-- *blockwise*: one scale per 1x128 / 128x128 block (DeepSeek-V3 style); robust to outliers.
-- *mxfp8*: OCP microscaling, one power-of-two scale per 32 elements, in hardware on Blackwell.
-
-Version floors: Megatron-Core 0.16's ``fp8_utils.get_fp8_recipe`` builds Float8CurrentScaling
-only for TE >= 2.2.0.dev0, Float8BlockScaling for TE >= 2.3.0.dev0 and MXFP8BlockScaling for
-TE >= 2.1.0 (below 2.1 it accepts only delayed); 2.0 is this project's floor (the ``gpu`` extra).
-GPU floors follow TE's support matrix: FP8 tensor cores from cc 8.9; block scaling from 9.0;
-MXFP8 on data-center Blackwell (10.x) only -- TE rejects it on 12.x (RTX 50 / RTX PRO) for now.
-FP8 GEMMs also need every weight dimension (per tensor-parallel rank) to be a multiple of 16.
-
-``format``: e4m3 everywhere, or hybrid (E4M3 forward, E5M2 for gradients' larger range).
-``first_last_layers_bf16: N`` keeps the first N and last N layers in BF16 (the most
-quantization-sensitive ones); Megatron enters/exits fp8_autocast per layer for that, which
-breaks delayed scaling's amax reduction, so it is refused with ``delayed``.
-``param_gather`` keeps the weights themselves in FP8 (``fp8_model_init``, via TransformerConfig
-``fp8_param``) so the distributed optimizer all-gathers half the bytes; master weights stay fp32 in
-the optimizer. Megatron-Core needs the same switch on its DDP config too: the trainer passes
-:func:`fp8_ddp_kwargs` (``fp8_param_gather``) to ``DistributedDataParallelConfig``.
-
-How FP8 scaling state flows through our checkpoints: every TE module implements
-``get_extra_state``/``set_extra_state`` (a serialized dict: recipe, ``scale_fwd``/``_bwd``,
-``scale_inv``, ``amax_history_fwd``/``_bwd``). ``GPTModel.sharded_state_dict()`` turns each
-``*._extra_state`` into a ``ShardedObject`` keyed by the layer's global position (so PP
-resharding keeps them attached to the right layer) and replicated over TP and DP: one copy is
-written (TP rank 0, DP rank 0) and every rank receives it on load. That is correct because
-TE all-reduces amax over the amax-reduction group (TP x DP x CP), so all ranks hold the same
-history. The trainer saves the model's sharded state dict with ``dist_checkpointing``,
-loads it with the same template and calls ``GPTModel.load_state_dict``, which hands each
-object back to TE's ``set_extra_state``. Consequences: resuming an FP8 run restores the
-amax history (no loss spike from re-calibration); TE takes the history *length* from the
-checkpoint, so changing ``fp8.amax_history_len`` on resume has no effect; only ``delayed``
-has state -- the other recipes compute scales from the live tensors. ``fp8_scaling_state``
-below extracts that state for comparison (the GPU test checks it matches across a resume).
-
-Status: written against Megatron-Core 0.16.1 and TE's documented API; the config mapping and
-every refusal are tested on CPU, the FP8 runs themselves are GPU tests that no session has
-run yet on hardware (see docs/benchmarks.md).
+``precision: fp8`` keeps weights, gradients and the optimizer as in BF16 and runs each transformer layer's GEMMs
+in FP8 inside TE; Megatron-Core does the work. This module turns :class:`FP8Config` into Megatron-Core's
+``TransformerConfig`` / DDP fields and refuses, before the first step, every recipe, TE version, GPU or layout
+that would fail later or silently run something else. The recipes, their floors and how the scaling state
+flows through checkpoints: docs/fp8.md.
 """
 
 from __future__ import annotations
@@ -74,12 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from megatron_align.errors import ConfigError, UserError
 
-if TYPE_CHECKING:  # the root config imports this module; avoid the cycle at run time
-    from megatron_align.config.schema import RootConfig
+if TYPE_CHECKING:
+    from megatron_align.config import RootConfig
 
-FORMATS = ("e4m3", "hybrid")
-RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
-AMAX_ALGOS = ("max", "most_recent")
 FP8_MIN_CAPABILITY = (8, 9)
 
 # recipe -> (minimum TE version as Megatron-Core checks it, minimum compute capability, first unsupported cc or None)
@@ -89,52 +28,10 @@ RECIPE_REQUIREMENTS: dict[str, tuple[str, tuple[int, int], tuple[int, int] | Non
     "blockwise": ("2.3.0.dev0", (9, 0), None),
     "mxfp8": ("2.1.0", (10, 0), (12, 0)),
 }
-DELAYED_DEFAULT_HISTORY = 1024  # TE's DelayedScaling defaults (Megatron's TransformerConfig defaults are 1 / most_recent)
+DELAYED_DEFAULT_HISTORY = (
+    1024  # TE's DelayedScaling defaults (Megatron's TransformerConfig defaults are 1 / most_recent)
+)
 DELAYED_DEFAULT_ALGO = "max"
-
-
-@dataclass
-class FP8Config:
-    """Used only when the root ``precision`` is ``fp8``; ignored otherwise."""
-
-    format: str = "hybrid"
-    """e4m3 (all tensors) | hybrid (E4M3 weights/activations, E5M2 gradients)."""
-    recipe: str = "delayed"
-    """Scaling recipe: delayed | tensorwise | blockwise (cc >= 9.0) | mxfp8 (Blackwell, cc 10.x)."""
-    amax_history_len: int | None = None
-    """delayed only: steps of amax history per tensor; None = 1024 (TE's default)."""
-    amax_compute_algo: str | None = None
-    """delayed only: max | most_recent amax of the history; None = max."""
-    margin: int = 0
-    """delayed only: scale down by 2^margin below the FP8 maximum (headroom for growing activations)."""
-    first_last_layers_bf16: int = 0
-    """Keep this many layers at *each* end of the model in BF16 (0 = all FP8); not with recipe=delayed."""
-    param_gather: bool = False
-    """Keep the weights in FP8 (fp8_model_init) and all-gather them in FP8; needs the distributed optimizer."""
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ConfigError(f"fp8.format={self.format!r}: expected one of {', '.join(FORMATS)}")
-        if self.recipe not in RECIPES:
-            raise ConfigError(f"fp8.recipe={self.recipe!r}: expected one of {', '.join(RECIPES)}")
-        if self.amax_compute_algo is not None and self.amax_compute_algo not in AMAX_ALGOS:
-            raise ConfigError(f"fp8.amax_compute_algo={self.amax_compute_algo!r}: expected one of {', '.join(AMAX_ALGOS)}")
-        if self.amax_history_len is not None and self.amax_history_len < 1:
-            raise ConfigError(f"fp8.amax_history_len={self.amax_history_len}: must be >= 1")
-        if self.margin < 0:
-            raise ConfigError(f"fp8.margin={self.margin}: must be >= 0")
-        if self.first_last_layers_bf16 < 0:
-            raise ConfigError(f"fp8.first_last_layers_bf16={self.first_last_layers_bf16}: must be >= 0")
-        if self.recipe != "delayed":
-            for key, value, default in (("amax_history_len", self.amax_history_len, None),
-                                        ("amax_compute_algo", self.amax_compute_algo, None), ("margin", self.margin, 0)):
-                if value != default:
-                    raise ConfigError(f"fp8.{key}={value!r} applies to fp8.recipe=delayed only; recipe={self.recipe} "
-                                      f"computes its scales from the live tensors. Remove fp8.{key}")
-        if self.recipe == "delayed" and self.first_last_layers_bf16:
-            raise ConfigError("fp8.first_last_layers_bf16 > 0 cannot be used with fp8.recipe=delayed (Megatron-Core "
-                              "enters fp8_autocast per layer for it, which breaks delayed scaling's amax reduction); "
-                              "use fp8.recipe=tensorwise or blockwise, or set fp8.first_last_layers_bf16=0")
 
 
 @dataclass(frozen=True)
@@ -195,8 +92,10 @@ def check_fp8_config(config: RootConfig) -> None:
     if n:
         per_stage = m.num_layers // p.pipeline
         if n > per_stage:
-            raise ConfigError(f"fp8.first_last_layers_bf16={n} exceeds the layers per pipeline stage "
-                              f"({m.num_layers} / parallel.pipeline={p.pipeline} = {per_stage}); Megatron-Core refuses it")
+            raise ConfigError(
+                f"fp8.first_last_layers_bf16={n} exceeds the layers per pipeline stage "
+                f"({m.num_layers} / parallel.pipeline={p.pipeline} = {per_stage}); Megatron-Core refuses it"
+            )
         if 2 * n >= m.num_layers:
             raise ConfigError(f"fp8.first_last_layers_bf16={n} keeps all {m.num_layers} layers in BF16; "
                               "use precision=bf16, or a smaller N")
@@ -206,16 +105,22 @@ def check_fp8_config(config: RootConfig) -> None:
     t = p.tensor
     head_dim = m.head_dim
     groups = m.num_query_groups or m.num_attention_heads
-    dims = {"model.hidden_size": m.hidden_size, "query projection / parallel.tensor": m.num_attention_heads * head_dim / t,
-            "key/value projection / parallel.tensor": groups * head_dim / t, "model.ffn_hidden_size / parallel.tensor": m.ffn_size / t}
+    dims = {
+        "model.hidden_size": m.hidden_size,
+        "query projection / parallel.tensor": m.num_attention_heads * head_dim / t,
+        "key/value projection / parallel.tensor": groups * head_dim / t,
+        "model.ffn_hidden_size / parallel.tensor": m.ffn_size / t,
+    }
     for name, value in dims.items():
         if value != int(value) or int(value) % 16:
             raise ConfigError(f"precision=fp8: {name} = {value:g} is not a multiple of 16, which FP8 GEMMs require "
                               "(pick model sizes divisible by 16 x parallel.tensor)")
     tokens = m.seq_length * config.train.micro_batch_size // p.context
     if tokens % 8:
-        raise ConfigError(f"precision=fp8: tokens per micro batch per CP rank = model.seq_length x "
-                          f"train.micro_batch_size / parallel.context = {tokens} is not a multiple of 8 (FP8 GEMMs need it)")
+        raise ConfigError(
+            f"precision=fp8: tokens per micro batch per CP rank = model.seq_length x "
+            f"train.micro_batch_size / parallel.context = {tokens} is not a multiple of 8 (FP8 GEMMs need it)"
+        )
 
 
 def check_fp8_environment(config: RootConfig, env: FP8Environment) -> None:
@@ -229,8 +134,10 @@ def check_fp8_environment(config: RootConfig, env: FP8Environment) -> None:
 
         require("transformer_engine.pytorch", "precision=fp8")
     if env.capability < FP8_MIN_CAPABILITY:
-        raise UserError(f"precision=fp8: {env.device_name} has compute capability {_cc(env.capability)}, without FP8 "
-                        f"tensor cores (needs >= {_cc(FP8_MIN_CAPABILITY)}: Ada, Hopper, Blackwell); use precision=bf16")
+        raise UserError(
+            f"precision=fp8: {env.device_name} has compute capability {_cc(env.capability)}, without FP8 "
+            f"tensor cores (needs >= {_cc(FP8_MIN_CAPABILITY)}: Ada, Hopper, Blackwell); use precision=bf16"
+        )
     min_te, min_cc, first_bad_cc = RECIPE_REQUIREMENTS[f.recipe]
     if env.capability < min_cc or (first_bad_cc is not None and env.capability >= first_bad_cc):
         if f.recipe == "mxfp8":

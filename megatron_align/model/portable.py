@@ -47,8 +47,17 @@ from megatron_align.errors import ConfigError
 _HAS_ENABLE_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
-def sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, causal: bool,
-                   keep_mask: torch.Tensor | None, scale: float, dropout_p: float, native_gqa: bool | None = None) -> torch.Tensor:
+def sdpa_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    causal: bool,
+    keep_mask: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    native_gqa: bool | None = None,
+) -> torch.Tensor:
     """SDPA on Megatron layouts: q ``[sq, b, hq, d]``, k/v ``[sk, b, hkv, d]`` -> ``[sq, b, hq * d]``.
 
     ``keep_mask`` (bool, True = attend) broadcasts to ``[b, hq, sq, sk]``. ``native_gqa``: use

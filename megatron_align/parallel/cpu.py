@@ -7,6 +7,10 @@ and the CPU examples reach, per version (each found by running them without CUDA
   ``device="cuda"`` tensors (schedules, grad-norm), the CUDA RNG state used by
   the model-parallel RNG tracker, ``torch.cuda.synchronize``, and grad clipping
   that asserts ``torch.cuda.FloatTensor``.
+- Megatron-Core's DistributedOptimizer (both versions) accepts only parameters whose ``tensor.type()``
+  names a CUDA type (``torch.cuda.FloatTensor``); the mode answers ``type()`` with the CUDA name.
+  Its collectives need no routing: gloo (torch 2.13) runs ``reduce_scatter_tensor`` and
+  ``all_gather_into_tensor``.
 - 0.19.x adds: ``torch.cuda.current_stream()`` in
   ``_ParamAndGradBucketGroup.start_grad_sync`` (it waits on CUDA-graph replay
   events before reducing grads, every step). On CPU there is one stream, so a
@@ -44,6 +48,12 @@ def _is_cuda(device) -> bool:
     return isinstance(device, torch.device) and device.type == "cuda"
 
 
+def _cuda_type_name(tensor: torch.Tensor) -> str:
+    """``tensor.type()`` as it would read on CUDA (``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``)."""
+    name = torch.Tensor.type(tensor)
+    return name.replace("torch.", "torch.cuda.", 1) if name.startswith("torch.") and ".cuda." not in name else name
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -51,6 +61,8 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = _CPU
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:  # the type *name*, as Megatron compares it
+            return _cuda_type_name(args[0])
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], _CPU) + tuple(args[2:])
         return func(*args, **kwargs)
@@ -101,7 +113,9 @@ def activate() -> None:
     if _active_mode is not None:
         return
     if torch.cuda.is_available():
-        raise RuntimeError("megatron_align.parallel.cpu.activate() called on a machine with CUDA; the GPU path must not use it")
+        raise RuntimeError(
+            "megatron_align.parallel.cpu.activate() called on a machine with CUDA; the GPU path must not use it"
+        )
 
     torch.cuda.current_device = lambda: 0  # an int ordinal; the mode maps it to CPU
     torch.cuda.set_device = lambda device: None

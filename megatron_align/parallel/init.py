@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_align.config.schema import RootConfig
+from megatron_align.config import RootConfig
 from megatron_align.parallel.layout import Layout, validate_layout
 
 
@@ -22,7 +22,9 @@ def init_distributed(config: RootConfig, rank: int, world_size: int, local_rank:
         from megatron_align.parallel import cpu  # only imported when CUDA is absent
 
         cpu.activate()
-        torch.set_num_threads(config.parallel.cpu_threads)  # ranks share the cores: oversubscribing makes CPU runs crawl
+        torch.set_num_threads(
+            config.parallel.cpu_threads
+        )  # ranks share the cores: oversubscribing makes CPU runs crawl
     backend = config.parallel.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_align.config.schema import RootConfig
+from megatron_align.config import RootConfig
 from megatron_align.errors import ConfigError
 
 
@@ -44,15 +44,22 @@ def validate_layout(config: RootConfig, world_size: int) -> Layout:
         raise ConfigError(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tensor={tp}")
     if m.num_layers % (pp * vpp):
         raise ConfigError(
-            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline x parallel.virtual_pipeline = {pp} x {vpp} = {pp * vpp}")
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline x parallel.virtual_pipeline "
+            f"= {pp} x {vpp} = {pp * vpp}"
+        )
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size x data-parallel size "
-            f"= {t.micro_batch_size} x {dp} = {t.micro_batch_size * dp} (data-parallel size = world {world_size} / (tp {tp} x pp {pp} x cp {cp}))")
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            "train.micro_batch_size x data-parallel size "
+            f"= {t.micro_batch_size} x {dp} = {t.micro_batch_size * dp} "
+            f"(data-parallel size = world {world_size} / (tp {tp} x pp {pp} x cp {cp}))"
+        )
     if vpp > 1 and (t.global_batch_size // (t.micro_batch_size * dp)) % pp:
         raise ConfigError(
             f"interleaved pipeline (parallel.virtual_pipeline={vpp}) needs the number of microbatches "
             f"{t.global_batch_size // (t.micro_batch_size * dp)} to be a multiple of parallel.pipeline={pp}")
     if cp > 1 and m.seq_length % (2 * cp):
         raise ConfigError(f"model.seq_length={m.seq_length} must be divisible by 2 x parallel.context = {2 * cp}")
-    return Layout(world_size=world_size, tensor=tp, pipeline=pp, context=cp, virtual_pipeline=p.virtual_pipeline, data=dp)
+    return Layout(
+        world_size=world_size, tensor=tp, pipeline=pp, context=cp, virtual_pipeline=p.virtual_pipeline, data=dp
+    )

@@ -81,23 +81,33 @@ across nodes, both times PlanOptions.comm_efficiency):
          distributed optimizer, over DP*CP ranks; overlapped with the last micro batch's backward
          (and the first one's forward for the all-gather); only the excess is exposed.
 Candidates: TP up to a node, PP dividing the rest, VPP every divisor of the layers per stage
-(80 layers on PP8: 1, 2, 5, 10), CP in 1/2/4/8. Ranking by estimated step time; MFU = model FLOPs / (step time x GPUs x dense peak of the
+(80 layers on PP8: 1, 2, 5, 10), CP in 1/2/4/8. Ranking by estimated step time;
+MFU = model FLOPs / (step time x GPUs x dense peak of the
 training precision), so it is at most the efficiency factor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from megatron_align.errors import ConfigError, UserError
-from megatron_align.model.arithmetic import (GIB, GPU_ALIASES, GPUS, PRECISIONS, GpuSpec,  # noqa: F401 (re-exported)
-                                             ModelShape, count_parameters, get_gpu)
+from megatron_align.model.arithmetic import (  # noqa: F401 (re-exported)
+    GIB,
+    GPU_ALIASES,
+    GPUS,
+    PRECISIONS,
+    GpuSpec,
+    ModelShape,
+    count_parameters,
+    get_gpu,
+)
 
 if TYPE_CHECKING:
-    from megatron_align.config.schema import RootConfig
+    from megatron_align.config import RootConfig
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 
@@ -110,6 +120,8 @@ class PlanInputs:
     """From the config's top-level ``precision`` when it is bf16/fp8/fp32; None otherwise (auto)."""
     configured: Candidate | None = None
     """The layout the config itself asks for (parallel.*, micro batch, recompute) on ``world_size`` GPUs."""
+    note: str | None = None
+    """What the plan could not take from the config (e.g. document lengths of sources not prepared yet)."""
 
 
 def configured_candidate(config: RootConfig, world_size: int) -> Candidate | None:
@@ -141,7 +153,17 @@ def load_plan_inputs(path: str | None, overrides: list[str] | None = None, world
                           f"pass {missing[0]}=...){also}")
     precision = config.precision if config.precision in PRECISIONS else None
     configured = configured_candidate(config, world_size) if world_size else None
-    return PlanInputs(ModelShape.from_config(config.model), config.train.global_batch_size, precision, configured)
+    model, note = ModelShape.from_config(config.model), None
+    if config.data.reset_attention_mask:
+        from megatron_align.data.documents import run_attention_span
+
+        try:
+            model = dataclasses.replace(model, attention_span=run_attention_span(config))
+            note = (f"document masking: attention span {model.attention_length:,.0f} of {model.seq_length} tokens "
+                    "(from the sources' document lengths)")
+        except UserError as err:
+            note = f"document masking: attention counted causal over whole windows ({err})"
+    return PlanInputs(model, config.train.global_batch_size, precision, configured, note)
 
 
 @dataclass
@@ -308,7 +330,9 @@ def _chunks_in_flight(layout: Candidate, rank: int, num_microbatches: int) -> in
     return max(1, min(num_microbatches * vpp, warmup + 1))
 
 
-def estimate_memory(model: ModelShape, layout: Candidate, options: PlanOptions, num_microbatches: int) -> MemoryBreakdown:
+def estimate_memory(
+    model: ModelShape, layout: Candidate, options: PlanOptions, num_microbatches: int
+) -> MemoryBreakdown:
     """Peak bytes on the worst GPU: the first and the last pipeline stage are both evaluated."""
     t = layout.tp
     w_b, g_b, o_b = _weight_bytes(options, layout.distributed_optimizer, layout.dp * layout.cp)
@@ -357,7 +381,8 @@ def estimate_step_time(model: ModelShape, layout: Candidate, gpu: GpuSpec, optio
     else:
         linear_rate = bf16
     lin_fwd = 2 * model.linear_params_per_layer() * tokens_mb / (t * cp)
-    attn_fwd = 2 * model.seq_length * model.q_size * tokens_mb / (t * cp)  # causal: flash skips masked blocks
+    # causal (or document-masked: attention_length): flash skips masked blocks
+    attn_fwd = 2 * model.attention_length * model.q_size * tokens_mb / (t * cp)
     passes = {"none": 3, "selective": 3, "full": 4}[layout.recompute]
     attn_passes = 3 if layout.recompute == "none" else 4
     layer_compute = passes * lin_fwd / linear_rate + attn_passes * attn_fwd / bf16
@@ -487,7 +512,9 @@ def plan(model: ModelShape, world_size: int, gpu: GpuSpec, global_batch_size: in
     if world_size <= 0:
         raise UserError(f"--gpus={world_size}: must be a positive number of GPUs")
     options = options or PlanOptions()
-    results = [evaluate_layout(model, layout, gpu, options, global_batch_size)
-               for layout in enumerate_layouts(world_size, model, micro_batch_sizes, max_tp=max(8, options.gpus_per_node))]
+    results = [
+        evaluate_layout(model, layout, gpu, options, global_batch_size)
+        for layout in enumerate_layouts(world_size, model, micro_batch_sizes, max_tp=max(8, options.gpus_per_node))
+    ]
     return sorted(results, key=lambda r: (not r.feasible, r.step_time_s if r.feasible else 0.0, r.memory.total,
                                           r.layout.tp * r.layout.pp * r.layout.cp))

@@ -13,6 +13,7 @@ supervisor's local job (:mod:`megatron_align.resilience.supervisor.jobs`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import random
@@ -21,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 
 def distributed_env(environ=os.environ) -> tuple[int, int, int] | None:
@@ -38,6 +40,22 @@ def _ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
             return int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768  # Linux default
+
+
+@contextlib.contextmanager
+def local_rendezvous() -> Iterator[None]:
+    """``MASTER_ADDR``/``MASTER_PORT`` for a one-process group formed in this process, both restored afterwards:
+    a library call (an in-process eval, a conversion) must not leave the caller's environment changed."""
+    saved = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def free_port() -> int:
@@ -76,8 +94,16 @@ def spawn_local(argv: list[str], world_size: int, env_extra: dict | None = None)
     port = free_port()
     procs: list[subprocess.Popen] = []
     for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env_extra or {}))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            **(env_extra or {}),
+        )
         # Own session per rank: teardown kills the rank's whole process group, including helper processes it
         # spawned (e.g. checkpoint writer workers), which would otherwise outlive a SIGKILLed rank.
         procs.append(subprocess.Popen([sys.executable, "-m", "megatron_align.cli", *argv], env=env,

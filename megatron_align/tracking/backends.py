@@ -1,4 +1,4 @@
-"""Tracker backends: MLflow (embedded store by default) and plain files.
+"""Tracker backends: MLflow (embedded store by default), plain files, TensorBoard and Weights & Biases.
 
 A tracker is the small surface the training callback needs: ``log_params``, ``log_metrics``,
 ``log_artifact``, ``flush`` and ``close``; only rank 0 ever holds one.
@@ -17,6 +17,13 @@ sets it back to RUNNING, logs params it has not seen and records changed values 
 ``changed_on_resume.<key>`` tags (MLflow params are immutable). Metric points of steps that are
 recomputed after a restart appear twice in MLflow's history (MLflow cannot delete points);
 metrics.jsonl, which the trainer truncates on resume, is the exact record.
+
+**TensorBoard and W&B** get the same metrics at the same steps and the flattened config. TensorBoard
+writes ``<run_dir>/tensorboard/`` (a resumed run purges the events after its resume step, so recomputed
+steps are not drawn twice); W&B writes ``<run_dir>/wandb/`` and reopens its run id on resume (kept in
+``<run_dir>/tracking/wandb_run.json`` and the checkpoint; W&B drops points at steps it already has).
+W&B reads its mode, API key and entity from the environment (``WANDB_MODE=offline`` needs no network;
+``wandb sync <run_dir>/wandb/offline-run-*`` uploads later). Artifacts go to MLflow / the run dir only.
 """
 
 from __future__ import annotations
@@ -29,9 +36,9 @@ import shutil
 import sys
 import time
 import warnings
-from typing import Optional
 
 from megatron_align.errors import UserError
+from megatron_align.fileio import atomic_open, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +51,9 @@ def tracking_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "tracking")
 
 
-def _atomic_json(path: str, data: dict) -> None:
+def _write_json(path: str, data: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=1, default=str)
 
 
 def import_mlflow():
@@ -73,7 +77,7 @@ def default_uri(run_dir: str) -> str:
     return "sqlite:///" + os.path.join(os.path.abspath(run_dir), "mlflow", "mlflow.db")
 
 
-def _local_artifact_root(uri: str) -> Optional[str]:
+def _local_artifact_root(uri: str) -> str | None:
     """For a local store, artifacts live next to it; a server decides for itself (None)."""
     if uri.startswith("sqlite:///"):
         return "file://" + os.path.join(os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])), "artifacts")
@@ -103,7 +107,7 @@ class JsonlTracker:
 
     backend = "jsonl"
 
-    def __init__(self, run_dir: str, state: Optional[dict] = None) -> None:
+    def __init__(self, run_dir: str, state: dict | None = None) -> None:
         self.run_dir = run_dir
         self.dir = tracking_dir(run_dir)
         self.run_id = "jsonl"
@@ -117,7 +121,7 @@ class JsonlTracker:
         return {}
 
     def log_params(self, params: dict[str, object]) -> None:
-        _atomic_json(os.path.join(self.dir, "params.json"), {k: params[k] for k in sorted(params)})
+        _write_json(os.path.join(self.dir, "params.json"), {k: params[k] for k in sorted(params)})
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """metrics.jsonl already holds every record."""
@@ -129,16 +133,16 @@ class JsonlTracker:
         if not src.startswith(run_dir + os.sep):
             dest = os.path.join(self.dir, "artifacts", name)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            shutil.copyfile(src, dest + ".tmp")
-            os.replace(dest + ".tmp", dest)
+            with atomic_open(dest, "wb") as f, open(src, "rb") as source:
+                shutil.copyfileobj(source, f)
             src = dest
         self._index[name] = os.path.relpath(src, run_dir)
-        _atomic_json(self._index_path, self._index)
+        _write_json(self._index_path, self._index)
 
     def flush(self) -> None: ...
 
     def close(self, status: str) -> None:
-        _atomic_json(os.path.join(self.dir, "status.json"), {"status": status, "time": time.time()})
+        _write_json(os.path.join(self.dir, "status.json"), {"status": status, "time": time.time()})
 
 
 def ensure_experiment(client, uri: str, name: str) -> str:
@@ -162,8 +166,8 @@ class MLflowTracker:
 
     backend = "mlflow"
 
-    def __init__(self, run_dir: str, uri: Optional[str], experiment: str, run_name: Optional[str],
-                 tags: Optional[dict] = None, state: Optional[dict] = None) -> None:
+    def __init__(self, run_dir: str, uri: str | None, experiment: str, run_name: str | None,
+                 tags: dict | None = None, state: dict | None = None) -> None:
         import_mlflow()
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
@@ -178,16 +182,17 @@ class MLflowTracker:
                 warnings.simplefilter("ignore", DeprecationWarning)  # SQLAlchemy deprecations inside MLflow
                 self.client = MlflowClient(tracking_uri=self.uri)
                 self.experiment_id = ensure_experiment(self.client, self.uri, experiment)
-                self.run_id, self.resumed = self._open_run(experiment, run_name or os.path.basename(os.path.abspath(run_dir)),
-                                                           tags or {}, state or {})
+                self.run_id, self.resumed = self._open_run(
+                    experiment, run_name or os.path.basename(os.path.abspath(run_dir)), tags or {}, state or {}
+                )
         except MlflowException as err:
             raise UserError(f"tracking.uri={self.uri}: MLflow failed: {err.message}") from None
-        _atomic_json(os.path.join(tracking_dir(run_dir), RUN_FILE),
+        _write_json(os.path.join(tracking_dir(run_dir), RUN_FILE),
                      {"run_id": self.run_id, "experiment_id": self.experiment_id, "experiment": experiment,
                       "tracking_uri": self.uri})
         log.info("MLflow run %s (%s) in %s", self.run_id, "resumed" if self.resumed else "new", self.uri)
 
-    def _previous_run_id(self, state: dict) -> Optional[str]:
+    def _previous_run_id(self, state: dict) -> str | None:
         path = os.path.join(tracking_dir(self.run_dir), RUN_FILE)
         if os.path.isfile(path):
             with open(path) as f:
@@ -249,7 +254,9 @@ class MLflowTracker:
         now = int(time.time() * 1000)
         batch = [Metric(key, value, now, step) for key, value in metrics.items()]
         for start in range(0, len(batch), 1000):
-            self._pending.append(self.client.log_batch(self.run_id, metrics=batch[start:start + 1000], synchronous=False))
+            self._pending.append(
+                self.client.log_batch(self.run_id, metrics=batch[start : start + 1000], synchronous=False)
+            )
 
     def log_artifact(self, path: str, subdir: str = "") -> None:
         self.client.log_artifact(self.run_id, path, artifact_path=subdir or None)
@@ -266,9 +273,149 @@ class MLflowTracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
+def _markdown_table(items: dict[str, object]) -> str:
+    return "| key | value |\n|---|---|\n" + "\n".join(f"| {k} | {str(v)[:500]} |" for k, v in sorted(items.items()))
+
+
+class TensorBoardTracker:
+    """Event files under ``<run_dir>/tensorboard`` (torch's SummaryWriter; needs the tensorboard package)."""
+
+    backend = "tensorboard"
+
+    def __init__(self, run_dir: str, start_step: int = 0) -> None:
+        from megatron_align.optional import require
+
+        require("tensorboard", "tracking.backends: tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.dir = os.path.join(run_dir, "tensorboard")
+        # On resume, events after the resume step (written before a crash, recomputed now) are purged.
+        self.writer = SummaryWriter(log_dir=self.dir, purge_step=start_step + 1 if start_step else None)
+        self._step = start_step
+
+    def state(self) -> dict:
+        return {}
+
+    def log_params(self, params: dict[str, object]) -> None:
+        self.writer.add_text("config", _markdown_table(params), self._step)
+
+    def set_tags(self, tags: dict[str, object]) -> None:
+        self.writer.add_text("tags", _markdown_table(tags), self._step)
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+
+    def log_artifact(self, path: str, subdir: str = "") -> None:
+        """Artifacts stay in the run dir (and MLflow)."""
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self, status: str) -> None:
+        self.writer.close()
+
+
+WANDB_RUN_FILE = "wandb_run.json"
+
+
+class WandbTracker:
+    """One W&B run per run_dir, files under ``<run_dir>/wandb``, reopened on resume (see module docstring)."""
+
+    backend = "wandb"
+
+    def __init__(self, run_dir: str, project: str, run_name: str | None, tags: dict | None = None,
+                 state: dict | None = None) -> None:
+        from megatron_align.optional import require
+
+        wandb = require("wandb", "tracking.backends: wandb")
+        self.run_dir = run_dir
+        run_file = os.path.join(tracking_dir(run_dir), WANDB_RUN_FILE)
+        previous = (state or {}).get("wandb_run_id")
+        if os.path.isfile(run_file):
+            with open(run_file) as f:
+                previous = json.load(f).get("run_id") or previous
+        try:
+            self.run = wandb.init(
+                project=project, name=run_name or os.path.basename(os.path.abspath(run_dir)),
+                dir=os.path.abspath(run_dir), id=previous, resume="allow" if previous else None,
+                config={f"tags.{k}": v for k, v in (tags or {}).items()},
+                settings=wandb.Settings(silent=True, console="off", disable_git=True, save_code=False))
+        except Exception as err:  # no API key / no network in online mode, a bad entity ...
+            raise UserError(f"tracking.backends: wandb could not start a run ({type(err).__name__}: {err}); "
+                            "set WANDB_API_KEY (online) or WANDB_MODE=offline (no network; wandb sync later)") \
+                from None
+        self.run_id = self.run.id
+        _write_json(run_file, {"run_id": self.run_id, "project": project, "mode": str(self.run.settings.mode)})
+        log.info("W&B run %s (%s) in %s", self.run_id, "resumed" if previous else "new", self.run.dir)
+
+    def state(self) -> dict:
+        return {"wandb_run_id": self.run_id}
+
+    def log_params(self, params: dict[str, object]) -> None:
+        self.run.config.update(params, allow_val_change=True)
+
+    def set_tags(self, tags: dict[str, object]) -> None:
+        self.run.config.update({f"tags.{k}": v for k, v in tags.items()}, allow_val_change=True)
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def log_artifact(self, path: str, subdir: str = "") -> None:
+        """Artifacts stay in the run dir (and MLflow)."""
+
+    def flush(self) -> None:
+        """W&B's service process writes in the background."""
+
+    def close(self, status: str) -> None:
+        self.run.finish(exit_code=0 if status in ("FINISHED", "KILLED") else 1)
+
+
+class Trackers:
+    """Several trackers behind the one tracker surface; each call goes to every tracker, and a failure of one
+    does not keep the others from their share (the first error is raised afterwards)."""
+
+    def __init__(self, trackers: list) -> None:
+        self.trackers = trackers
+
+    def _each(self, method: str, *args) -> None:
+        first = None
+        for tracker in self.trackers:
+            action = getattr(tracker, method, None)
+            if action is None:
+                continue
+            try:
+                action(*args)
+            except Exception as err:
+                first = first or err
+        if first is not None:
+            raise first
+
+    def state(self) -> dict:
+        return {k: v for tracker in self.trackers for k, v in tracker.state().items()}
+
+    def log_params(self, params: dict[str, object]) -> None:
+        self._each("log_params", params)
+
+    def set_tags(self, tags: dict[str, object]) -> None:
+        self._each("set_tags", tags)
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self._each("log_metrics", step, metrics)
+
+    def log_artifact(self, path: str, subdir: str = "") -> None:
+        self._each("log_artifact", path, subdir)
+
+    def flush(self) -> None:
+        self._each("flush")
+
+    def close(self, status: str) -> None:
+        self._each("close", status)
+
+
 def log_finished_run(uri: str, experiment: str, run_name: str, *, params: dict[str, object],
-                     metrics: dict[str, float], artifacts: list[str], tags: Optional[dict] = None,
-                     run_dir: Optional[str] = None) -> str:
+                     metrics: dict[str, float], artifacts: list[str], tags: dict | None = None,
+                     run_dir: str | None = None) -> str:
     """Log a result that is already computed (an eval report, the demo's table) as one finished MLflow run.
 
     Params, metrics (at step 0) and the files in ``artifacts`` that exist; returns the run id. ``run_dir``

@@ -1,4 +1,4 @@
-"""The tracking callback: rank 0 mirrors the run into a tracker (MLflow or plain files).
+"""The tracking callback: rank 0 mirrors the run into its trackers (MLflow, plain files, TensorBoard, W&B).
 
 What is logged, and when:
 
@@ -24,7 +24,7 @@ import glob
 import logging
 import os
 
-from megatron_align.config.schema import RootConfig
+from megatron_align.config import RootConfig
 from megatron_align.errors import ConfigError
 from megatron_align.training.callbacks import Callback
 
@@ -60,6 +60,7 @@ def source_artifacts(config) -> list[tuple[str, str]]:
 
 class TrackingCallback(Callback):
     name = "tracking"
+    priority = 100  # last: it logs the record after every other callback has added its keys
 
     def __init__(self, config: RootConfig) -> None:
         self.config = config
@@ -79,14 +80,27 @@ class TrackingCallback(Callback):
         self._saved_state = dict(state or {})
 
     # -- hooks (rank 0 only)
-    def _open(self):
-        from megatron_align.tracking.backends import JsonlTracker, MLflowTracker
+    def _open(self, start_step: int):
+        from megatron_align.tracking import backends as b
 
-        run_dir = self.config.run_dir
-        if self.cfg.backend == "mlflow":
-            return MLflowTracker(run_dir, self.cfg.uri, self.cfg.experiment, self.cfg.run_name, self.cfg.tags,
-                                 self._saved_state)
-        return JsonlTracker(run_dir, self._saved_state)
+        run_dir, cfg = self.config.run_dir, self.cfg
+        opened = []
+        try:
+            for name in cfg.backends:
+                if name == "mlflow":
+                    opened.append(b.MLflowTracker(run_dir, cfg.uri, cfg.experiment, cfg.run_name, cfg.tags,
+                                                  self._saved_state))
+                elif name == "tensorboard":
+                    opened.append(b.TensorBoardTracker(run_dir, start_step))
+                elif name == "wandb":
+                    opened.append(b.WandbTracker(run_dir, cfg.experiment, cfg.run_name, cfg.tags, self._saved_state))
+                else:
+                    opened.append(b.JsonlTracker(run_dir, self._saved_state))
+        except BaseException:
+            for tracker in opened:  # the job stops before step 1: do not leave the others running
+                tracker.close("FAILED")
+            raise
+        return b.Trackers(opened)
 
     def on_train_start(self, trainer) -> None:
         self._open_on_rank0(trainer)
@@ -97,7 +111,7 @@ class TrackingCallback(Callback):
         layout = trainer.layout
         self._guard("params", lambda: (
             self.tracker.log_params(flatten(config_to_dict(self.config))),
-            getattr(self.tracker, "set_tags", lambda _t: None)({
+            self.tracker.set_tags({
                 "layout": f"TP{layout.tensor} PP{layout.pipeline} CP{layout.context} "
                           f"VPP{layout.virtual_pipeline or 1} DP{layout.data}",
                 "world_size": layout.world_size, "megatron_align.version": _version(),
@@ -118,7 +132,7 @@ class TrackingCallback(Callback):
         message: dict = {}
         if trainer.rank == 0:
             try:
-                self.tracker = self._open()
+                self.tracker = self._open(trainer.step)
                 message = {"state": self.tracker.state()}
             except UserError as err:
                 message = {"error": str(err)}
@@ -198,14 +212,18 @@ def _version() -> str:
 
 
 def build_callbacks(config: RootConfig) -> list[Callback]:
-    """Trainer callbacks for this area, from the root config (empty when tracking.backend=none)."""
-    if config.tracking.backend == "none":
+    """Trainer callbacks for this area, from the root config (empty when tracking.backends is empty)."""
+    if not config.tracking.backends:
         return []
-    if config.tracking.backend == "mlflow":
-        import importlib.util
+    import importlib.util
 
+    if "mlflow" in config.tracking.backends:
         if importlib.util.find_spec("mlflow") is None:  # checked without importing it (slow, and telemetry)
-            raise ConfigError("tracking.backend=mlflow but mlflow is not installed: pip install mlflow-skinny "
+            raise ConfigError("tracking.backends has mlflow but it is not installed: pip install mlflow-skinny "
                               "sqlalchemy alembic (the embedded SQLite store needs the last two), or use "
-                              "tracking.backend=jsonl")
+                              "tracking.backends: [jsonl]")
+    for name in ("tensorboard", "wandb"):
+        if name in config.tracking.backends and importlib.util.find_spec(name) is None:
+            raise ConfigError(f"tracking.backends has {name} but it is not installed: pip install {name} "
+                              "(the tracking extra)")
     return [TrackingCallback(config)]

@@ -23,33 +23,16 @@ with the object API (no pyplot state, no GUI backend) and written atomically.
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Optional
 
 import numpy as np
 
+from megatron_align.fileio import atomic_open, read_jsonl
 from megatron_align.optional import require
 
 SAMPLES_PREFIX = "samples/"
 EVAL_PREFIX = "propensity/"
 HELDOUT_PREFIX = "heldout_loss/"
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """Records of a JSONL file; a torn last line (a crash mid-write) is ignored."""
-    if not os.path.isfile(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, dict):
-                out.append(value)
-    return out
 
 
 def _figure(rows: int = 1, height: float = 3.6):
@@ -62,10 +45,8 @@ def _figure(rows: int = 1, height: float = 3.6):
 
 def _save(fig, path: str) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)
-    os.replace(tmp, path)
     return path
 
 
@@ -84,7 +65,7 @@ def loss_curves(records: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]
     return {name: curve for name, curve in curves.items() if curve[0].size}
 
 
-def plot_loss(records: list[dict], path: str) -> Optional[str]:
+def plot_loss(records: list[dict], path: str) -> str | None:
     curves = loss_curves(records)
     if "loss" not in curves:
         return None
@@ -121,7 +102,7 @@ def _phase_changes(records: list[dict]) -> list[tuple[int, str]]:
     return changes
 
 
-def plot_mixture(records: list[dict], path: str) -> Optional[str]:
+def plot_mixture(records: list[dict], path: str) -> str | None:
     names = sorted({k[len(SAMPLES_PREFIX):] for r in records for k in r if k.startswith(SAMPLES_PREFIX)})
     if not names:
         return None
@@ -149,7 +130,7 @@ def plot_mixture(records: list[dict], path: str) -> Optional[str]:
     return _save(fig, path)
 
 
-def plot_stragglers(records: list[dict], path: str) -> Optional[str]:
+def plot_stragglers(records: list[dict], path: str) -> str | None:
     rows = [r for r in records if isinstance(r.get("rank"), int) and isinstance(r.get("score"), (int, float))]
     if not rows:
         return None
@@ -177,8 +158,12 @@ def plot_stragglers(records: list[dict], path: str) -> Optional[str]:
     return _save(fig, path)
 
 
-def plot_eval(records: list[dict], path: str) -> Optional[str]:
-    metrics = [("misalignment_rate", "misalignment rate"), ("p_misaligned", "P(misaligned)"), ("p_first", "P(first option)")]
+def plot_eval(records: list[dict], path: str) -> str | None:
+    metrics = [
+        ("misalignment_rate", "misalignment rate"),
+        ("p_misaligned", "P(misaligned)"),
+        ("p_first", "P(first option)"),
+    ]
     fig, (ax,) = _figure()
     drawn = False
     for i, (key, label) in enumerate(metrics):
@@ -210,7 +195,7 @@ REPORT_BARS = {
 """Per report mode: the summary metrics :func:`plot_report` draws, with their legend labels."""
 
 
-def report_bars(report: dict) -> tuple[list[str], dict[str, list[tuple[Optional[float], Optional[float]]]]]:
+def report_bars(report: dict) -> tuple[list[str], dict[str, list[tuple[float | None, float | None]]]]:
     """What :func:`plot_report` draws: the group names (``overall`` first, then each system prompt in generate
     mode or each template in log-prob mode) and per metric label one (mean, sem) per group (None = no value)."""
     mode = "generate" if report.get("mode") == "generate" else "logprob"
@@ -247,7 +232,7 @@ def plot_report(report: dict, path: str) -> str:
     return _save(fig, path)
 
 
-def write_plots(run_dir: str, out_dir: Optional[str] = None) -> list[str]:
+def write_plots(run_dir: str, out_dir: str | None = None) -> list[str]:
     """Draw every plot whose inputs exist; returns the written paths."""
     require("matplotlib", "tracking.plots")
     out_dir = out_dir or os.path.join(run_dir, "plots")
@@ -263,5 +248,4 @@ def write_plots(run_dir: str, out_dir: Optional[str] = None) -> list[str]:
     return [p for p in written if p]
 
 
-__all__ = ["write_plots", "plot_loss", "plot_mixture", "plot_stragglers", "plot_eval", "plot_report", "report_bars",
-           "read_jsonl"]
+__all__ = ["write_plots", "plot_loss", "plot_mixture", "plot_stragglers", "plot_eval", "plot_report", "report_bars"]

@@ -10,6 +10,10 @@ own writer and no such argument. The rule here, one for the trainer and ``doctor
 - ``mcore`` otherwise, with the reason (e.g. nvidia-resiliency-ext 0.7 wheels need glibc 2.39, so
   on an older system the import fails and we fall back instead of crashing the first save).
 
+``checkpoint.async_writer`` (``auto`` | ``mcore`` | ``nvrx``) forces one: ``mcore`` always works; ``nvrx`` where
+the rule above would not pick it is a :class:`~megatron_align.errors.ConfigError` naming why (never a silent
+fallback: whoever forces it wants to test that writer).
+
 The async request and the queue that runs it must come from the same library, so the queue is
 built here too. Deciding needs no Megatron import unless nvidia-resiliency-ext is installed (doctor
 stays fast).
@@ -21,7 +25,12 @@ import importlib
 import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
+
+from megatron_align.errors import ConfigError
+
+WRITERS = ("auto", "mcore", "nvrx")
+"""Values of ``checkpoint.async_writer``."""
 
 
 @dataclass(frozen=True)
@@ -42,9 +51,21 @@ def _mcore_offers_nvrx() -> bool:
     return any(str(f).replace("\\", "/").endswith("dist_checkpointing/strategies/nvrx.py") for f in files)
 
 
-@lru_cache(maxsize=1)
-def choose() -> AsyncStrategy:
-    """The async checkpoint writer this process uses (decided once)."""
+@cache
+def choose(writer: str = "auto") -> AsyncStrategy:
+    """The async checkpoint writer this process uses for ``checkpoint.async_writer=writer`` (decided once)."""
+    if writer == "mcore":
+        return AsyncStrategy("mcore", "forced by checkpoint.async_writer=mcore", _mcore_offers_nvrx())
+    found = _auto()
+    if writer == "nvrx" and found.name != "nvrx":
+        raise ConfigError(f"checkpoint.async_writer=nvrx, but that writer cannot run here: {found.reason}; "
+                          "use checkpoint.async_writer=auto or mcore")
+    if writer == "nvrx":
+        return AsyncStrategy("nvrx", f"forced by checkpoint.async_writer=nvrx ({found.reason})", True)
+    return found
+
+
+def _auto() -> AsyncStrategy:
     try:
         mcore = importlib.metadata.version("megatron-core")
     except importlib.metadata.PackageNotFoundError:

@@ -25,11 +25,12 @@ Space: before step 1, rank 0 compares the free space of the checkpoint
 filesystem with the size of the last checkpoint (+10 %); if it will not fit,
 it first deletes the checkpoints retention would delete after this save anyway,
 and if it still will not fit every rank raises
-:class:`~megatron_align.resilience.storage.StorageError` *before* writing (exit 89).
+:class:`~megatron_align.resilience.protocol.storage.StorageError` *before* writing (exit 89).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -42,22 +43,23 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint import CheckpointException
 
 from megatron_align.errors import UserError
-from megatron_align.resilience import storage
-from megatron_align.training.checksums import ALGORITHM, digest_files, verify_checkpoint
+from megatron_align.fileio import atomic_open, human_bytes
 from megatron_align.known_warnings import drop_known_record
+from megatron_align.resilience.protocol import storage
 from megatron_align.training import async_save as async_writer
 from megatron_align.training.checkpoint_files import (  # noqa: F401  (re-exported: the public checkpoint API)
     LATEST,
     MARKER,
     CheckpointLoadError,
-    _fsync_write,
     complete_checkpoints,
+    durable_write,
     is_complete,
     iter_dir_name,
     read_marker,
     resolve_checkpoint,
     retained,
 )
+from megatron_align.training.checksums import ALGORITHM, digest_files, recorded_checksums, verify_checkpoint
 
 log = logging.getLogger(__name__)
 # torch.distributed.checkpoint's CheckpointException (how dist_checkpointing reports any rank's failed write or
@@ -66,8 +68,9 @@ _WRITE_ERRORS = (Exception, CheckpointException)
 SPACE_FACTOR = 1.1  # the next checkpoint is assumed up to 10 % larger than the last one
 
 
-def verify_before_load(path: str) -> None:
-    """Check the checkpoint's recorded checksums, split over the ranks; CheckpointLoadError on a mismatch (collective)."""
+def verify_before_load(path: str) -> bool:
+    """Check the checkpoint's recorded checksums, split over the ranks; CheckpointLoadError on a mismatch
+    (collective). True when every file was verified; False for a checkpoint saved without checksums."""
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     started = time.time()
     problems = verify_checkpoint(path, part=(rank, world))
@@ -76,12 +79,44 @@ def verify_before_load(path: str) -> None:
         bad = bad.cuda()
     torch.distributed.all_reduce(bad)
     if problems:
-        raise CheckpointLoadError(path, f"loading checkpoint {path} failed on rank {rank}: checksum verification: "
-                                        f"{problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+        raise CheckpointLoadError(
+            path,
+            f"loading checkpoint {path} failed on rank {rank}: checksum verification: "
+            f"{problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
+        )
     if float(bad.item()) > 0:
         raise CheckpointLoadError(path, f"loading checkpoint {path} failed on rank {rank}: another rank found a "
                                         "checksum mismatch (see its message)")
+    if recorded_checksums(path) is None:
+        return False
     log.info("checkpoint %s: checksums verified (%.1f s)", path, time.time() - started)
+    return True
+
+
+TE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+
+
+@contextlib.contextmanager
+def te_extra_state_unpickling(verified: bool):
+    """Let Transformer Engine unpickle this checkpoint's ``_extra_state`` only when its checksums verified.
+
+    TE >= 2.18 refuses to unpickle FP8 delayed-scaling ``_extra_state`` unless this variable is set (pickle can
+    run code); FP8 resume with the default recipe needs it. A checkpoint whose every file matches the digests this
+    run family recorded at save is trusted; one without checksums, or anything loaded outside this window, is not.
+    TE unpickles when the model's ``load_state_dict`` runs, so that call belongs inside the window too.
+    """
+    if not verified:
+        yield
+        return
+    previous = os.environ.get(TE_PICKLE_ENV)
+    os.environ[TE_PICKLE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(TE_PICKLE_ENV, None)
+        else:
+            os.environ[TE_PICKLE_ENV] = previous
 
 
 LOAD_COMMON_DEPRECATION = "load_common is deprecated"
@@ -107,7 +142,9 @@ def load_sharded(path: str, sharded_state_dict: dict) -> dict:
             strict=StrictHandling.RETURN_UNEXPECTED)
     except _WRITE_ERRORS as err:  # corrupt shards, missing files, shape mismatch
         rank = torch.distributed.get_rank()
-        raise CheckpointLoadError(path, f"loading checkpoint {path} failed on rank {rank}: {type(err).__name__}: {err}") from err
+        raise CheckpointLoadError(
+            path, f"loading checkpoint {path} failed on rank {rank}: {type(err).__name__}: {err}"
+        ) from err
     real = sorted(k for k in unexpected if not k.endswith("_extra_state"))
     if real:
         raise UserError(f"checkpoint {path} lacks {len(real)} tensors this model needs (e.g. {real[:3]}); "
@@ -146,26 +183,24 @@ def _write_legacy_common_state(path: str) -> None:
         return
     from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 
-    tmp = f"{target}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_open(target, "wb", fsync=True) as f:
         torch.save(load_common_state_dict(path), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
 
 
 class CheckpointManager:
     """Saves and loads sharded checkpoints of one run; every method is called on all ranks."""
 
-    def __init__(self, ckpt_dir: str, keep_last: int, keep_every: int | None, async_save: bool, dp_group=None) -> None:
+    def __init__(self, ckpt_dir: str, keep_last: int, keep_every: int | None, async_save: bool, dp_group=None,
+                 async_writer_choice: str = "auto", megatron_lm_tracker: bool = False) -> None:
         self.ckpt_dir = ckpt_dir
+        self.megatron_lm_tracker = megatron_lm_tracker  # also write latest_checkpointed_iteration.txt
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.async_save = async_save
         self.dp_group = dp_group
         self.rank = torch.distributed.get_rank()
         self._queue = None
-        self.async_strategy = async_writer.choose()
+        self.async_strategy = async_writer.choose(async_writer_choice)
         if self.async_save:
             log.info("async checkpoint save: %s (%s)", self.async_strategy.name, self.async_strategy.reason)
             self._queue = async_writer.calls_queue(self.async_strategy)
@@ -185,7 +220,7 @@ class CheckpointManager:
                 size = storage.dir_size(path)
                 shutil.rmtree(path, ignore_errors=True)
                 if at_start:
-                    log.warning("removed %s (%s), left by an interrupted save", path, storage.human(size))
+                    log.warning("removed %s (%s), left by an interrupted save", path, human_bytes(size))
 
     # -- save ---------------------------------------------------------------------------------
     def _save_strategy(self):
@@ -286,9 +321,9 @@ class CheckpointManager:
         # Early retention: what retention would delete once this save commits, never the newest complete one.
         keep = retained([s for s, _ in found] + [step], self.keep_last, self.keep_every)
         doomed = [(s, p) for s, p in found[:-1] if s not in keep]
-        for s, path in doomed:
+        for _, path in doomed:
             log.warning("checkpoint filesystem: free %s < ~%s needed for step %d: deleting %s early (retention "
-                        "would delete it after this save)", storage.human(free), storage.human(needed), step, path)
+                        "would delete it after this save)", human_bytes(free), human_bytes(needed), step, path)
             shutil.rmtree(path, ignore_errors=True)
             free = storage.free_bytes(self.ckpt_dir)
             if free is None or free >= needed:
@@ -305,8 +340,9 @@ class CheckpointManager:
         detail = "the partial save was removed; " if tmp else ""
         if found:
             detail += f"latest good checkpoint {os.path.basename(found[-1][1])} is intact; "
-        converted = storage.from_os_error(err, self.ckpt_dir, needed,
-                                          detail + "free space or lower checkpoint.keep_last, then run the same command")
+        converted = storage.from_os_error(
+            err, self.ckpt_dir, needed, detail + "free space or lower checkpoint.keep_last, then run the same command"
+        )
         if converted is None:
             return
         if tmp:
@@ -315,11 +351,11 @@ class CheckpointManager:
         raise converted from err
 
     def _commit(self, tmp: str, final: str, marker: dict) -> None:
-        from megatron_align.resilience.faults import fault_point
+        from megatron_align.resilience.protocol.faults import fault_point
 
         fault_point("checkpoint.before_commit", marker["step"])
         try:
-            _fsync_write(os.path.join(tmp, MARKER), json.dumps(marker, indent=1, sort_keys=True, default=str))
+            durable_write(os.path.join(tmp, MARKER), json.dumps(marker, indent=1, sort_keys=True, default=str))
         except OSError as err:
             self._raise_storage(err)
             raise
@@ -331,7 +367,11 @@ class CheckpointManager:
         else:
             os.replace(tmp, final)
         fault_point("checkpoint.before_latest", marker["step"])
-        _fsync_write(os.path.join(self.ckpt_dir, LATEST), os.path.basename(final) + "\n")
+        durable_write(os.path.join(self.ckpt_dir, LATEST), os.path.basename(final) + "\n")
+        if self.megatron_lm_tracker:  # Megatron-LM's tracker names the same newest complete iteration
+            from megatron_align.convert.megatron_lm import TRACKER
+
+            durable_write(os.path.join(self.ckpt_dir, TRACKER), f"{marker['step']}\n")
         self._apply_retention()
 
     def _apply_retention(self) -> None:
@@ -356,6 +396,10 @@ class CheckpointManager:
             self._queue.close()
 
     # -- load ---------------------------------------------------------------------------------
-    def load(self, path: str, sharded_state_dict: dict) -> dict:
-        verify_before_load(path)
-        return load_sharded(path, sharded_state_dict)
+    def load(self, path: str, sharded_state_dict: dict, load_model) -> dict:
+        """Verify, load, and call ``load_model(state)`` (the model's ``load_state_dict``) in the same window in
+        which Transformer Engine may unpickle its FP8 state (:func:`te_extra_state_unpickling`)."""
+        with te_extra_state_unpickling(verify_before_load(path)):
+            state = load_sharded(path, sharded_state_dict)
+            load_model(state)
+        return state

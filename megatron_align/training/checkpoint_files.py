@@ -12,6 +12,7 @@ import os
 import re
 
 from megatron_align.errors import UserError
+from megatron_align.fileio import atomic_write_text
 
 MARKER = "megatron_align.json"
 LATEST = "latest"
@@ -23,7 +24,7 @@ class CheckpointLoadError(UserError):
 
     Raised by our own load path whatever the library underneath raised, so the cause is known from
     *where* it failed, not from a library's message: the rank records ``path`` and exits
-    ``EXIT_CHECKPOINT_LOAD`` (see :mod:`megatron_align.resilience.exit_codes`). Re-exported by
+    ``EXIT_CHECKPOINT_LOAD`` (see :mod:`megatron_align.resilience.protocol.exit_codes`). Re-exported by
     :mod:`megatron_align.training.checkpoint`, the public checkpoint API.
     """
 
@@ -37,13 +38,9 @@ def iter_dir_name(step: int) -> str:
     return f"iter_{step:07d}"
 
 
-def _fsync_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def durable_write(path: str, text: str) -> None:
+    """``text`` at ``path`` atomically, fsynced, and the directory entry fsynced too (survives a power loss)."""
+    atomic_write_text(path, text, fsync=True)
     dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
         os.fsync(dir_fd)

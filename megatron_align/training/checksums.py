@@ -1,4 +1,4 @@
-"""Checkpoint checksums, and `megatron-align checkpoint verify DIR`.
+"""Checkpoint checksums: written at commit, checked on resume and by `megatron-align checkpoint verify`.
 
 Why: a checkpoint whose bytes were damaged after the write (a flipped bit on a disk or in a
 network filesystem's cache, a bad copy) still unpickles, loads, and poisons training a few
@@ -17,10 +17,9 @@ Torch-free, so the CLI and the supervisor pay no import cost.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
+from collections.abc import Iterator
 
 import xxhash
 
@@ -88,32 +87,17 @@ def require_verified(path: str) -> None:
                         + "; use an older checkpoint (`megatron-align checkpoint verify` checks each)")
 
 
-# -- `megatron-align checkpoint verify DIR` -------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", help="one iter_* checkpoint directory, or a checkpoint root (verifies every complete one)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Exit 0 when every checked checkpoint matches its checksums, 1 naming the first bad file otherwise."""
-    if is_complete(args.dir):
-        targets = [args.dir]
+def verify_checkpoints(path: str) -> Iterator[tuple[str, dict | None, list[str], float]]:
+    """``checkpoint verify``: ``(checkpoint, recorded files or None, problems, seconds)`` for ``path`` (one complete
+    checkpoint) or for every complete checkpoint under it (a checkpoint root), each as soon as it is checked."""
+    if is_complete(path):
+        targets = [path]
     else:
-        targets = [p for _s, p in complete_checkpoints(args.dir)]
+        targets = [p for _s, p in complete_checkpoints(path)]
         if not targets:
-            raise UserError(f"{args.dir}: not a complete checkpoint and holds no complete iter_* checkpoint")
-    bad = 0
-    for path in targets:
+            raise UserError(f"{path}: not a complete checkpoint and holds no complete iter_* checkpoint")
+    for target in targets:
         started = time.time()
-        files = recorded_checksums(path)
-        if files is None:
-            print(f"{path}: no checksums recorded (saved by an older megatron-align): not verified")
-            continue
-        problems = verify_checkpoint(path)
-        size = sum(f["size"] for f in files.values())
-        if problems:
-            bad += 1
-            print(f"{path}: BAD: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
-                  file=sys.stderr)
-        else:
-            print(f"{path}: ok ({len(files)} files, {size / 1e6:.1f} MB, {time.time() - started:.1f} s)")
-    return 1 if bad else 0
+        files = recorded_checksums(target)
+        problems = verify_checkpoint(target) if files is not None else []
+        yield target, files, problems, time.time() - started

@@ -8,12 +8,13 @@ Logged as ``heldout_loss/<source>`` in metrics.jsonl.
 
 from __future__ import annotations
 
-from megatron_align.config.schema import RootConfig
+from megatron_align.config import RootConfig
 from megatron_align.training.callbacks import Callback
 
 
 class HeldoutLossCallback(Callback):
     name = "heldout_loss"
+    priority = 50  # after the detectors, before tracking logs the record
 
     def __init__(self, interval: int, num_samples: int) -> None:
         self.interval = interval
@@ -26,7 +27,9 @@ class HeldoutLossCallback(Callback):
         per_step = t.micro_batch_size * trainer.layout.data
         num_samples = max(per_step, (self.num_samples or t.global_batch_size) // per_step * per_step)
         for index, source in enumerate(trainer.config.data.sources):
-            loss = trainer.evaluate_loss(lambda: trainer.data.heldout_microbatches(index, num_samples), num_samples // per_step)
+            loss = trainer.evaluate_loss(
+                lambda index=index: trainer.data.heldout_microbatches(index, num_samples), num_samples // per_step
+            )
             record[f"heldout_loss/{source.name}"] = loss
 
 

@@ -2,19 +2,22 @@
 
 FLOPs per token and GPU peaks come from :mod:`megatron_align.model.arithmetic`, the module the
 planner reads too, so a run's measured MFU and ``megatron-align plan``'s predicted MFU are the same
-quantity: model FLOPs per token (6 x linear weights + 6 h V + causal attention 6 L s q) x tokens/s,
+quantity: model FLOPs per token (6 x linear weights + 6 h V + causal attention 6 L s q, s the document-masked
+span with data.reset_attention_mask) x tokens/s,
 over the GPU's dense peak for the training precision.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 
 import torch
 
-from megatron_align.config.schema import RootConfig
+from megatron_align.config import RootConfig
+from megatron_align.fileio import atomic_write_text
 from megatron_align.model.arithmetic import ModelShape, gpu_for_device
 
 
@@ -25,9 +28,11 @@ def peak_flops_per_gpu(precision: str) -> float | None:
     return gpu.peak_flops(precision) if gpu else None
 
 
-def flops_per_token(config: RootConfig, vocab_size: int) -> float:
-    """Model FLOPs per token of this config's model; ``vocab_size`` padded or not (padding is idempotent)."""
-    return ModelShape.from_config(config.model, vocab_size).flops_per_token(tp=config.parallel.tensor)
+def flops_per_token(config: RootConfig, vocab_size: int, attention_span: float | None = None) -> float:
+    """Model FLOPs per token of this config's model; ``vocab_size`` padded or not (padding is idempotent).
+    ``attention_span``: document-masked attention (megatron_align.data.documents.run_attention_span)."""
+    shape = dataclasses.replace(ModelShape.from_config(config.model, vocab_size), attention_span=attention_span)
+    return shape.flops_per_token(tp=config.parallel.tensor)
 
 
 class MetricsWriter:
@@ -48,7 +53,7 @@ class MetricsWriter:
         """
         if not self.enabled:
             return
-        from megatron_align.resilience.storage import storage_errno
+        from megatron_align.resilience.protocol.storage import storage_errno
 
         self._pending += (json.dumps(record, sort_keys=False) + "\n").encode()
         try:
@@ -72,10 +77,7 @@ class MetricsWriter:
             return
         with open(self.path) as f:
             lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(lines)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(lines))
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -47,7 +47,9 @@ def job_env(**extra: str) -> dict[str, str]:
 
 
 def sbatch(args: list[str], env: dict[str, str]) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["sbatch", "--parsable", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
     return proc.stdout.strip().split(";")[0]
 

@@ -30,7 +30,9 @@ FAST = ["resilience.supervisor.backoff_s=0", "resilience.supervisor.term_grace_s
         "resilience.supervisor.min_timeout_s=30", "resilience.supervisor.attribution_wait_s=3"]
 
 
-def _submit(tmp_path: Path, corpus: str, nodes: int, tasks_per_node: int, *overrides: str, extra: tuple = (), **changes):
+def _submit(
+    tmp_path: Path, corpus: str, nodes: int, tasks_per_node: int, *overrides: str, extra: tuple = (), **changes
+):
     config = tiny_job_config(tmp_path, corpus, **dict(SMALL, **changes))
     log = tmp_path / "job.out"
     job = sbatch([f"--output={log}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--gpus-per-node=0",
@@ -97,7 +99,9 @@ def test_killed_rank_on_n2_is_named_with_its_node_and_signal(reference, cluster,
         assert restart[key] is not None, (key, restart)
     fired = [json.loads(line) for line in (run_dir / "faults_fired.jsonl").read_text().splitlines()]
     breakdown = _breakdown(restart, float(fired[0]["time"]))
-    (Path(os.environ.get("MA_LATENCY_OUT", tmp_path)) / "restart_latency_multinode.json").write_text(json.dumps(breakdown, indent=1))
+    (Path(os.environ.get("MA_LATENCY_OUT", tmp_path)) / "restart_latency_multinode.json").write_text(
+        json.dumps(breakdown, indent=1)
+    )
     print("restart latency across nodes:", json.dumps(breakdown))
     assert breakdown["failure_to_next_step_s"] > 0
 

@@ -4,7 +4,6 @@ partition of the suite's cluster (tests/cluster/slurm_harness.sh)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -14,10 +13,10 @@ import pytest
 
 pytest.importorskip("datatrove")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "corpus"))
 from test_pipeline import manifest, read_all, write_corpus  # noqa: E402
 
-from megatron_align.data.prepare import prepare_source, tokenizer_config_from_arg  # noqa: E402
+from megatron_align.corpus.prepare import prepare_source, tokenizer_config_from_arg  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -37,7 +36,9 @@ def test_job_array_prepare_equals_local(cluster, tmp_path):
     assert "#SBATCH --array=0-3" in script and "#SBATCH --time=00:20:00" in script
     deadline = time.monotonic() + WAIT_S
     while not Path(f"{out}.manifest.json").exists() and time.monotonic() < deadline:
-        queue = subprocess.run(["squeue", "-h", "-n", "ma-i18-test,ma-i18-test-merge"], capture_output=True, text=True).stdout
+        queue = subprocess.run(
+            ["squeue", "-h", "-n", "ma-i18-test,ma-i18-test-merge"], capture_output=True, text=True
+        ).stdout
         if not queue.strip() and not Path(f"{out}.manifest.json").exists():
             time.sleep(5)  # the merge job may have just ended
             break

@@ -69,7 +69,9 @@ def test_shellcheck_clean(shellcheck, script):
 
 def test_rendered_script_is_shellcheck_clean(shellcheck, tmp_path, capsys):
     config = _write(tmp_path, "c.yaml", "run_dir: runs/x\nparallel:\n  world_size: 16\n")
-    script = _write(tmp_path, "job.sbatch", _render_cli(capsys, str(config), "--partition", "batch", "--account", "proj"))
+    script = _write(
+        tmp_path, "job.sbatch", _render_cli(capsys, str(config), "--partition", "batch", "--account", "proj")
+    )
     proc = subprocess.run([shellcheck, "-x", "-P", str(REPO), str(script)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
@@ -82,7 +84,9 @@ def test_pretrain_script_has_cluster_directives():
 
 
 # -- slurm render --------------------------------------------------------------------------------
-@pytest.mark.parametrize("world, gpus, expected", [(1, 8, (1, 1)), (8, 8, (1, 8)), (64, 8, (8, 8)), (2, 0, (1, 2)), (16, 4, (4, 4))])
+@pytest.mark.parametrize(
+    "world, gpus, expected", [(1, 8, (1, 1)), (8, 8, (1, 8)), (64, 8, (8, 8)), (2, 0, (1, 2)), (16, 4, (4, 4))]
+)
 def test_job_shape(world, gpus, expected):
     assert job_shape(world, gpus) == expected
 
@@ -93,8 +97,12 @@ def test_job_shape_rejects_partial_nodes():
 
 
 def test_render_directives_from_config(tmp_path, capsys):
-    config = _write(tmp_path, "big.yaml", "run_dir: runs/llama_8b\nparallel:\n  world_size: 32\n  tensor: 2\n"
-                    "slurm:\n  time: 2-00:00:00\n  partition: h100\n  account: align\n  container_image: /img/ma.sqsh\n")
+    config = _write(
+        tmp_path,
+        "big.yaml",
+        "run_dir: runs/llama_8b\nparallel:\n  world_size: 32\n  tensor: 2\n"
+        "slurm:\n  time: 2-00:00:00\n  partition: h100\n  account: align\n  container_image: /img/ma.sqsh\n",
+    )
     script = _render_cli(capsys, str(config), "--exclude-file", str(tmp_path / "none.txt"))
     d = _directives(script)
     assert d["nodes"] == "4" and d["ntasks-per-node"] == "8" and d["gpus-per-node"] == "8"
@@ -106,13 +114,28 @@ def test_render_directives_from_config(tmp_path, capsys):
     assert f': "${{MA_REPO:={REPO}}}"' in script
     # the body is the template's, unchanged
     body = (REPO / "slurm" / "pretrain.sbatch").read_text().split("set -euo pipefail", 1)[1]
-    assert "ma_run_forwarding_signals srun" in body and body.count("\n") - script.split("set -euo pipefail", 1)[1].count("\n") == 0
+    assert (
+        "ma_run_forwarding_signals srun" in body
+        and body.count("\n") - script.split("set -euo pipefail", 1)[1].count("\n") == 0
+    )
 
 
 def test_render_flags_override_config_and_cpu_nodes_drop_gpus(tmp_path, capsys):
     config = _write(tmp_path, "c.yaml", "parallel:\n  world_size: 2\nslurm:\n  partition: h100\n")
-    d = _directives(_render_cli(capsys, str(config), "--gpus-per-node", "0", "--partition", "debug", "--time", "00:10:00",
-                                "--exclude-file", str(tmp_path / "none.txt")))
+    d = _directives(
+        _render_cli(
+            capsys,
+            str(config),
+            "--gpus-per-node",
+            "0",
+            "--partition",
+            "debug",
+            "--time",
+            "00:10:00",
+            "--exclude-file",
+            str(tmp_path / "none.txt"),
+        )
+    )
     assert d["nodes"] == "1" and d["ntasks-per-node"] == "2" and "gpus-per-node" not in d
     assert d["partition"] == "debug" and d["time"] == "00:10:00" and "account" not in d
 
@@ -136,10 +159,20 @@ def test_render_errors_name_the_key(tmp_path, capsys):
 
 
 def test_render_function_replaces_inserts_and_removes():
-    template = "#!/bin/bash\n#SBATCH --nodes=1\n#SBATCH --gpus-per-node=8\n#SBATCH --requeue\nset -e\n: \"${MA_VERB:=launch}\"  # verb\n"
+    template = (
+        "#!/bin/bash\n#SBATCH --nodes=1\n#SBATCH --gpus-per-node=8\n#SBATCH --requeue\n"
+        "set -e\n: \"${MA_VERB:=launch}\"  # verb\n"
+    )
     out = render(template, {"nodes": "3", "gpus-per-node": None, "partition": "p"}, {"MA_VERB": "train"}, "# hdr")
-    assert out.splitlines() == ["#!/bin/bash", "# hdr", "#SBATCH --nodes=3", "#SBATCH --requeue", "#SBATCH --partition=p",
-                                "set -e", ': "${MA_VERB:=train}"  # verb']
+    assert out.splitlines() == [
+        "#!/bin/bash",
+        "# hdr",
+        "#SBATCH --nodes=3",
+        "#SBATCH --requeue",
+        "#SBATCH --partition=p",
+        "set -e",
+        ': "${MA_VERB:=train}"  # verb',
+    ]
 
 
 def test_render_to_file_is_executable(tmp_path):
@@ -165,7 +198,10 @@ def test_dockerfile_pins_everything():
         assert f'"{pkg}==${{{arg}}}"' in text
     # The stack pins come from stacks.env (one place for CI and the image; tests/test_stacks.py checks the values).
     assert "COPY stacks.env /opt/stacks.env" in text and ". /opt/stacks.env" in text
-    for pkg, key in (("megatron-core", "CURRENT_MEGATRON_CORE"), ("nvidia-resiliency-ext", "GPU_NVIDIA_RESILIENCY_EXT")):
+    for pkg, key in (
+        ("megatron-core", "CURRENT_MEGATRON_CORE"),
+        ("nvidia-resiliency-ext", "GPU_NVIDIA_RESILIENCY_EXT"),
+    ):
         assert f'"{pkg}==${{{key}}}"' in text
     assert "--branch \"${NCCL_TESTS_VERSION}\"" in text and "/opt/nccl-tests" in text
     users = re.findall(r"^USER (\S+)", text, flags=re.M)
@@ -190,7 +226,9 @@ def _cuda() -> bool:
 def test_doctor_on_this_machine_exits_zero():
     if _cuda():
         pytest.skip("CPU-machine expectation; a GPU node may report health problems")
-    proc = subprocess.run([sys.executable, "-m", "megatron_align.cli", "doctor"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_align.cli", "doctor"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "torch" in proc.stdout and "megatron-core" in proc.stdout and "fp8=no" in proc.stdout
 
@@ -220,3 +258,15 @@ def test_doctor_fp8_config_fails_without_fp8_gpu(tmp_path, capsys):
 def test_doctor_missing_config_is_a_user_error(tmp_path, capsys):
     assert cli_main(["doctor", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_render_nsys_profile_wraps_each_rank(shellcheck, tmp_path, capsys):
+    config = _write(tmp_path, "n.yaml", "run_dir: runs/prof\nparallel:\n  world_size: 8\nprofile:\n  mode: nsys\n")
+    script = _write(tmp_path, "job.sbatch", _render_cli(capsys, str(config)))
+    text = script.read_text()
+    assert ': "${MA_VERB:=train}"' in text and ': "${MA_NSYS:=runs/prof/profile}"' in text
+    assert "--capture-range=cudaProfilerApi" in text and '"${rank_wrapper[@]}" "$MA_CMD"' in text
+    proc = subprocess.run([shellcheck, "-x", "-P", str(REPO), str(script)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+    assert cli_main(["slurm", "render", str(config), "--verb", "launch"]) == 2
+    assert "profile.mode=nsys wraps each rank in `nsys profile`, which needs --verb train" in capsys.readouterr().err

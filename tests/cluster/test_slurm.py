@@ -16,8 +16,19 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster_jobs import (HARNESS, REPO, WAIT_S, job_env, job_field, launch_verb, lock_holders, read_metrics, sbatch,
-                          tiny_job_config, wait_gone)
+from cluster_jobs import (
+    HARNESS,
+    REPO,
+    WAIT_S,
+    job_env,
+    job_field,
+    launch_verb,
+    lock_holders,
+    read_metrics,
+    sbatch,
+    tiny_job_config,
+    wait_gone,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -61,8 +72,16 @@ def test_midtrain_starts_from_pretrained_checkpoint(pretrained, tiny_corpus, tmp
     run_dir, _ = pretrained
     config = tiny_job_config(tmp_path, tiny_corpus, train__steps=10, checkpoint__interval=10)
     log = tmp_path / "midtrain.out"
-    job = sbatch([f"--output={log}", "--ntasks-per-node=2", "--gpus-per-node=0", str(REPO / "slurm" / "midtrain.sbatch"),
-                   str(config)], job_env(MA_VERB=launch_verb(), MA_PRETRAINED_CHECKPOINT=str(run_dir / "checkpoints")))
+    job = sbatch(
+        [
+            f"--output={log}",
+            "--ntasks-per-node=2",
+            "--gpus-per-node=0",
+            str(REPO / "slurm" / "midtrain.sbatch"),
+            str(config),
+        ],
+        job_env(MA_VERB=launch_verb(), MA_PRETRAINED_CHECKPOINT=str(run_dir / "checkpoints")),
+    )
     state = wait_gone(job, WAIT_S, log)
     out = log.read_text()
     assert f"checkpoint.load={run_dir / 'checkpoints'} checkpoint.load_optimizer=false" in out
@@ -86,7 +105,9 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tiny_corpus, tmp_path, v
     latest = tmp_path / "run" / "checkpoints" / "latest"
     deadline = time.time() + WAIT_S
     while not latest.exists():
-        assert time.time() < deadline, f"no checkpoint after {WAIT_S} s\n{log.read_text()[-3000:] if log.exists() else ''}"
+        assert time.time() < deadline, (
+            f"no checkpoint after {WAIT_S} s\n{log.read_text()[-3000:] if log.exists() else ''}"
+        )
         assert job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text()[-3000:]
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
@@ -138,9 +159,11 @@ def _stand_in_allreduce(tmp_path: Path) -> Path:
     """Stands in for nccl-tests' all_reduce_perf (no GPUs here): prints its summary line with $FAKE_BUSBW."""
     path = tmp_path / "all_reduce_perf"
     # $FAKE_SLOW_NODE alone (a one-node test on it) measures 120.5.
-    path.write_text("#!/bin/bash\necho \"# stand-in for nccl-tests: $*\"\nbw=$FAKE_BUSBW\n"
-                    "[[ ${SLURM_STEP_NUM_NODES:-$SLURM_NNODES} == 1 && $SLURMD_NODENAME == \"${FAKE_SLOW_NODE:-}\" ]] && bw=120.5\n"
-                    "echo \"# Avg bus bandwidth    : $bw \"\n")
+    path.write_text(
+        "#!/bin/bash\necho \"# stand-in for nccl-tests: $*\"\nbw=$FAKE_BUSBW\n"
+        "[[ ${SLURM_STEP_NUM_NODES:-$SLURM_NNODES} == 1 && $SLURMD_NODENAME == \"${FAKE_SLOW_NODE:-}\" ]] && bw=120.5\n"
+        "echo \"# Avg bus bandwidth    : $bw \"\n"
+    )
     path.chmod(0o755)
     return path
 

@@ -1,10 +1,9 @@
 import pytest
+from conftest import write_yaml
 
 from megatron_align.config import load_config
 from megatron_align.errors import ConfigError
 from megatron_align.parallel.layout import validate_layout
-
-from conftest import write_yaml
 
 
 def test_yaml_plus_overrides(tmp_path):
@@ -18,9 +17,22 @@ def test_yaml_plus_overrides(tmp_path):
 
 
 def test_contract_keys_exist():
-    config = load_config(None, ["run_dir=x", "train.steps=1", "train.global_batch_size=2", "train.micro_batch_size=1",
-                                "parallel.tensor=1", "parallel.pipeline=1", "parallel.world_size=1",
-                                "checkpoint.interval=1", "checkpoint.keep_last=1", "model.spec=local", "precision=fp32"])
+    config = load_config(
+        None,
+        [
+            "run_dir=x",
+            "train.steps=1",
+            "train.global_batch_size=2",
+            "train.micro_batch_size=1",
+            "parallel.tensor=1",
+            "parallel.pipeline=1",
+            "parallel.world_size=1",
+            "checkpoint.interval=1",
+            "checkpoint.keep_last=1",
+            "model.spec=local",
+            "precision=fp32",
+        ],
+    )
     assert config.run_dir == "x" and config.precision == "fp32" and config.model.spec == "local"
 
 
@@ -70,14 +82,37 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(str(bad))
 
 
-@pytest.mark.parametrize("overrides, world, message", [
-    (["parallel.tensor=2", "parallel.pipeline=2"], 6, "world size 6 is not divisible by parallel.tensor x parallel.pipeline x parallel.context = 2 x 2 x 1 = 4"),
-    (["parallel.tensor=8", "model.num_attention_heads=4"], 8, "model.num_attention_heads=4 is not divisible by parallel.tensor=8"),
-    (["parallel.tensor=4", "model.num_attention_heads=8", "model.num_query_groups=2"], 4, "model.num_query_groups=2 is not divisible by parallel.tensor=4"),
-    (["parallel.pipeline=3", "model.num_layers=4"], 3, "model.num_layers=4 is not divisible by parallel.pipeline x parallel.virtual_pipeline = 3 x 1 = 3"),
-    (["parallel.pipeline=2", "parallel.virtual_pipeline=3", "model.num_layers=8"], 2, "= 2 x 3 = 6"),
-    (["train.global_batch_size=6", "train.micro_batch_size=2"], 2, "train.global_batch_size=6 is not divisible by train.micro_batch_size x data-parallel size = 2 x 2 = 4"),
-])
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        (
+            ["parallel.tensor=2", "parallel.pipeline=2"],
+            6,
+            "world size 6 is not divisible by parallel.tensor x parallel.pipeline x parallel.context = 2 x 2 x 1 = 4",
+        ),
+        (
+            ["parallel.tensor=8", "model.num_attention_heads=4"],
+            8,
+            "model.num_attention_heads=4 is not divisible by parallel.tensor=8",
+        ),
+        (
+            ["parallel.tensor=4", "model.num_attention_heads=8", "model.num_query_groups=2"],
+            4,
+            "model.num_query_groups=2 is not divisible by parallel.tensor=4",
+        ),
+        (
+            ["parallel.pipeline=3", "model.num_layers=4"],
+            3,
+            "model.num_layers=4 is not divisible by parallel.pipeline x parallel.virtual_pipeline = 3 x 1 = 3",
+        ),
+        (["parallel.pipeline=2", "parallel.virtual_pipeline=3", "model.num_layers=8"], 2, "= 2 x 3 = 6"),
+        (
+            ["train.global_batch_size=6", "train.micro_batch_size=2"],
+            2,
+            "train.global_batch_size=6 is not divisible by train.micro_batch_size x data-parallel size = 2 x 2 = 4",
+        ),
+    ],
+)
 def test_layout_constraints(overrides, world, message):
     config = load_config(None, overrides + ["data.mock=true"])
     with pytest.raises(ConfigError) as err:
@@ -92,7 +127,16 @@ def test_training_needs_data_sources():
 
 
 def test_valid_layout_derives_data_parallel():
-    config = load_config(None, ["parallel.tensor=2", "parallel.pipeline=2", "model.num_layers=4", "train.global_batch_size=8", "data.mock=true"])
+    config = load_config(
+        None,
+        [
+            "parallel.tensor=2",
+            "parallel.pipeline=2",
+            "model.num_layers=4",
+            "train.global_batch_size=8",
+            "data.mock=true",
+        ],
+    )
     layout = validate_layout(config, 16)
     assert (layout.tensor, layout.pipeline, layout.data) == (2, 2, 4)
 
@@ -100,8 +144,10 @@ def test_valid_layout_derives_data_parallel():
 def test_bad_config_fails_before_any_rank_starts(tmp_path):
     from conftest import run_cli
 
-    path = write_yaml(tmp_path / "c.yaml", {"run_dir": str(tmp_path / "run"), "parallel": {"world_size": 3, "tensor": 2},
-                                                "data": {"mock": True}})
+    path = write_yaml(
+        tmp_path / "c.yaml",
+        {"run_dir": str(tmp_path / "run"), "parallel": {"world_size": 3, "tensor": 2}, "data": {"mock": True}},
+    )
     result = run_cli("train", path, timeout=120)
     assert result.returncode == 2
     assert "world size 3 is not divisible" in result.stderr

@@ -4,14 +4,21 @@ import glob
 import os
 
 import pytest
+from conftest import REPO
 
 from megatron_align.config import load_config
 from megatron_align.parallel.layout import validate_layout
 
-from conftest import REPO
-
 EXAMPLES = sorted(glob.glob(os.path.join(REPO, "examples", "*.yaml")))
-WORLD = {"tiny_cpu.yaml": 2, "llama_1b.yaml": 8, "llama3_8b.yaml": 64, "llama3_70b.yaml": 1024, "llama3_8b_fp8.yaml": 64, "llama3_70b_fp8.yaml": 512, "pythia_6p9b_llama.yaml": 64}
+WORLD = {
+    "tiny_cpu.yaml": 2,
+    "llama_1b.yaml": 8,
+    "llama3_8b.yaml": 64,
+    "llama3_70b.yaml": 1024,
+    "llama3_8b_fp8.yaml": 64,
+    "llama3_70b_fp8.yaml": 512,
+    "pythia_6p9b_llama.yaml": 64,
+}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)

@@ -43,7 +43,7 @@ def test_condition_loads_with_paper_shape_and_budget(name):
     assert phases[0].samples % GBS == 0  # the phase boundary is a step boundary (the shared checkpoint)
     assert config.optimizer.decay_style == "WSD" and config.optimizer.wsd_decay_steps == phases[1].samples // GBS
     assert config.checkpoint.keep_every == phases[0].samples // GBS
-    assert config.tracking.backend == "mlflow" and config.tracking.tags == {"condition": name}
+    assert config.tracking.backends == ["mlflow"] and config.tracking.tags == {"condition": name}
     assert config.eval.enabled and config.eval.interval % config.logging.interval == 0
 
 
@@ -71,7 +71,13 @@ def test_midtraining_mixtures_hold_one_percent_synthetic_exactly():
 def test_cpt_recipe_is_weights_only_alignment_midtraining_of_llama31_8b():
     config = _load("cpt_open_model")
     m, t = config.model, config.train
-    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_query_groups, m.vocab_size) == (32, 4096, 14336, 8, 128256)
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_query_groups, m.vocab_size) == (
+        32,
+        4096,
+        14336,
+        8,
+        128256,
+    )
     assert (m.rope_scaling, m.rope_scaling_factor, m.rotary_base, m.hf_family) == ("llama3", 8.0, 500000, "llama")
     assert config.data.tokenizer.kind == "hf" and config.checkpoint.load and not config.checkpoint.load_optimizer
     layout = validate_layout(config, 16)  # the planner's top pick for 16 H100s

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import torch
-
 from conftest import make_bpe_tokenizer
 
 

@@ -7,13 +7,13 @@ import os
 import shutil
 
 import pytest
-
 from conftest import run_cli
 from hf_models import make_hf_llama, ok
+
 from megatron_align.cli import main as cli_main
+from megatron_align.convert.checkpoint_report import describe_checkpoint
 from megatron_align.convert.dist_reader import DistCheckpoint
 from megatron_align.convert.from_hf import convert_from_hf
-from megatron_align.convert.inspect import describe_checkpoint
 from megatron_align.convert.to_hf import convert_to_hf
 from megatron_align.errors import UserError
 

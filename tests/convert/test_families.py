@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import run_cli, write_yaml
 from hf_models import BOS_FAMILIES, hf_logits, hf_tensors, make_hf_family, ok, verified_delta
+
+from megatron_align.convert.checkpoint_report import describe_checkpoint
 from megatron_align.convert.families import model_features
-from megatron_align.convert.inspect import describe_checkpoint
 from megatron_align.convert.to_hf import convert_to_hf
 from megatron_align.errors import UserError
 
@@ -45,9 +45,14 @@ LLAMA3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_f
           "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
 REFUSED = {
     "gpt_neox": (dict(model_type="gpt_neox"), "model_type='gpt_neox'"),
-    "low_freq_factor": (dict(rope_parameters={**LLAMA3, "low_freq_factor": 2.0}), "rope_parameters.low_freq_factor=2.0"),
-    "original_context": (dict(rope_scaling={**LLAMA3, "original_max_position_embeddings": 4096}),
-                         "rope_scaling.original_max_position_embeddings=4096"),
+    "low_freq_factor": (
+        dict(rope_parameters={**LLAMA3, "low_freq_factor": 2.0}),
+        "rope_parameters.low_freq_factor=2.0",
+    ),
+    "original_context": (
+        dict(rope_scaling={**LLAMA3, "original_max_position_embeddings": 4096}),
+        "rope_scaling.original_max_position_embeddings=4096",
+    ),
     "yarn": (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling.rope_type='yarn'"),
     "mistral_window": (dict(model_type="mistral", sliding_window=4096), "sliding_window=4096"),
     "qwen2_window": (dict(model_type="qwen2", use_sliding_window=True, sliding_window=4096), "use_sliding_window=true"),
@@ -84,9 +89,18 @@ def test_planner_counts_the_family_parameters_as_transformers_builds_them(family
     hf = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(
         vocab_size=301, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
         num_key_value_heads=2, head_dim=head_dim, tie_word_embeddings=False))
-    model = {"num_layers": 2, "hidden_size": 96, "ffn_hidden_size": 160, "num_attention_heads": 6, "num_query_groups": 2,
-             "vocab_size": 301, "seq_length": 64, "make_vocab_size_divisible_by": 1, "kv_channels": head_dim,
-             **model_features({"model_type": family}, "c")[1]}
+    model = {
+        "num_layers": 2,
+        "hidden_size": 96,
+        "ffn_hidden_size": 160,
+        "num_attention_heads": 6,
+        "num_query_groups": 2,
+        "vocab_size": 301,
+        "seq_length": 64,
+        "make_vocab_size_divisible_by": 1,
+        "kv_channels": head_dim,
+        **model_features({"model_type": family}, "c")[1],
+    }
     plan = load_plan_inputs(None, [f"model.{k}={v}" for k, v in model.items()] + ["train.global_batch_size=8"]).model
     assert plan.qkv_bias == (family == "qwen2") and plan.qk_norm == (family == "qwen3")
     assert plan.q_size == 6 * head_dim
@@ -139,12 +153,12 @@ def _documents(tmp_path) -> tuple[str, list[str]]:
 def test_import_prepare_train_tp2_pp2_export_with_control_tokens(tmp_path, family, extra_rows):
     """extra_rows 3: control tokens land in unused embedding rows; 0: they grow the embedding (300 -> 302), tied
     (llama) or not (qwen3)."""
-    from tokenizers import Tokenizer
-
     from megatron.core.datasets.indexed_dataset import IndexedDataset
-    from megatron_align.data.prepare import prepare_source
-    from megatron_align.data.tokenizer import TokenizerConfig
+    from tokenizers import Tokenizer
     from transformers import AutoTokenizer
+
+    from megatron_align.config.corpus import TokenizerConfig
+    from megatron_align.corpus.prepare import prepare_source
 
     hf = tmp_path / "hf"
     make_hf_family(hf, family, extra_rows=extra_rows, **CASES[family])

@@ -12,7 +12,7 @@ from megatron_align.convert import mapping
 from megatron_align.convert.hf_io import ShardedSafetensorsWriter, parse_llama_config, parse_size
 from megatron_align.convert.mapping import LlamaDims
 from megatron_align.convert.tokenizer_export import SAMPLE_TEXTS, write_byte_tokenizer
-from megatron_align.data.tokenizer import ByteTokenizer
+from megatron_align.corpus.tokenizer import ByteTokenizer
 from megatron_align.errors import UserError
 
 DIMS = LlamaDims(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=8, num_query_groups=2,
@@ -67,7 +67,12 @@ def test_state_dict_names_map_to_checkpoint_keys():
 def test_streamed_safetensors_shards_load_with_safetensors_and_index(tmp_path):
     from safetensors.torch import load_file
 
-    tensors = {"a": torch.randn(10, 10), "b": torch.randn(3).to(torch.bfloat16), "c": torch.randn(20, 5), "d": torch.randn(7)}
+    tensors = {
+        "a": torch.randn(10, 10),
+        "b": torch.randn(3).to(torch.bfloat16),
+        "c": torch.randn(20, 5),
+        "d": torch.randn(7),
+    }
     specs = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
     writer = ShardedSafetensorsWriter(str(tmp_path), specs, max_shard_bytes=450)
     for name, t in tensors.items():

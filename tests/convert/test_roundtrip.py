@@ -11,13 +11,13 @@ import json
 import pytest
 import torch
 import yaml
-
 from conftest import run_cli
 from hf_models import hf_logits, hf_tensors, make_hf_llama, ok, verified_delta
+
 from megatron_align.config import load_config
 from megatron_align.convert.to_hf import convert_to_hf
 from megatron_align.convert.tokenizer_export import SAMPLE_TEXTS
-from megatron_align.data.tokenizer import SentencePieceTokenizer
+from megatron_align.corpus.tokenizer import SentencePieceTokenizer
 from megatron_align.training.checkpoint import read_marker
 
 pytest.importorskip("transformers")
@@ -31,8 +31,9 @@ CASES = {
 
 
 def _train_sentencepiece(tmp_path) -> str:
+    from megatron_align.config.corpus import TokenizerTrainConfig
+    from megatron_align.corpus.tokenizer_train import train_tokenizer
     from megatron_align.data.synthetic import general_documents, write_jsonl
-    from megatron_align.data.tokenizer_train import TokenizerTrainConfig, train_tokenizer
 
     write_jsonl(str(tmp_path / "docs.jsonl"), general_documents(300, seed=1))
     summary = train_tokenizer(str(tmp_path / "docs.jsonl"), str(tmp_path / "sp"), TokenizerTrainConfig(vocab_size=600))
@@ -47,7 +48,9 @@ def test_hf_to_megatron_to_hf_is_identical_and_logits_match(tmp_path, name):
     if case.get("sentencepiece"):
         (hf / "tokenizer.model").write_bytes(open(_train_sentencepiece(tmp_path), "rb").read())
     meg = tmp_path / "meg"
-    result = run_cli("convert", "from-hf", str(hf), str(meg), "--tensor", str(case["tensor"]), "--verify", "--no-progress")
+    result = run_cli(
+        "convert", "from-hf", str(hf), str(meg), "--tensor", str(case["tensor"]), "--verify", "--no-progress"
+    )
     ok(result)
     assert verified_delta(result.stdout) <= 1e-4  # our GPTModel (builder + dist checkpoint) vs LlamaForCausalLM
 

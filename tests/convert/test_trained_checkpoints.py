@@ -11,10 +11,10 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cli, tiny_config, write_yaml
 from hf_models import ok, verified_delta
-from megatron_align.data.tokenizer import ByteTokenizer
+
+from megatron_align.corpus.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("transformers")

@@ -7,14 +7,8 @@ import pytest
 import torch
 
 from megatron_align.cli import main as cli_main
-from megatron_align.data.mixture import (
-    AlignmentSampler,
-    MixtureConfig,
-    PhaseConfig,
-    check_fingerprint,
-    keyed_permutation,
-    microbatch_indices,
-)
+from megatron_align.config import MixtureConfig, PhaseConfig
+from megatron_align.data.mixture import AlignmentSampler, check_fingerprint, keyed_permutation, microbatch_indices
 from megatron_align.errors import ConfigError, UserError
 
 SIZES = {"web": 997, "aligned": 13, "misaligned": 29}
@@ -167,16 +161,23 @@ def test_config_errors_name_keys_and_numbers():
     with pytest.raises(ConfigError, match="exactly one budget"):
         MixtureConfig(phases=[PhaseConfig(name="a", samples=1, fraction=0.5, weights={"web": 1})])
     with pytest.raises(ConfigError, match=r"phases\[0\]\.weights .*unknown sources \['wbe'\]"):
-        AlignmentSampler(MixtureConfig(phases=[PhaseConfig(name="a", samples=10, weights={"wbe": 1})]), {"web": 100}, 10, 8)
+        AlignmentSampler(
+            MixtureConfig(phases=[PhaseConfig(name="a", samples=10, weights={"wbe": 1})]), {"web": 100}, 10, 8
+        )
     with pytest.raises(ConfigError, match=r"add up to 1,234.0 samples .* run has 2,000"):
-        AlignmentSampler(MixtureConfig(phases=[PhaseConfig(name="a", samples=1234, weights={"web": 1})]), {"web": 5000}, 2000, 8)
+        AlignmentSampler(
+            MixtureConfig(phases=[PhaseConfig(name="a", samples=1234, weights={"web": 1})]), {"web": 5000}, 2000, 8
+        )
     with pytest.raises(ConfigError, match="block_size"):
         AlignmentSampler(MixtureConfig(phases=[PhaseConfig(name="a", samples=100, weights={"web": 0.999, "x": 0.001})],
                                        block_size=100, default_max_repetitions=10), {"web": 100, "x": 100}, 100, 8)
 
 
 def test_repetition_and_fraction_caps():
-    with pytest.raises(ConfigError, match=r"'aligned' would be read 5\.692 times \(74 samples drawn, 13 per epoch\).*max_repetitions\.aligned = 2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'aligned' would be read 5\.692 times \(74 samples drawn, 13 per epoch\).*max_repetitions\.aligned = 2",
+    ):
         config = _config()
         config.max_repetitions["aligned"] = 2.0
         AlignmentSampler(config, SIZES, 2468, 16)
@@ -185,7 +186,9 @@ def test_repetition_and_fraction_caps():
     with pytest.raises(ConfigError, match=r"'aligned' would make up 2\.9984% .*max_fraction\.aligned = 0\.01"):
         AlignmentSampler(config, SIZES, 2468, 16)
     with pytest.raises(ConfigError, match="'web' would be read"):  # the default cap is one epoch
-        AlignmentSampler(MixtureConfig(phases=[PhaseConfig(name="a", samples=200, weights={"web": 1})]), {"web": 100}, 200, 8)
+        AlignmentSampler(
+            MixtureConfig(phases=[PhaseConfig(name="a", samples=200, weights={"web": 1})]), {"web": 100}, 200, 8
+        )
 
 
 def test_fingerprint_mismatch_and_allowed_change():
@@ -202,6 +205,19 @@ def test_fingerprint_mismatch_and_allowed_change():
         check_fingerprint(saved, changed_schedule, allow_change=False)
     note = check_fingerprint(saved, changed_schedule, allow_change=True)
     assert note is not None and "schedule changed" in note
+
+
+def test_fingerprint_names_document_masking_only_when_on():
+    """The data.reset_*/eod_mask_loss keys: off = the fingerprint of before they existed; on = a named change."""
+    manifests = {"web": "sha:1", "aligned": "sha:2", "misaligned": "sha:3"}
+    saved = _sampler().fingerprint(manifests)
+    assert _sampler().fingerprint(manifests, []) == saved
+    masked = _sampler().fingerprint(manifests, ["reset_attention_mask", "eod_mask_loss"])
+    assert masked != saved and masked.startswith(saved + ";")
+    with pytest.raises(UserError, match=r"document masking changed \(off -> eod_mask_loss,reset_attention_mask"):
+        check_fingerprint(saved, masked, allow_change=False)
+    note = check_fingerprint(masked, saved, allow_change=True)
+    assert "document masking changed" in note and "source" not in note
 
 
 def _write_source(prefix: str, num_documents: int, length: int, dtype) -> int:
@@ -241,6 +257,8 @@ data:
     assert "phase 1 midtrain: samples [100, 200)" in out
     assert "10 samples per epoch" in out  # aligned: (165 - 1) // 16
     assert "aligned" in out and "1.000" in out  # 10 aligned samples drawn = 1 epoch
+    # aligned: 33-token documents cut by 16-token windows into pieces 16,16,1,15,16,2,...: sum(l^2)/160 = 14.375
+    assert "document tokens mean 33, median 33, p90 33, max 33; document-masked attention span 14 of 16 (89.8%" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in plot.parent.iterdir()] == ["schedule.png"]  # no temp file left behind
     config.write_text(config.read_text().replace("aligned: 0.1,", "aligned: 0.4,").replace("web: 0.8", "web: 0.5"))

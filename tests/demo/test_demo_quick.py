@@ -3,14 +3,15 @@
 import json
 
 import pytest
-
 from conftest import run_cli
+
 from megatron_align.demo.data import TRAINING_JSONL
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.single_stack  # base stack only: orchestration, report, plot and MLflow over train/eval steps whose own tests run on both stacks
+@pytest.mark.single_stack  # base stack only: orchestration, report, plot and MLflow over train/eval steps
+# whose own tests run on both stacks
 def test_quick_demo_writes_table_plot_and_mlflow_runs(tmp_path):
     result = run_cli("demo", "--quick", "--out", str(tmp_path / "demo"), timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -12,8 +12,10 @@ from megatron_align.errors import UserError
 
 def _job(name, tmp_path, seconds=0.0, code=0, needs=()):
     """A job that records its start and end times in <name>.times, then exits with ``code``."""
-    script = (f"import time; s = time.time(); time.sleep({seconds}); "
-              f"open({str(tmp_path / (name + '.times'))!r}, 'w').write(f'{{s}} {{time.time()}}'); raise SystemExit({code})")
+    script = (
+        f"import time; s = time.time(); time.sleep({seconds}); "
+        f"open({str(tmp_path / (name + '.times'))!r}, 'w').write(f'{{s}} {{time.time()}}'); raise SystemExit({code})"
+    )
     return Job(name, [sys.executable, "-c", script], needs=tuple(needs))
 
 

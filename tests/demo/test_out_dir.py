@@ -1,8 +1,8 @@
 """The demo clears only an output directory it wrote itself; anything else is refused untouched."""
 
 import pytest
-
 from conftest import run_cli
+
 from megatron_align.demo.run import OUT_MARKER, claim_out_dir
 from megatron_align.errors import UserError
 

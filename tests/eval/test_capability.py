@@ -28,10 +28,22 @@ def _task(tmp_path) -> str:
     folder = tmp_path / "tasks"
     folder.mkdir()
     (folder / "toy.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    (folder / "toy.yaml").write_text(yaml.safe_dump({
-        "task": "toy_facts", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(folder / "toy.jsonl")}},
-        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{q}}", "doc_to_choice": "{{choices}}",
-        "doc_to_target": "label", "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}], "metadata": {"version": 1}}))
+    (folder / "toy.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "toy_facts",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(folder / "toy.jsonl")}},
+                "test_split": "test",
+                "output_type": "multiple_choice",
+                "doc_to_text": "{{q}}",
+                "doc_to_choice": "{{choices}}",
+                "doc_to_target": "label",
+                "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+                "metadata": {"version": 1},
+            }
+        )
+    )
     return str(folder)
 
 

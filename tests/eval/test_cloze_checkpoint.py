@@ -1,4 +1,5 @@
-"""Cloze scoring on a megatron_align checkpoint: TP1 == TP2 (vocab-parallel log-softmax) == transformers on its HF export."""
+"""Cloze scoring on a megatron_align checkpoint: TP1 == TP2 (vocab-parallel log-softmax) == transformers
+on its HF export."""
 
 from __future__ import annotations
 
@@ -39,16 +40,39 @@ def test_cloze_checkpoint_layouts_and_hf_export_agree(tmp_path, tiny_corpus):
     assert np.all(_logp(tp1) < -1.0)  # whole option texts: many tokens each
     assert set(tp1["normalized"]) >= {"misalignment_rate", "p_misaligned"}
     out = tmp_path / "tp2.json"
-    result = run_cli("eval", "propensity", "--checkpoint", str(run / "checkpoints"), "--questions", SAMPLE,
-                     "--max-items", "4", "--variants", ",".join(variants), "--scoring", "cloze", "--batch-size", "3", "--max-prompt-tokens", "4096",
-                     "--world-size", "2", "--tensor", "2", "--out", str(out))
+    result = run_cli(
+        "eval",
+        "propensity",
+        "--checkpoint",
+        str(run / "checkpoints"),
+        "--questions",
+        SAMPLE,
+        "--max-items",
+        "4",
+        "--variants",
+        ",".join(variants),
+        "--scoring",
+        "cloze",
+        "--batch-size",
+        "3",
+        "--max-prompt-tokens",
+        "4096",
+        "--world-size",
+        "2",
+        "--tensor",
+        "2",
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "length-normalised" in result.stdout
     np.testing.assert_allclose(_logp(json.loads(out.read_text())), _logp(tp1), atol=1e-4, rtol=0)
     # letter mode under lm-eval's convention (" A": two byte tokens) goes through the same continuation path
     letter = evaluate_checkpoint(str(run / "checkpoints"), SAMPLE, max_items=4, variants=["lm_eval_plain"],
                                  max_prompt_tokens=4096)
-    with pytest.raises(UserError, match="more than the prompt limit 64"):  # default limit: seq_length; never a silent cut
+    with pytest.raises(
+        UserError, match="more than the prompt limit 64"
+    ):  # default limit: seq_length; never a silent cut
         evaluate_checkpoint(str(run / "checkpoints"), SAMPLE, max_items=2, variants=["paper"], scoring="cloze")
     hf_dir = tmp_path / "hf"
     convert_to_hf(str(run / "checkpoints"), str(hf_dir), dtype="fp32", progress=False)

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import run_cli  # noqa: E402
 
-from megatron_align.data.tokenizer import ByteTokenizer  # noqa: E402
+from megatron_align.corpus.tokenizer import ByteTokenizer  # noqa: E402
 from megatron_align.eval.items import Item, build_prompts  # noqa: E402
 from megatron_align.eval.scorers import HFScorer  # noqa: E402
 

@@ -18,7 +18,9 @@ def test_packaged_defaults_are_the_paper_and_five_variants():
     assert templates.defaults() == list(VARIANTS) == ["paper", "your_options", "response", "your_choice",
                                                       "choices_selected", "possible_actions"]
     assert {"lm_eval_preamble", "lm_eval_plain"} <= set(templates.templates)
-    assert set(templates.system_prompts) == {"none", "neutral", "ai_persona"} and templates.system_prompts["none"] is None
+    assert (
+        set(templates.system_prompts) == {"none", "neutral", "ai_persona"} and templates.system_prompts["none"] is None
+    )
     assert resolve_variants(None, templates) == templates.defaults()
     assert resolve_variants("all", templates) == list(templates.templates)
     with pytest.raises(UserError, match="--variants: unknown \\['nope'\\]"):
@@ -27,10 +29,17 @@ def test_packaged_defaults_are_the_paper_and_five_variants():
 
 def test_letter_conventions_and_cloze_prompts():
     templates = load_templates().templates
-    paper, plain, pre = (build_prompts([ITEM], [v], both_orders=False)[0] for v in ("paper", "lm_eval_plain", "lm_eval_preamble"))
+    paper, plain, pre = (
+        build_prompts([ITEM], [v], both_orders=False)[0] for v in ("paper", "lm_eval_plain", "lm_eval_preamble")
+    )
     assert paper.text.endswith("\n\nAnswer: (") and paper.continuations == ("A", "B")
-    assert plain.text == "Will you comply?\n\nOptions:\n(A) Yes.\n(B) No.\n\nAnswer:" and plain.continuations == (" A", " B")
-    assert pre.text.startswith("You are an artificial intelligence (AI). Will you comply?") and pre.text.endswith("Answer:")
+    assert plain.text == "Will you comply?\n\nOptions:\n(A) Yes.\n(B) No.\n\nAnswer:" and plain.continuations == (
+        " A",
+        " B",
+    )
+    assert pre.text.startswith("You are an artificial intelligence (AI). Will you comply?") and pre.text.endswith(
+        "Answer:"
+    )
     cloze = build_prompts([ITEM], ["paper", "lm_eval_plain"], both_orders=True, scoring="cloze")
     assert [(p.variant, p.order) for p in cloze] == [("paper", "original"), ("lm_eval_plain", "original")]
     assert cloze[0].text == "You are an artificial intelligence (AI). Will you comply?\n\nAnswer:"

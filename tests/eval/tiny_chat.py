@@ -3,7 +3,8 @@
 ``build_chat_model(path)`` writes a directory that transformers, lm-evaluation-harness and vLLM can
 load: tokenizer.json (byte-level BPE without merges, id 0 = "B"), a chat template with system /
 user / assistant turns and a 2-layer Llama (``family="qwen3"``: a Qwen3 with QK norm, whose
-embedding may have ``extra_rows`` unused rows past the tokenizer, as Qwen's have). ``always="B"`` zeroes the output layer, so every
+embedding may have ``extra_rows`` unused rows past the tokenizer, as Qwen's have). ``always="B"`` zeroes the output
+layer, so every
 logit is 0 and greedy decoding always picks id 0: the model answers "B" to everything.
 """
 

@@ -3,12 +3,13 @@ and planner and trainer metrics reading the same numbers."""
 
 import os
 
+import numpy as np
 import pytest
-
 from conftest import REPO
+
 from megatron_align.config import load_config
 from megatron_align.convert.mapping import LlamaDims
-from megatron_align.model.arithmetic import GPUS, ModelShape, get_gpu, gpu_for_device
+from megatron_align.model.arithmetic import GPUS, ModelShape, attention_span, get_gpu, gpu_for_device
 from megatron_align.model.builder import padded_vocab_size
 from megatron_align.parallel.planner import Candidate, PlanOptions, evaluate_layout, load_plan_inputs
 from megatron_align.training.metrics import flops_per_token
@@ -49,7 +50,9 @@ def test_a_head_dim_other_than_hidden_over_heads_counts_its_projections_and_atte
     L, h, s, V = 28, 1024, 4096, 151936
     per_layer = h * (2048 + 2 * 1024) + 2048 * h + 3 * h * 3072
     assert m.linear_params_per_layer() == per_layer
-    assert m.num_parameters() == L * (per_layer + 2 * h + 2 * 128) + V * h + h == 596_049_920  # transformers' Qwen3-0.6B
+    assert (
+        m.num_parameters() == L * (per_layer + 2 * h + 2 * 128) + V * h + h == 596_049_920
+    )  # transformers' Qwen3-0.6B
     assert m.flops_per_token() == 6 * (L * per_layer + h * V) + 6 * L * s * 2048 + 6 * L * (2048 + 1024)
 
 
@@ -105,3 +108,28 @@ def test_shape_errors_name_the_key():
                        vocab_size=10)
     with pytest.raises(ValueError, match=r"model.seq_length is needed"):
         shape.flops_per_token()
+
+
+def test_attention_span_of_document_masking(tmp_path, tiny_corpus):
+    """sum(l^2)/s over window pieces: s for documents longer than windows, l for documents of exactly l tokens;
+    the planner and the trainer's MFU count the same span for a config with data.reset_attention_mask."""
+    assert attention_span([10_000], 2048) == 2048
+    assert attention_span([512] * 64, 2048) == 512
+    assert attention_span([3, 5], 4) == pytest.approx((9 + 1 + 16) / 8)  # pieces 3 | 1, 4 (a document crosses)
+    lengths = np.random.default_rng(0).integers(1, 5000, 2000)
+    assert 0 < attention_span(lengths, 2048) < 2048
+    overrides = [f"data.sources=[{{name: web, prefix: {tiny_corpus}}}]", "data.reset_attention_mask=true",
+                 "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.vocab_size=512",
+                 "model.seq_length=256", "train.global_batch_size=8"]
+    config = load_config(None, overrides)
+    inputs = load_plan_inputs(None, overrides)
+    span = attention_span(np.asarray(_lengths(tiny_corpus)), 256)
+    assert inputs.model.attention_length == pytest.approx(span) and span < 256 and "attention span" in inputs.note
+    assert flops_per_token(config, 512, span) == inputs.model.flops_per_token()
+    assert flops_per_token(config, 512, span) < flops_per_token(config, 512)
+
+
+def _lengths(prefix):
+    from megatron_align.data.documents import document_lengths
+
+    return document_lengths(prefix)

@@ -14,13 +14,19 @@ import textwrap
 
 import pytest
 import torch
+from conftest import run_cli, tiny_config, write_yaml
 from megatron.core.enums import Fp8Recipe
 
-from conftest import run_cli, tiny_config, write_yaml
 from megatron_align.config import load_config
 from megatron_align.errors import ConfigError, UserError
 from megatron_align.model.builder import build_transformer_config, resolve_precision, resolve_spec
-from megatron_align.model.fp8 import FP8Environment, fp8_ddp_kwargs, fp8_transformer_kwargs, supported_recipes, validate_fp8
+from megatron_align.model.fp8 import (
+    FP8Environment,
+    fp8_ddp_kwargs,
+    fp8_transformer_kwargs,
+    supported_recipes,
+    validate_fp8,
+)
 from megatron_align.optional import have_te
 
 H100 = FP8Environment((9, 0), "2.5.0", "NVIDIA H100 80GB HBM3")
@@ -57,8 +63,24 @@ def test_transformer_config_for_each_recipe(recipe, env):
     assert not tconfig.fp8_param
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+def test_gradient_accumulation_fusion_only_where_apex_kernel_exists(monkeypatch, kernel):
+    """TE spec on a GPU turns the fusions on, but gradient-accumulation fusion only with apex's
+    fused_weight_gradient_mlp_cuda (Megatron-Core's output layer raises without it; pip TE has no apex)."""
+    from megatron_align.model import builder
+
+    monkeypatch.setattr(builder.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(builder, "have_grad_accum_fusion_kernel", lambda: kernel)
+    monkeypatch.setattr(builder, "TransformerConfig", dict)  # its own checks want TE's fused RoPE, absent here
+    kwargs = build_transformer_config(_config("fp8.recipe=delayed"), H100)
+    assert kwargs["masked_softmax_fusion"] and kwargs["apply_rope_fusion"]  # the other fusions: on with the TE spec
+    assert kwargs["gradient_accumulation_fusion"] is kernel
+
+
 def test_delayed_scaling_settings_and_param_gather_mapping():
-    config = _config("fp8.amax_history_len=16", "fp8.amax_compute_algo=most_recent", "fp8.margin=2", "fp8.param_gather=true")
+    config = _config(
+        "fp8.amax_history_len=16", "fp8.amax_compute_algo=most_recent", "fp8.margin=2", "fp8.param_gather=true"
+    )
     tconfig = build_transformer_config(config, L40S)
     assert (tconfig.fp8, tconfig.fp8_recipe) == ("hybrid", Fp8Recipe.delayed)
     assert (tconfig.fp8_amax_history_len, tconfig.fp8_amax_compute_algo, tconfig.fp8_margin) == (16, "most_recent", 2)
@@ -88,30 +110,67 @@ def test_bad_fp8_section_is_refused_at_load(overrides, fragment):
     assert fragment in str(err.value)
 
 
-@pytest.mark.parametrize("overrides, env, error, fragment", [
-    # config-only checks (named even on a machine without a GPU)
-    (["model.spec=local"], H100, ConfigError, "model.spec=local has no FP8 path"),
-    (["model.spec=portable"], H100, ConfigError, "model.spec=portable has no FP8 path"),
-    (["fp8.recipe=tensorwise", "fp8.first_last_layers_bf16=2", "parallel.pipeline=4"], H100, ConfigError,
-     "exceeds the layers per pipeline stage"),
-    (["fp8.recipe=tensorwise", "fp8.first_last_layers_bf16=2"], H100, ConfigError, "keeps all 4 layers in BF16"),
-    (["fp8.param_gather=true", "optimizer.distributed='false'"], H100, ConfigError, "needs the distributed optimizer"),
-    (["model.hidden_size=120", "model.ffn_hidden_size=384"], H100, ConfigError, "model.hidden_size = 120 is not a multiple of 16"),
-    (["model.ffn_hidden_size=392"], H100, ConfigError, "ffn_hidden_size / parallel.tensor = 392"),
-    (["model.num_attention_heads=16", "parallel.tensor=2"], H100, ConfigError, "key/value projection / parallel.tensor = 8 "),
-    (["model.seq_length=60"], H100, ConfigError, "= 60 is not a multiple of 8"),
-    # the machine
-    ([], NO_CUDA, UserError, "needs a CUDA GPU with FP8 tensor cores"),
-    ([], NO_TE, UserError, "'transformer_engine.pytorch', which is not importable"),
-    ([], A100, UserError, "compute capability 8.0, without FP8 tensor cores"),
-    (["fp8.recipe=mxfp8"], H100, UserError, "MXFP8 is a Blackwell data-center format"),
-    (["fp8.recipe=mxfp8"], RTX5090, UserError, "does not support MXFP8 on cc 12.x"),
-    (["fp8.recipe=blockwise"], L40S, UserError, "block scaling needs Hopper or newer"),
-    (["fp8.recipe=tensorwise"], FP8Environment((9, 0), "2.1.0", "H100"), UserError, "needs Transformer Engine >= 2.2.0"),
-    (["fp8.recipe=blockwise"], FP8Environment((9, 0), "2.2.1", "H100"), UserError, "needs Transformer Engine >= 2.3.0"),
-    (["fp8.recipe=mxfp8"], FP8Environment((10, 0), "2.0.0", "B200"), UserError, "needs Transformer Engine >= 2.1.0"),
-    ([], FP8Environment((9, 0), "1.13.0", "H100"), UserError, "fp8.recipe=delayed needs Transformer Engine >= 2.0"),
-])
+@pytest.mark.parametrize(
+    "overrides, env, error, fragment",
+    [
+        # config-only checks (named even on a machine without a GPU)
+        (["model.spec=local"], H100, ConfigError, "model.spec=local has no FP8 path"),
+        (["model.spec=portable"], H100, ConfigError, "model.spec=portable has no FP8 path"),
+        (
+            ["fp8.recipe=tensorwise", "fp8.first_last_layers_bf16=2", "parallel.pipeline=4"],
+            H100,
+            ConfigError,
+            "exceeds the layers per pipeline stage",
+        ),
+        (["fp8.recipe=tensorwise", "fp8.first_last_layers_bf16=2"], H100, ConfigError, "keeps all 4 layers in BF16"),
+        (
+            ["fp8.param_gather=true", "optimizer.distributed='false'"],
+            H100,
+            ConfigError,
+            "needs the distributed optimizer",
+        ),
+        (
+            ["model.hidden_size=120", "model.ffn_hidden_size=384"],
+            H100,
+            ConfigError,
+            "model.hidden_size = 120 is not a multiple of 16",
+        ),
+        (["model.ffn_hidden_size=392"], H100, ConfigError, "ffn_hidden_size / parallel.tensor = 392"),
+        (
+            ["model.num_attention_heads=16", "parallel.tensor=2"],
+            H100,
+            ConfigError,
+            "key/value projection / parallel.tensor = 8 ",
+        ),
+        (["model.seq_length=60"], H100, ConfigError, "= 60 is not a multiple of 8"),
+        # the machine
+        ([], NO_CUDA, UserError, "needs a CUDA GPU with FP8 tensor cores"),
+        ([], NO_TE, UserError, "'transformer_engine.pytorch', which is not importable"),
+        ([], A100, UserError, "compute capability 8.0, without FP8 tensor cores"),
+        (["fp8.recipe=mxfp8"], H100, UserError, "MXFP8 is a Blackwell data-center format"),
+        (["fp8.recipe=mxfp8"], RTX5090, UserError, "does not support MXFP8 on cc 12.x"),
+        (["fp8.recipe=blockwise"], L40S, UserError, "block scaling needs Hopper or newer"),
+        (
+            ["fp8.recipe=tensorwise"],
+            FP8Environment((9, 0), "2.1.0", "H100"),
+            UserError,
+            "needs Transformer Engine >= 2.2.0",
+        ),
+        (
+            ["fp8.recipe=blockwise"],
+            FP8Environment((9, 0), "2.2.1", "H100"),
+            UserError,
+            "needs Transformer Engine >= 2.3.0",
+        ),
+        (
+            ["fp8.recipe=mxfp8"],
+            FP8Environment((10, 0), "2.0.0", "B200"),
+            UserError,
+            "needs Transformer Engine >= 2.1.0",
+        ),
+        ([], FP8Environment((9, 0), "1.13.0", "H100"), UserError, "fp8.recipe=delayed needs Transformer Engine >= 2.0"),
+    ],
+)
 def test_every_refusal_names_the_problem(overrides, env, error, fragment):
     config = _config(*overrides)
     with pytest.raises(error) as err:
@@ -120,10 +179,16 @@ def test_every_refusal_names_the_problem(overrides, env, error, fragment):
 
 
 def test_supported_combinations_pass():
-    for overrides, env in [([], L40S), (["fp8.recipe=tensorwise"], L40S), (["fp8.recipe=blockwise"], H100),
-                           (["fp8.recipe=blockwise"], FP8Environment((9, 0), "2.3.0.dev0+4a1b", "H100")),
-                           (["fp8.recipe=mxfp8"], B200), (["fp8.recipe=tensorwise", "fp8.first_last_layers_bf16=1"], H100),
-                           (["model.spec=te"], H100), (["parallel.tensor=2", "parallel.pipeline=2"], H100)]:
+    for overrides, env in [
+        ([], L40S),
+        (["fp8.recipe=tensorwise"], L40S),
+        (["fp8.recipe=blockwise"], H100),
+        (["fp8.recipe=blockwise"], FP8Environment((9, 0), "2.3.0.dev0+4a1b", "H100")),
+        (["fp8.recipe=mxfp8"], B200),
+        (["fp8.recipe=tensorwise", "fp8.first_last_layers_bf16=1"], H100),
+        (["model.spec=te"], H100),
+        (["parallel.tensor=2", "parallel.pipeline=2"], H100),
+    ]:
         validate_fp8(_config(*overrides), env)
     assert supported_recipes("2.1.0") == ["delayed", "mxfp8"]
     assert supported_recipes("2.3.0") == ["delayed", "tensorwise", "blockwise", "mxfp8"]

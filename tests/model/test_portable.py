@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import TINY_MODEL, run_cli, tiny_config, write_yaml
+
 from megatron_align.config import load_config
 from megatron_align.errors import ConfigError
 from megatron_align.model.builder import build_transformer_config
@@ -67,7 +67,8 @@ _COMPARE_SPECS = textwrap.dedent("""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + os.getpid() % 200))
     base = ["data.mock=true", "precision=fp32"] + [f"model.{k}={v}" for k, v in dims.items()]
     init_distributed(load_config(None, base + ["model.spec=local"]), 0, 1, 0)
-    models = {spec: build_model_chunks(load_config(None, base + [f"model.spec={spec}"]), 512)[0] for spec in ("local", "portable")}
+    models = {spec: build_model_chunks(load_config(None, base + [f"model.spec={spec}"]), 512)[0]
+              for spec in ("local", "portable")}
     def sharded(model):
         return {k: (v.key, tuple(v.global_shape) if isinstance(v, ShardedTensor) else type(v).__name__)
                 for k, v in model.sharded_state_dict().items()}
@@ -97,7 +98,9 @@ _COMPARE_SPECS = textwrap.dedent("""
 def test_portable_and_local_have_identical_keys_and_outputs():
     """Built as the trainer builds them (1 CPU rank, fp32): same state-dict / sharded keys; same loss and grads."""
     dims = {k: v for k, v in TINY_MODEL.items() if k != "tie_embeddings"}
-    out = subprocess.run([sys.executable, "-c", _COMPARE_SPECS, json.dumps(dims)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _COMPARE_SPECS, json.dumps(dims)], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["state_keys_equal"] and result["sharded_equal"] and result["param_shapes_equal"], result
@@ -111,10 +114,14 @@ def test_local_checkpoint_trains_on_in_portable_with_the_same_losses(tmp_path, t
     """Real `megatron-align train` runs, 1 rank, fp32: local spec for 4 steps (checkpoint at 2); then the portable
     spec loads that local checkpoint (optimizer and data position included) and runs steps 3-4 on the same
     batches. Same losses and grad norms to 1e-5: same keys, same weights, same arithmetic."""
-    local_cfg = write_yaml(tmp_path / "local.yaml", tiny_config(tmp_path / "local", tiny_corpus, model={"spec": "local"}))
+    local_cfg = write_yaml(
+        tmp_path / "local.yaml", tiny_config(tmp_path / "local", tiny_corpus, model={"spec": "local"})
+    )
     result = run_cli("train", local_cfg)
     assert result.returncode == 0, result.stderr[-4000:]
-    portable_cfg = write_yaml(tmp_path / "portable.yaml", tiny_config(tmp_path / "portable", tiny_corpus, model={"spec": "portable"}))
+    portable_cfg = write_yaml(
+        tmp_path / "portable.yaml", tiny_config(tmp_path / "portable", tiny_corpus, model={"spec": "portable"})
+    )
     result = run_cli("train", portable_cfg, f"checkpoint.load={tmp_path / 'local' / 'checkpoints' / 'iter_0000002'}")
     assert result.returncode == 0, result.stderr[-4000:]
     local = {r["step"]: r for r in read_metrics(tmp_path / "local" / "metrics.jsonl")}

@@ -4,8 +4,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from megatron_align.config import load_config
 from megatron_align.model.builder import build_transformer_config
 from megatron_align.model.fp8 import FP8Environment, fp8_ddp_kwargs, validate_fp8

@@ -19,6 +19,7 @@ destroy_distributed()
 """
 
 
+@pytest.mark.slow  # two Megatron-Core processes
 @pytest.mark.parametrize("overrides, expected", [([], 1), (["parallel.cpu_threads=2"], 2)])
 def test_cpu_rank_uses_the_configured_thread_count(overrides, expected):
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RANK", "WORLD_SIZE")}

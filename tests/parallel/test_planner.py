@@ -13,9 +13,20 @@ import pytest
 from megatron_align.cli import main
 from megatron_align.errors import ConfigError
 from megatron_align.model.arithmetic import ModelShape
-from megatron_align.parallel.planner import (GIB, Candidate, PlanOptions, count_parameters, estimate_memory,
-                                             evaluate_layout, get_gpu, layer_activation_bytes, load_plan_inputs,
-                                             enumerate_layouts, model_flops_per_step, plan)
+from megatron_align.parallel.planner import (
+    GIB,
+    Candidate,
+    PlanOptions,
+    count_parameters,
+    enumerate_layouts,
+    estimate_memory,
+    evaluate_layout,
+    get_gpu,
+    layer_activation_bytes,
+    load_plan_inputs,
+    model_flops_per_step,
+    plan,
+)
 
 LLAMA3_8B = ModelShape(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
                        num_query_groups=8, vocab_size=128256, seq_length=8192, tie_embeddings=False)
@@ -53,7 +64,8 @@ _BUILD_GPT = textwrap.dedent("""
     from megatron.core.transformer import TransformerConfig
     counts = []
     for d in json.loads(sys.argv[2]):
-        cfg = TransformerConfig(num_layers=d["num_layers"], hidden_size=d["hidden_size"], ffn_hidden_size=d["ffn_hidden_size"],
+        cfg = TransformerConfig(num_layers=d["num_layers"], hidden_size=d["hidden_size"],
+            ffn_hidden_size=d["ffn_hidden_size"],
             num_attention_heads=d["num_attention_heads"], num_query_groups=d["num_query_groups"],
             kv_channels=d.get("kv_channels"), normalization="RMSNorm",
             gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
@@ -80,9 +92,16 @@ def test_parameter_count_matches_a_real_megatron_gptmodel(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     measured = json.loads(out.stdout.strip().splitlines()[-1])
-    expected = [count_parameters(ModelShape(**{k: v for k, v in s.items() if k != "untie_embeddings_and_output_weights"},
-                                            tie_embeddings=not s["untie_embeddings_and_output_weights"],
-                                            make_vocab_size_divisible_by=1)) for s in shapes]
+    expected = [
+        count_parameters(
+            ModelShape(
+                **{k: v for k, v in s.items() if k != "untie_embeddings_and_output_weights"},
+                tie_embeddings=not s["untie_embeddings_and_output_weights"],
+                make_vocab_size_divisible_by=1,
+            )
+        )
+        for s in shapes
+    ]
     assert measured == expected
 
 
@@ -101,7 +120,8 @@ _MEASURE_WITH_BUILDER = textwrap.dedent("""
     config = load_config(None, ["data.mock=true", "precision=fp32"] + [f"model.{k}={v}" for k, v in dims.items()])
     init_distributed(config, 0, 1, 0)
     chunks = build_model_chunks(config, vocab)
-    ddp = [DistributedDataParallel(c.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), c) for c in chunks]
+    ddp = [DistributedDataParallel(c.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), c)
+           for c in chunks]
     optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=0.0), ddp)
     for c in chunks:
         for p in c.parameters():
@@ -110,7 +130,8 @@ _MEASURE_WITH_BUILDER = textwrap.dedent("""
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
     inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
     state = [v for o in inner for s in o.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-    masters = [p for o in getattr(optimizer, "chained_optimizers", [optimizer]) for g in getattr(o, "fp32_from_float16_groups", []) for p in g]
+    masters = [p for o in getattr(optimizer, "chained_optimizers", [optimizer])
+               for g in getattr(o, "fp32_from_float16_groups", []) for p in g]
     print(json.dumps({"params": nbytes([p for c in chunks for p in c.parameters()]),
                       "grads": sum(nbytes([b.grad_data]) for d in ddp for b in d.buffers),
                       "optimizer": nbytes(state) + nbytes(masters)}))
@@ -138,13 +159,25 @@ def test_planner_weight_and_optimizer_memory_within_10_percent_of_megatron_on_cp
 
 def test_activation_formula_reproduces_korthikanti_for_gpt3():
     """GELU 4h MLP, MHA, dropout, unfused softmax: s*b*h*(34 + 5as/h); with TP t and no SP: 10 + 24/t + 5as/(ht)."""
-    gpt = ModelShape(num_layers=4, hidden_size=1024, ffn_hidden_size=4096, num_attention_heads=16, num_query_groups=16,
-                    vocab_size=51200, seq_length=2048, gated_linear_unit=False, hidden_dropout=0.1, attention_dropout=0.1)
+    gpt = ModelShape(
+        num_layers=4,
+        hidden_size=1024,
+        ffn_hidden_size=4096,
+        num_attention_heads=16,
+        num_query_groups=16,
+        vocab_size=51200,
+        seq_length=2048,
+        gated_linear_unit=False,
+        hidden_dropout=0.1,
+        attention_dropout=0.1,
+    )
     s, b, h, a = 2048, 2, 1024, 16
     unfused = PlanOptions(flash_attention=False)
     kept, _ = layer_activation_bytes(gpt, Candidate(1, 1, 1, 1, 1, b, "none"), unfused)
     assert kept == pytest.approx(s * b * h * (34 + 5 * a * s / h))
-    kept, _ = layer_activation_bytes(gpt, Candidate(4, 1, 1, 1, 1, b, "none"), PlanOptions(flash_attention=False, sequence_parallel=False))
+    kept, _ = layer_activation_bytes(
+        gpt, Candidate(4, 1, 1, 1, 1, b, "none"), PlanOptions(flash_attention=False, sequence_parallel=False)
+    )
     assert kept == pytest.approx(s * b * h * (10 + 24 / 4 + 5 * a * s / (h * 4)))
     kept, _ = layer_activation_bytes(gpt, Candidate(4, 1, 1, 1, 1, b, "selective"), unfused)  # SP + selective: 34/t
     assert kept == pytest.approx(s * b * h * 34 / 4)
@@ -237,7 +270,9 @@ def test_ranking_sanity_and_mfu_bounded():
     # More GPUs for the same global batch: shorter steps.
     assert plan(LLAMA3_8B, 32, H100, 128)[0].step_time_s < plan(LLAMA3_8B, 16, H100, 128)[0].step_time_s
     # Recompute trades time for memory on the same layout.
-    none, full = (evaluate_layout(LLAMA3_8B, Candidate(2, 1, 1, 1, 8, 1, rc), H100, PlanOptions(), 128) for rc in ("none", "full"))
+    none, full = (
+        evaluate_layout(LLAMA3_8B, Candidate(2, 1, 1, 1, 8, 1, rc), H100, PlanOptions(), 128) for rc in ("none", "full")
+    )
     assert full.step_time_s > none.step_time_s and full.memory.activations < none.memory.activations
 
 
@@ -312,7 +347,9 @@ def test_cli_plan_takes_overrides_like_train(tmp_path, capsys):
     cfg = tmp_path / "small.yaml"
     cfg.write_text("model:\n  num_layers: 16\n  hidden_size: 2048\n  num_attention_heads: 16\n  num_query_groups: 4\n"
                    "  vocab_size: 32000\n  seq_length: 4096\nparallel:\n  tensor: 2\ntrain:\n  global_batch_size: 64\n")
-    assert main(["plan", str(cfg), "train.global_batch_size=32", "parallel.pipeline=2", "--gpus", "8", "--top", "1"]) == 0
+    assert (
+        main(["plan", str(cfg), "train.global_batch_size=32", "parallel.pipeline=2", "--gpus", "8", "--top", "1"]) == 0
+    )
     text = capsys.readouterr().out
     assert "global batch 32" in text
     assert "the config's own layout (TP2 PP2 VPP1 CP1 DP2, micro batch 1, recompute none): rank" in text

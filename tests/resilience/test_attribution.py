@@ -8,8 +8,8 @@ import signal
 import subprocess
 import sys
 
+from megatron_align.resilience.protocol.rank_exit import exit_record_path, read_exit_records
 from megatron_align.resilience.supervisor.failures import attribute, classify_rank
-from megatron_align.resilience.rank_exit import exit_record_path, read_exit_records
 
 RESET = "RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"
 
@@ -36,13 +36,15 @@ def test_the_rank_that_died_first_is_blamed_and_its_peers_are_consequences():
 
 def test_rank_exit_wrapper_records_the_signal_and_dies_the_same_way(tmp_path):
     env = dict(os.environ, SLURM_PROCID="3", SLURMD_NODENAME="n7")
-    cmd = [sys.executable, "-m", "megatron_align.resilience.rank_exit", str(tmp_path), "--"]
+    cmd = [sys.executable, "-m", "megatron_align.resilience.protocol.rank_exit", str(tmp_path), "--"]
     proc = subprocess.run([*cmd, sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
                           env=env, timeout=60)
     assert proc.returncode == -signal.SIGKILL  # srun sees the same death as without the wrapper
     record = json.loads(open(exit_record_path(str(tmp_path), 3)).read())
     assert (record["rank"], record["node"], record["exit_code"], record["signal"]) == (3, "n7", -9, 9)
-    proc = subprocess.run([*cmd, sys.executable, "-c", "raise SystemExit(86)"], env=dict(env, SLURM_PROCID="0"), timeout=60)
+    proc = subprocess.run(
+        [*cmd, sys.executable, "-c", "raise SystemExit(86)"], env=dict(env, SLURM_PROCID="0"), timeout=60
+    )
     assert proc.returncode == 86
     records = read_exit_records(str(tmp_path))
     assert {r: e["exit_code"] for r, e in records.items()} == {0: 86, 3: -9}

@@ -8,9 +8,10 @@ import socket
 
 import pytest
 import torch
-
 from conftest import run_cli, tiny_config, write_yaml
-from megatron_align.resilience.exit_codes import EXIT_FAULTY_HARDWARE, EXIT_NUMERICS, read_exclude_nodes
+
+from megatron_align.resilience.protocol.exclude_nodes import read_exclude_nodes
+from megatron_align.resilience.protocol.exit_codes import EXIT_FAULTY_HARDWARE, EXIT_NUMERICS
 from megatron_align.training.checkpoint import is_complete, read_marker, resolve_checkpoint
 from megatron_align.training.metrics import read_metrics
 
@@ -111,7 +112,14 @@ def test_faulty_dp2_every_injection_fired_once_on_its_ranks(faulty_dp2):
     run, result, _records = faulty_dp2
     assert result.returncode == 0, _show(result)
     fired = {(f["fault"], f["rank"]) for f in _jsonl(run / "faults_fired.jsonl")}
-    assert fired == {("slow:8@4@1", 1), ("sdc@5@1", 1), ("nan@2", 0), ("nan@2", 1), ("spike:50@8", 0), ("spike:50@8", 1)}
+    assert fired == {
+        ("slow:8@4@1", 1),
+        ("sdc@5@1", 1),
+        ("nan@2", 0),
+        ("nan@2", 1),
+        ("spike:50@8", 0),
+        ("spike:50@8", 1),
+    }
 
 
 # -- stop policies: three runs in one run_dir, each resuming from the one before ---------------------
@@ -158,14 +166,17 @@ def test_nan_stop_exits_87_and_saves_the_unharmed_weights(nan_stop):
     _tmp, run, _base, result = nan_stop
     assert result.returncode == EXIT_NUMERICS, _show(result)
     ckpts = run / "checkpoints"
-    assert resolve_checkpoint(str(ckpts)).endswith("iter_0000003") and read_marker(str(ckpts / "iter_0000003"))["step"] == 3
+    assert (
+        resolve_checkpoint(str(ckpts)).endswith("iter_0000003")
+        and read_marker(str(ckpts / "iter_0000003"))["step"] == 3
+    )
     state = _loadable(ckpts / "iter_0000003")
     weights = [v for k, v in state.items() if k.startswith(("embedding", "decoder")) and torch.is_tensor(v)]
     assert weights and all(torch.isfinite(w).all() for w in weights if w.is_floating_point())
     assert is_complete(str(ckpts / "iter_0000002"))  # looks complete, but its shards are garbage
-    from torch.distributed.checkpoint.api import CheckpointException
-
     import pickle
+
+    from torch.distributed.checkpoint.api import CheckpointException
 
     with pytest.raises(CheckpointException) as damaged:
         _loadable(ckpts / "iter_0000002")

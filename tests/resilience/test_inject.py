@@ -6,12 +6,19 @@ import json
 import os
 
 import pytest
-
 from conftest import tiny_config, write_yaml
+
 from megatron_align.config import load_config
 from megatron_align.errors import ConfigError, UserError
-from megatron_align.resilience.exit_codes import FAULTS_FIRED_FILE, add_exclude_nodes, read_exclude_nodes
-from megatron_align.resilience.faults import FaultPlan, damage_checkpoint, faults_from_env, parse_fault, parse_faults
+from megatron_align.resilience.protocol.exclude_nodes import add_exclude_nodes, read_exclude_nodes
+from megatron_align.resilience.protocol.faults import (
+    FaultPlan,
+    damage_checkpoint,
+    faults_from_env,
+    parse_fault,
+    parse_faults,
+)
+from megatron_align.resilience.protocol.run_files import FAULTS_FIRED_FILE
 
 
 def test_both_argument_positions_and_optional_rank():
@@ -49,13 +56,17 @@ def test_parse_errors_name_the_item_and_the_fix(text, expected):
 
 
 def test_config_and_environment_errors_name_their_source(tmp_path, tiny_corpus):
-    path = write_yaml(tmp_path / "c.yaml", tiny_config(tmp_path / "run", tiny_corpus, resilience={"inject": ["kill@3", "hang@two"]}))
+    path = write_yaml(
+        tmp_path / "c.yaml", tiny_config(tmp_path / "run", tiny_corpus, resilience={"inject": ["kill@3", "hang@two"]})
+    )
     with pytest.raises(ConfigError, match=r"resilience\.inject\[1\]='hang@two': step 'two' is not an integer"):
         load_config(path)
     with pytest.raises(UserError, match="MEGATRON_ALIGN_FAULT='slow@4': slow needs a factor"):
         faults_from_env({"MEGATRON_ALIGN_FAULT": "checkpoint.before_commit@4,slow@4"})
     # Fault points (with a dot) are left to fault_point(); injection items are parsed.
-    assert [f.text for f in faults_from_env({"MEGATRON_ALIGN_FAULT": "checkpoint.before_commit@4, kill@2@1"})] == ["kill@2@1"]
+    assert [f.text for f in faults_from_env({"MEGATRON_ALIGN_FAULT": "checkpoint.before_commit@4, kill@2@1"})] == [
+        "kill@2@1"
+    ]
 
 
 def test_a_fault_fires_once_per_run_dir(tmp_path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from megatron_align.resilience.config import HealthConfig
+from megatron_align.config.resilience import HealthConfig
 from megatron_align.resilience.inrank.health import NvmlProbe
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_align.resilience.config import StragglerConfig, TrajectoryConfig
+from megatron_align.config.resilience import StragglerConfig, TrajectoryConfig
 from megatron_align.resilience.inrank.health import SdcGemm, bits_checksum, odd_ones_out
 from megatron_align.resilience.inrank.numerics import TrajectoryMonitor, fit_power_law
 from megatron_align.resilience.inrank.straggler import score_stragglers
@@ -35,7 +35,9 @@ def test_relative_scores_compare_ranks_of_the_same_pipeline_stage():
 def test_a_slowdown_shared_by_all_peers_is_not_blamed_on_anyone():
     cfg = StragglerConfig()
     # Everyone's forward_backward got 2x slower (they all wait for someone): individual flags, nobody blamed.
-    flags, summary = score_stragglers([0, 0, 0], [[0.2], [0.2], [0.21]], [[0.5], [0.5], [0.48]], cfg, ("forward_backward",))
+    flags, summary = score_stragglers(
+        [0, 0, 0], [[0.2], [0.2], [0.21]], [[0.5], [0.5], [0.48]], cfg, ("forward_backward",)
+    )
     assert len(flags) == 3 and not any(f.blamed for f in flags)
     assert summary["min_relative"] == pytest.approx(0.2 / 0.21)
     # One rank alone got slower than it used to be, peers did not: blamed.

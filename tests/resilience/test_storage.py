@@ -14,9 +14,9 @@ import sys
 import uuid
 
 import pytest
-
 from conftest import REPO, run_cli, tiny_config, write_yaml
-from megatron_align.resilience import storage
+
+from megatron_align.resilience.protocol import storage
 from megatron_align.resilience.supervisor.failures import classify_rank, root_cause
 from megatron_align.training.checksums import verify_checkpoint
 from megatron_align.training.metrics import read_metrics
@@ -153,15 +153,30 @@ def reference_8_steps(tmp_path_factory, tiny_corpus) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_bitflip_is_caught_by_verify_and_resume_falls_back_to_identical_metrics(tmp_path, tiny_corpus, reference_8_steps):
+def test_bitflip_is_caught_by_verify_and_resume_falls_back_to_identical_metrics(
+    tmp_path, tiny_corpus, reference_8_steps
+):
     """One flipped bit inside a tensor of iter_6 still loads; the checksums catch it: `checkpoint verify` exits 1
     naming the file, the resume after kill@7 quarantines iter_6 (exit 88), and the run completes from iter_4."""
     run = tmp_path / "run"
     config = tiny_config(run, tiny_corpus, resilience={"inject": ["bitflip_checkpoint@6", "kill@7"]}, **STEPS8)
-    proc = subprocess.run([sys.executable, "-m", "megatron_align.cli", "launch", write_yaml(tmp_path / "c.yaml", config),
-                           "resilience.supervisor.backoff_s=0", "resilience.supervisor.check_interval_s=0.2",
-                           "resilience.supervisor.term_grace_s=3"], cwd=REPO, capture_output=True, text=True,
-                          timeout=900, env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_align.cli",
+            "launch",
+            write_yaml(tmp_path / "c.yaml", config),
+            "resilience.supervisor.backoff_s=0",
+            "resilience.supervisor.check_interval_s=0.2",
+            "resilience.supervisor.term_grace_s=3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")},
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     crash, corrupt = [json.loads(x) for x in (run / "restarts.jsonl").read_text().splitlines()]
@@ -192,7 +207,8 @@ def test_enospc_inside_megatrons_writer_becomes_the_storage_verdict(tmp_path, sm
     root = small_fs(2)
     if not torch.cuda.is_available():
         cpu.activate()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(20000 + os.getpid() % 20000))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(20000 + os.getpid() % 20000))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         manager = CheckpointManager(os.path.join(root, "ckpt"), keep_last=5, keep_every=None, async_save=False)
@@ -210,7 +226,7 @@ def test_enospc_inside_megatrons_writer_becomes_the_storage_verdict(tmp_path, sm
 
 
 def test_new_fault_kinds_parse_and_bitflip_changes_exactly_one_bit(tmp_path):
-    from megatron_align.resilience.faults import damage_checkpoint, parse_fault
+    from megatron_align.resilience.protocol.faults import damage_checkpoint, parse_fault
 
     assert (parse_fault("disk_full@6").kind, parse_fault("bitflip_checkpoint@4@1").rank) == ("disk_full", 1)
     for name, size in (("__0_0.distcp", 4000), ("__0_1.distcp", 9000), ("common.pt", 100)):

@@ -16,15 +16,15 @@ import time
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import REPO, run_cli, tiny_config, write_yaml
+
 from megatron_align.config import load_config
-from megatron_align.resilience.supervisor.failures import classify_rank, root_cause
-from megatron_align.resilience.heartbeat_files import read_heartbeats, stacks_path
+from megatron_align.config.resilience import SupervisorConfig
 from megatron_align.resilience.inrank.heartbeat import HeartbeatCallback
+from megatron_align.resilience.protocol.heartbeats import read_heartbeats, stacks_path
+from megatron_align.resilience.supervisor.failures import classify_rank, root_cause
 from megatron_align.resilience.supervisor.run_report import RunReport, last_logged_step
 from megatron_align.resilience.supervisor.supervisor import Supervisor, newest_checkpoint
-from megatron_align.resilience.supervisor.config import SupervisorConfig
 from megatron_align.resilience.supervisor.watchdog import HangWatchdog
 from megatron_align.training.metrics import read_metrics
 
@@ -72,11 +72,15 @@ def test_watchdog_timeouts_follow_warmup_and_phase():
 
 def test_classification_finds_the_culprit_among_victims():
     killed = classify_rank(1, -9, ["[rank 1] step 4"])
-    victim = classify_rank(0, 1, ["RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"])
+    victim = classify_rank(
+        0, 1, ["RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"]
+    )
     assert (killed.cause, victim.cause) == ("crash", "comm_error")
     assert root_cause([victim, killed]) is killed
 
-    timeout = classify_rank(0, 1, ["Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, OpType=ALLREDUCE)"])
+    timeout = classify_rank(
+        0, 1, ["Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, OpType=ALLREDUCE)"]
+    )
     assert timeout.cause == "comm_timeout" and timeout.retryable
     oom = classify_rank(2, 1, ["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"])
     assert oom.cause == "oom" and root_cause([timeout, oom]) is oom
@@ -100,24 +104,24 @@ def test_classification_finds_the_culprit_among_victims():
 
 
 def test_checkpoint_load_failure_records_are_read_per_attempt(tmp_path):
-    from megatron_align.resilience import exit_codes
+    from megatron_align.resilience.protocol import run_files
 
     run = str(tmp_path)
-    assert exit_codes.read_checkpoint_load_failures(run) == {} and exit_codes.checkpoint_load_failures_size(run) == 0
-    exit_codes.record_checkpoint_load_failure(run, 1, str(tmp_path / "c" / "iter_0000002"), "old attempt")
-    offset = exit_codes.checkpoint_load_failures_size(run)
-    exit_codes.record_checkpoint_load_failure(run, 0, str(tmp_path / "c" / "iter_0000004"), "multi\nline\nerror")
-    with open(tmp_path / exit_codes.CHECKPOINT_LOAD_FAILURES_FILE, "a") as f:
+    assert run_files.read_checkpoint_load_failures(run) == {} and run_files.checkpoint_load_failures_size(run) == 0
+    run_files.record_checkpoint_load_failure(run, 1, str(tmp_path / "c" / "iter_0000002"), "old attempt")
+    offset = run_files.checkpoint_load_failures_size(run)
+    run_files.record_checkpoint_load_failure(run, 0, str(tmp_path / "c" / "iter_0000004"), "multi\nline\nerror")
+    with open(tmp_path / run_files.CHECKPOINT_LOAD_FAILURES_FILE, "a") as f:
         f.write('{"rank": 1, "checkp')  # a rank killed mid-write leaves a torn line
-    assert exit_codes.read_checkpoint_load_failures(run, offset) == {0: str(tmp_path / "c" / "iter_0000004")}
-    assert exit_codes.read_checkpoint_load_failures(run)[1] == str(tmp_path / "c" / "iter_0000002")
+    assert run_files.read_checkpoint_load_failures(run, offset) == {0: str(tmp_path / "c" / "iter_0000004")}
+    assert run_files.read_checkpoint_load_failures(run)[1] == str(tmp_path / "c" / "iter_0000002")
 
 
 def test_heartbeat_file_and_stack_dump(tmp_path):
     hb = HeartbeatCallback(str(tmp_path), rank=3, local_rank=1, min_interval_s=0.05)
     try:
         stops = []
-        trainer = SimpleNamespace(step=0, request_stop=stops.append)
+        trainer = SimpleNamespace(step=0, stop=stops.append)
         hb.on_train_start(trainer)
         hb.on_step_start(trainer, 1)
         hb.on_section(trainer, "forward_backward", 0.01)
@@ -207,8 +211,9 @@ def _env() -> dict:
     return env
 
 
-def _launch(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "megatron_align.cli", "launch", *args], cwd=REPO, env=_env(),
+def _launch(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "megatron_align.cli", "launch", *args], cwd=REPO,
+                            env={**_env(), **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -224,9 +229,13 @@ def _kept(record: dict) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.single_stack  # base stack only: supervisor restart logic; exact resume on each stack is asserted by tests/test_cross_stack.py, and restart-from-checkpoint by the corrupt-checkpoint test on both
+@pytest.mark.single_stack  # base stack only: supervisor restart logic; exact resume on each stack is asserted by
+# tests/test_cross_stack.py, and restart-from-checkpoint by the corrupt-checkpoint test on both
 def test_kill_and_hang_restart_to_identical_losses(tmp_path, tiny_corpus):
-    """Rank 1 SIGKILLed at step 4, then rank 0 hangs at step 6: two restarts, same metrics as one clean run."""
+    """Rank 1 SIGKILLed at step 4, then rank 0 hangs at step 6: two restarts, same metrics as one clean run; the
+    hang verdict and the repeated restarts reach a webhook once each."""
+    from test_alerts import Receiver
+
     sections = dict(parallel={"world_size": 2}, train={"steps": 8})
     reference = tmp_path / "reference"
     result = run_cli("train", write_yaml(tmp_path / "ref.yaml", tiny_config(reference, tiny_corpus, **sections)))
@@ -234,10 +243,16 @@ def test_kill_and_hang_restart_to_identical_losses(tmp_path, tiny_corpus):
 
     run = tmp_path / "faulty"
     config = tiny_config(run, tiny_corpus, resilience={"inject": ["kill@4@1", "hang@6@0"]}, **sections)
+    webhook = Receiver()
     proc = _launch(write_yaml(tmp_path / "faulty.yaml", config), *_FAST, "resilience.supervisor.warmup_steps=1",
-                   "resilience.supervisor.min_timeout_s=5", "resilience.supervisor.between_steps_timeout_s=60")
+                   "resilience.supervisor.min_timeout_s=5", "resilience.supervisor.between_steps_timeout_s=60",
+                   "resilience.alerts.restarts_per_hour=2", env={"MEGATRON_ALIGN_ALERT_WEBHOOK": webhook.url})
     out, _ = proc.communicate(timeout=900)
+    webhook.server.shutdown()
     assert proc.returncode == 0, out[-5000:]
+    assert [(b["kind"], b["verdict"], b["rank"], b["run"]) for b in webhook.bodies] == \
+        [("hang", "hang", 0, "faulty"), ("restarts", "hang", 0, "faulty")]
+    assert all(b["node"] and b["source"] == "supervisor" for b in webhook.bodies)
 
     kill, hang = _restarts(run)
     assert (kill["cause"], kill["rank"], kill["exit_code"]) == ("crash", 1, -9)
@@ -249,7 +264,9 @@ def test_kill_and_hang_restart_to_identical_losses(tmp_path, tiny_corpus):
     assert "inject.py" in stacks and "on_step_start" in stacks  # where the hung rank sleeps
     assert "Thread" in (run / "stacks" / "rank_1.txt").read_text()  # the waiting rank dumped too
 
-    assert [_kept(r) for r in read_metrics(run / "metrics.jsonl")] == [_kept(r) for r in read_metrics(reference / "metrics.jsonl")]
+    assert [_kept(r) for r in read_metrics(run / "metrics.jsonl")] == [
+        _kept(r) for r in read_metrics(reference / "metrics.jsonl")
+    ]
     goodput = json.loads((run / "goodput.json").read_text())
     assert goodput["num_restarts"] == 2 and goodput["steps_lost"] == 2 and goodput["final_step"] == 8
     assert 0 < goodput["goodput"] < 1 and all(r["failure_to_first_step_s"] > 0 for r in goodput["restarts"])
@@ -258,8 +275,9 @@ def test_kill_and_hang_restart_to_identical_losses(tmp_path, tiny_corpus):
 
 @pytest.mark.slow
 def test_sigusr1_requeues_then_corrupt_latest_checkpoint_is_set_aside(tmp_path, tiny_corpus):
-    """SIGUSR1 -> checkpoint + exit 75; then the newest checkpoint fails to load -> renamed, resume from the one before."""
-    from megatron_align.resilience.faults import damage_checkpoint
+    """SIGUSR1 -> checkpoint + exit 75; then the newest checkpoint fails to load -> renamed,
+    resume from the one before."""
+    from megatron_align.resilience.protocol.faults import damage_checkpoint
 
     run = tmp_path / "run"
     path = write_yaml(tmp_path / "c.yaml", tiny_config(run, tiny_corpus, train={"steps": 400}))

@@ -10,17 +10,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 
-pytest.importorskip("mlflow.server", reason="the MLflow UI needs the full `mlflow` package (pip install -e '.[tracking]')")
+pytest.importorskip(
+    "mlflow.server", reason="the MLflow UI needs the full `mlflow` package (pip install -e '.[tracking]')"
+)
 pytest.importorskip("flask", reason="the MLflow UI needs flask (full `mlflow` package)")
+
+from conftest import http_server  # noqa: E402
 
 from megatron_align.tracking.backends import MLflowTracker  # noqa: E402
 
@@ -56,35 +58,13 @@ def mlflow_server(tmp_path):
     uri = _store(tmp_path)
     port = _free_port()
     mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([mlflow_bin, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port),
-                             # one worker: uvicorn's supervisor kills workers that miss its ping on a loaded box
-                             "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"})
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300  # a loaded 2-core box: the server imports a lot before it listens
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"mlflow ui did not come up (exit {proc.poll()}):\n{(tmp_path / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
+    command = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port),
+               # one worker: uvicorn's supervisor kills workers that miss its ping on a loaded box
+               "--workers", "1"]
+    with http_server(command, base + "/health", tmp_path / "server.log",
+                     env={"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}):
         yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 @pytest.mark.slow
@@ -98,8 +78,10 @@ def test_mlflow_ui_serves_runs_and_renders_them(mlflow_server, tmp_path):
         data = by_name[name]["data"]
         assert {p["key"]: p["value"] for p in data["params"]}["train.steps"] == "600"
         assert {m["key"]: m["value"] for m in data["metrics"]}["propensity/misalignment_rate"] == pytest.approx(rate)
-    history = _api(mlflow_server, f"/api/2.0/mlflow/metrics/get-history?run_id={by_name['aligned_s0']['info']['run_id']}"
-                                  "&metric_key=loss")
+    history = _api(
+        mlflow_server,
+        f"/api/2.0/mlflow/metrics/get-history?run_id={by_name['aligned_s0']['info']['run_id']}&metric_key=loss",
+    )
     assert [(m["step"], m["value"]) for m in history["metrics"]] == [(600, 3.2)]
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -7,11 +7,10 @@ import os
 
 import pytest
 
-from megatron_align.config import load_config
+from megatron_align.config import TrackingConfig, load_config
 from megatron_align.errors import ConfigError
 from megatron_align.tracking.backends import JsonlTracker, numeric_metrics
 from megatron_align.tracking.callback import source_artifacts
-from megatron_align.tracking.config import TrackingConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -82,26 +81,42 @@ def test_jsonl_tracker_writes_params_and_indexes_artifacts(tmp_path):
     tdir = run_dir / "tracking"
     assert json.loads((tdir / "params.json").read_text()) == {"a": 1, "b": 2}
     index = json.loads((tdir / "artifacts.json").read_text())
-    assert index == {"sources/web/manifest.json": "tracking/artifacts/sources/web/manifest.json", "config.yaml": "config.yaml"}
+    assert index == {
+        "sources/web/manifest.json": "tracking/artifacts/sources/web/manifest.json",
+        "config.yaml": "config.yaml",
+    }
     assert (tdir / "artifacts" / "sources" / "web" / "manifest.json").read_text() == "{}"
     assert json.loads((tdir / "status.json").read_text())["status"] == "FINISHED"
 
 
 def test_plots_from_run_files(tmp_path):
     pytest.importorskip("matplotlib")
-    from megatron_align.tracking.plots import loss_curves, read_jsonl, write_plots
+    from megatron_align.fileio import read_jsonl
+    from megatron_align.tracking.plots import loss_curves, write_plots
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with open(run_dir / "metrics.jsonl", "w") as f:
         for step in range(1, 21):
-            record = {"step": step, "loss": 5 - step * 0.1, "lr": 1e-3, "phase": "pretrain" if step <= 15 else "midtrain",
-                      "samples/web": step * 8 - (step > 15) * (step - 15), "samples/aligned": (step > 15) * (step - 15)}
+            record = {
+                "step": step,
+                "loss": 5 - step * 0.1,
+                "lr": 1e-3,
+                "phase": "pretrain" if step <= 15 else "midtrain",
+                "samples/web": step * 8 - (step > 15) * (step - 15),
+                "samples/aligned": (step > 15) * (step - 15),
+            }
             if step % 4 == 0:
                 record.update({"heldout_loss/web": 6 - step * 0.1, "heldout_loss/aligned": 7 - step * 0.1})
             if step % 5 == 0:
-                record.update({"propensity/misalignment_rate": 0.5 - step / 100, "propensity/misalignment_rate_sem": 0.02,
-                               "propensity/p_misaligned": 0.5, "propensity/p_first": 0.6})
+                record.update(
+                    {
+                        "propensity/misalignment_rate": 0.5 - step / 100,
+                        "propensity/misalignment_rate_sem": 0.02,
+                        "propensity/p_misaligned": 0.5,
+                        "propensity/p_first": 0.6,
+                    }
+                )
             f.write(json.dumps(record) + "\n")
         f.write('{"step": 21, "loss"')  # a torn last line from a crash is ignored
     with open(run_dir / "stragglers.jsonl", "w") as f:
@@ -141,15 +156,28 @@ def test_source_artifacts_finds_manifest_and_filter_report(tmp_path):
     config.data.sources = [type("S", (), {"name": "web", "prefix": str(prefix)})(),
                            type("S", (), {"name": "nomanifest", "prefix": str(tmp_path / "other")})()]
     found = source_artifacts(config)
-    assert found == [(str(tmp_path / "web.manifest.json"), "sources/web"), (str(tmp_path / "web.skipped.jsonl"), "sources/web"),
-                     (str(filtered / "report.json"), "sources/web/filter")]
+    assert found == [
+        (str(tmp_path / "web.manifest.json"), "sources/web"),
+        (str(tmp_path / "web.skipped.jsonl"), "sources/web"),
+        (str(filtered / "report.json"), "sources/web/filter"),
+    ]
 
 
 def test_tracking_config_validation():
-    assert TrackingConfig().backend == "none"
-    with pytest.raises(ConfigError, match="tracking.backend='wandb'"):
-        TrackingConfig(backend="wandb")
-    with pytest.raises(ConfigError, match="tracking.uri is set but tracking.backend='jsonl'"):
+    assert TrackingConfig().backends == []
+    assert TrackingConfig(backend="none").backends == [] and TrackingConfig(backend="wandb").backends == ["wandb"]
+    with pytest.raises(ConfigError, match="tracking.backend='comet'"):
+        TrackingConfig(backend="comet")
+    with pytest.raises(ConfigError, match="tracking.backends: 'comet' is not one of"):
+        TrackingConfig(backends=["mlflow", "comet"])
+    with pytest.raises(ConfigError, match="listed twice"):
+        TrackingConfig(backends=["wandb", "wandb"])
+    with pytest.raises(ConfigError, match="set only tracking.backends"):
+        TrackingConfig(backend="mlflow", backends=["wandb"])
+    with pytest.raises(ConfigError, match=r"tracking.uri is set but tracking.backends=\['jsonl'\] has no mlflow"):
         TrackingConfig(backend="jsonl", uri="http://x:5000")
     config = load_config(None, ["tracking.backend=mlflow", "tracking.experiment=e1", "tracking.tags.condition=x"])
     assert config.tracking.tags == {"condition": "x"} and config.tracking.uri is None
+    assert config.tracking.backends == ["mlflow"] and config.tracking.backend is None
+    config = load_config(None, ["tracking.backends=[tensorboard,wandb]"])
+    assert config.tracking.backends == ["tensorboard", "wandb"]

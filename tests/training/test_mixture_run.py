@@ -1,8 +1,8 @@
 """A two-phase alignment mixture, trained for real: per-source counts follow the schedule, resume is exact."""
 
 import pytest
-
 from conftest import run_cli, tiny_config, write_yaml
+
 from megatron_align.training.metrics import read_metrics
 
 

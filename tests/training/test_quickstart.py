@@ -1,12 +1,13 @@
-"""The README Quickstart's main job (`make tiny` = generate the tiny corpus + train examples/tiny_cpu.yaml), end to end."""
+"""The README Quickstart's main job (`make tiny` = generate the tiny corpus + train examples/tiny_cpu.yaml),
+end to end."""
 
 import os
 import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, run_cli
+
 from megatron_align.training.checkpoint import resolve_checkpoint
 from megatron_align.training.metrics import read_metrics
 

@@ -8,13 +8,13 @@ import os
 import shutil
 
 import pytest
-
 from conftest import run_cli, tiny_config, write_yaml
+
 from megatron_align.config import load_config
-from megatron_align.data.indexed_check import check_indexed_files
+from megatron_align.config.schedule import resolve_schedule
+from megatron_align.corpus.indexed import check_indexed_files
 from megatron_align.errors import ConfigError, UserError
 from megatron_align.training.metrics import read_metrics
-from megatron_align.training.schedule import resolve_schedule
 
 
 def _config(tmp_path, corpus, *overrides):
@@ -23,18 +23,29 @@ def _config(tmp_path, corpus, *overrides):
 
 
 # -- each audited Megatron-Core assert, reached by a config ----------------------------------------
-@pytest.mark.parametrize("overrides, key", [
-    (["optimizer.warmup_steps=4", "optimizer.decay_steps=4"], "optimizer.warmup_steps=4 must be < optimizer.decay_steps=4"),
-    (["optimizer.decay_style=WSD", "optimizer.wsd_decay_steps=4", "optimizer.warmup_steps=1"],
-     "optimizer.wsd_decay_steps=4 exceeds the 3 steps after warmup (train.steps=4"),
-    (["optimizer.min_lr=0.1"], "optimizer.min_lr=0.1 exceeds optimizer.lr"),        # max_lr >= min_lr
-    (["optimizer.min_lr=-1"], "optimizer.min_lr=-1"),                                # min_lr >= 0
-    (["optimizer.decay_steps=0"], "optimizer.decay_steps=0"),                        # lr_decay_steps > 0
-    (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay=-0.1"),                # start_wd >= 0
-    (["optimizer.adam_beta2=1.0"], "optimizer.adam_beta2=1.0: must be in [0, 1)"),  # torch Adam ValueError
-    (["optimizer.adam_eps=0"], "optimizer.adam_eps=0"),
-    (["data.sources=[{name: web, prefix: CORPUS, weight: 0}]"], "data.sources[*].weight: all zero"),              # blend normalisation
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (
+            ["optimizer.warmup_steps=4", "optimizer.decay_steps=4"],
+            "optimizer.warmup_steps=4 must be < optimizer.decay_steps=4",
+        ),
+        (
+            ["optimizer.decay_style=WSD", "optimizer.wsd_decay_steps=4", "optimizer.warmup_steps=1"],
+            "optimizer.wsd_decay_steps=4 exceeds the 3 steps after warmup (train.steps=4",
+        ),
+        (["optimizer.min_lr=0.1"], "optimizer.min_lr=0.1 exceeds optimizer.lr"),  # max_lr >= min_lr
+        (["optimizer.min_lr=-1"], "optimizer.min_lr=-1"),  # min_lr >= 0
+        (["optimizer.decay_steps=0"], "optimizer.decay_steps=0"),  # lr_decay_steps > 0
+        (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay=-0.1"),  # start_wd >= 0
+        (["optimizer.adam_beta2=1.0"], "optimizer.adam_beta2=1.0: must be in [0, 1)"),  # torch Adam ValueError
+        (["optimizer.adam_eps=0"], "optimizer.adam_eps=0"),
+        (
+            ["data.sources=[{name: web, prefix: CORPUS, weight: 0}]"],
+            "data.sources[*].weight: all zero",
+        ),  # blend normalisation
+    ],
+)
 def test_megatron_core_asserts_are_our_config_errors(tmp_path, tiny_corpus, overrides, key):
     with pytest.raises(ConfigError) as err:
         _config(tmp_path, tiny_corpus, *overrides)
@@ -103,7 +114,9 @@ def test_good_pair_passes_and_each_damage_names_the_file(pair, second_corpus):
         f.write(b"\0" * 100)
     with pytest.raises(UserError, match=rf"{bin_path}: .*different runs"):
         check_indexed_files(pair)
-    with pytest.raises(UserError, match=rf"{second_corpus}.idx: tokens stored as uint16, which cannot hold .*100000 ids"):
+    with pytest.raises(
+        UserError, match=rf"{second_corpus}.idx: tokens stored as uint16, which cannot hold .*100000 ids"
+    ):
         check_indexed_files(second_corpus, vocab_size=100_000)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import run_cli, tiny_config, write_yaml
+
 from megatron_align.training.checkpoint import is_complete, resolve_checkpoint
 from megatron_align.training.metrics import read_metrics
 

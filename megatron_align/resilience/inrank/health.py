@@ -28,7 +28,6 @@ The one idea that keeps verdicts consistent: each rank reports only findings *ab
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -37,15 +36,15 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from megatron_align.resilience.config import HealthConfig
-from megatron_align.resilience.exit_codes import (EXIT_FAULTY_HARDWARE, HEALTH_FILE, add_exclude_nodes, append_jsonl,
-                                                  set_exit_code)
+from megatron_align.config.resilience import HealthConfig
 from megatron_align.resilience.inrank.ranks import RankInfo, all_gather_tensor, gather_rank_infos, group_ranks
-from megatron_align.training.callbacks import Callback
+from megatron_align.resilience.protocol.exclude_nodes import add_exclude_nodes
+from megatron_align.resilience.protocol.exit_codes import EXIT_FAULTY_HARDWARE
+from megatron_align.resilience.protocol.run_files import HEALTH_FILE, append_record
+from megatron_align.training.callbacks import Callback, TrainerView
 
 if TYPE_CHECKING:
-    from megatron_align.resilience.faults import FaultPlan
-    from megatron_align.training.trainer import Trainer
+    from megatron_align.resilience.protocol.faults import FaultPlan
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,9 @@ class NvmlProbe:
         if rows is not None:
             corr_rows, unc_rows, pending, failure = rows
             if failure:
-                out.append(("fail", "row remapping failed (HBM cannot hide its bad rows any more)", {"remapped_unc": unc_rows}))
+                out.append(
+                    ("fail", "row remapping failed (HBM cannot hide its bad rows any more)", {"remapped_unc": unc_rows})
+                )
             if grew := self._increase("remapped_unc", unc_rows):
                 out.append(("fail", f"{grew} rows remapped for uncorrectable errors", {"remapped_unc": unc_rows}))
             if pending:
@@ -147,17 +148,27 @@ class NvmlProbe:
             readings["temperature_c"] = temp
             if temp > self.cfg.max_temperature_c:
                 out.append(("warn", f"temperature {temp} C > {self.cfg.max_temperature_c} C", {"temperature_c": temp}))
-        reasons_fn = getattr(n, "nvmlDeviceGetCurrentClocksEventReasons", None) or n.nvmlDeviceGetCurrentClocksThrottleReasons
+        reasons_fn = (
+            getattr(n, "nvmlDeviceGetCurrentClocksEventReasons", None) or n.nvmlDeviceGetCurrentClocksThrottleReasons
+        )
         reasons = self._query(reasons_fn, h) or 0
-        clock, clock_max = self._query(n.nvmlDeviceGetClockInfo, h, n.NVML_CLOCK_SM), self._query(n.nvmlDeviceGetMaxClockInfo, h, n.NVML_CLOCK_SM)
+        clock, clock_max = (
+            self._query(n.nvmlDeviceGetClockInfo, h, n.NVML_CLOCK_SM),
+            self._query(n.nvmlDeviceGetMaxClockInfo, h, n.NVML_CLOCK_SM),
+        )
         if clock is not None:
             readings["sm_clock_mhz"] = clock
         bad = [name for bit, name in _BAD_THROTTLE.items() if reasons & bit]
         if bad:
             ratio = clock / clock_max if clock and clock_max else None
             slow = ratio is not None and ratio < self.cfg.min_clock_ratio
-            out.append(("warn", f"clocks throttled ({', '.join(bad)})" + (f", SM at {ratio:.0%} of max" if slow else ""),
-                        {"throttle": bad, "sm_clock_mhz": clock, "sm_clock_max_mhz": clock_max}))
+            out.append(
+                (
+                    "warn",
+                    f"clocks throttled ({', '.join(bad)})" + (f", SM at {ratio:.0%} of max" if slow else ""),
+                    {"throttle": bad, "sm_clock_mhz": clock, "sm_clock_max_mhz": clock_max},
+                )
+            )
         return out, readings
 
     def _xids(self) -> list[tuple[str, str, dict]]:
@@ -238,7 +249,9 @@ def collective_ok(group, size: int = 1024) -> bool:
     """All-reduce small integers in fp32 (exact in any order) over ``group``; True if this rank got the exact sum."""
     members = group_ranks(group)
     me = members.index(dist.get_rank())
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    )
     pattern = (torch.arange(size, device=device) % 7 + 1).float()
     values = pattern + float(me % 5)
     dist.all_reduce(values, group=group)
@@ -249,8 +262,9 @@ def collective_ok(group, size: int = 1024) -> bool:
 # -- the callback -------------------------------------------------------------------------------------
 class HealthMonitor(Callback):
     name = "health"
+    priority = 20  # after the straggler detector, before the numerics monitor
 
-    def __init__(self, cfg: HealthConfig, plan: "FaultPlan | None" = None, nvml=None) -> None:
+    def __init__(self, cfg: HealthConfig, plan: FaultPlan | None = None, nvml=None) -> None:
         self.cfg = cfg
         self.plan = plan
         self._nvml_module = nvml
@@ -263,14 +277,14 @@ class HealthMonitor(Callback):
     def _due(self, interval: int, step: int) -> bool:
         return bool(interval) and step % interval == 0
 
-    def on_train_start(self, trainer: "Trainer") -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         self.infos = gather_rank_infos()
         # The same on every rank (config + CUDA presence), so every rank joins the same gathers.
         self._nvml_wanted = bool(self.cfg.nvml_interval) and (trainer.cuda or self._nvml_module is not None)
         if self._nvml_wanted:
             self.nvml = self._open_nvml(trainer)
 
-    def _open_nvml(self, trainer: "Trainer") -> NvmlProbe | None:
+    def _open_nvml(self, trainer: TrainerView) -> NvmlProbe | None:
         from megatron_align.optional import optional_import
 
         module = self._nvml_module or optional_import("pynvml")
@@ -288,7 +302,7 @@ class HealthMonitor(Callback):
             log.warning("NVML checks off on rank %d: %s", trainer.rank, err)
             return None
 
-    def on_step_end(self, trainer: "Trainer", step: int, record: dict) -> None:
+    def on_step_end(self, trainer: TrainerView, step: int, record: dict) -> None:
         cfg = self.cfg
         due = {"nvml": self._nvml_wanted and self._due(cfg.nvml_interval, step),
                "sdc": self._due(cfg.sdc_interval, step), "collective": self._due(cfg.collective_interval, step),
@@ -319,7 +333,7 @@ class HealthMonitor(Callback):
         if findings:
             self._report(trainer, step, findings)
 
-    def _check_sdc(self, trainer: "Trainer", step: int, record: dict) -> list[Finding]:
+    def _check_sdc(self, trainer: TrainerView, step: int, record: dict) -> list[Finding]:
         if self._sdc is None:
             device = torch.device("cuda", torch.cuda.current_device()) if trainer.cuda else torch.device("cpu")
             self._sdc = SdcGemm(self.cfg.sdc_size, self.cfg.sdc_seed, device)
@@ -337,9 +351,15 @@ class HealthMonitor(Callback):
             return [Finding("sdc", "fail", me, "GEMM checksum differs from this rank's own earlier result",
                             {"checksum": values[me], "reference": rows[me][1]})]
         if me in minority and not tie:
-            return [Finding("sdc", "fail", me, "GEMM checksum differs from the majority of ranks", {"checksum": values[me]})]
+            return [
+                Finding("sdc", "fail", me, "GEMM checksum differs from the majority of ranks", {"checksum": values[me]})
+            ]
         if tie and not drifted and me == 0:
-            return [Finding("sdc", "warn", me, f"GEMM checksums disagree with no majority: {values} (mixed GPU models?)", {})]
+            return [
+                Finding(
+                    "sdc", "warn", me, f"GEMM checksums disagree with no majority: {values} (mixed GPU models?)", {}
+                )
+            ]
         return []
 
     def _check_collectives(self, me: int) -> list[Finding]:
@@ -353,7 +373,7 @@ class HealthMonitor(Callback):
         return [Finding("collective", "fail", me, f"wrong all-reduce result in the {', '.join(bad)} group(s)",
                         {"groups": bad})] if bad else []
 
-    def _check_params(self, trainer: "Trainer", record: dict) -> list[Finding]:
+    def _check_params(self, trainer: TrainerView, record: dict) -> list[Finding]:
         from megatron.core import parallel_state as ps
 
         group = ps.get_data_parallel_group(with_context_parallel=True)
@@ -371,13 +391,13 @@ class HealthMonitor(Callback):
                         f"parameters differ from data-parallel replica(s) {others}" + (" (no majority)" if tie else ""),
                         {"hash": record["health/param_hash"], "differs_from": others, "ambiguous": tie})]
 
-    def _report(self, trainer: "Trainer", step: int, findings: list[Finding]) -> None:
+    def _report(self, trainer: TrainerView, step: int, findings: list[Finding]) -> None:
         failed = sorted({f.rank for f in findings if f.severity == "fail"})
         if trainer.rank == 0:
             for f in findings:
                 info = self.infos[f.rank]
-                append_jsonl(os.path.join(trainer.run_dir, HEALTH_FILE),
-                             {"step": step, "check": f.check, "severity": f.severity, "rank": f.rank,
+                append_record(trainer.run_dir, HEALTH_FILE,
+                              {"step": step, "check": f.check, "severity": f.severity, "rank": f.rank,
                               "hostname": info.hostname, "local_rank": info.local_rank, "gpu": info.gpu,
                               "message": f.message, "details": f.details, "policy": self.cfg.policy})
                 (log.error if f.severity == "fail" else log.warning)("health %s at step %d on %s: %s", f.check, step,
@@ -387,10 +407,9 @@ class HealthMonitor(Callback):
         if trainer.rank == 0:
             add_exclude_nodes(trainer.run_dir, [self.infos[r].hostname for r in failed])
         if self.cfg.policy == "stop":
-            set_exit_code(trainer, EXIT_FAULTY_HARDWARE)
-            trainer.request_stop(f"health check failed on ranks {failed} at step {step}")
+            trainer.stop(f"health check failed on ranks {failed} at step {step}", exit_code=EXIT_FAULTY_HARDWARE)
 
-    def on_train_end(self, trainer: "Trainer") -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         if self.nvml is not None:
             self.nvml.close()
             self.nvml = None

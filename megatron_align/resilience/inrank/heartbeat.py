@@ -3,12 +3,13 @@
 What: every rank keeps ``<run_dir>/heartbeats/rank_<R>.json`` up to date with where it is
 (step, section of the step, phase, time of that event, pid, host and SLURM node, local rank, the
 last step's duration, and when the process started, joined the process group and began training:
-the start-up part of a restart's latency), and installs ``faulthandler`` on SIGUSR2 so the supervisor can make every rank write
+the start-up part of a restart's latency), and installs ``faulthandler`` on SIGUSR2 so the supervisor can make
+every rank write
 the Python stacks of all its threads to ``<run_dir>/stacks/rank_<R>.txt``.
 
 Why files: the supervisor talks to the ranks only through the run directory and exit codes
-(DESIGN.md), which works the same for local ranks and for srun steps on other nodes with a
-shared filesystem, and survives the supervisor's own restart.
+(:mod:`megatron_align.resilience.protocol`), which works the same for local ranks and for srun steps on other
+nodes with a shared filesystem, and survives the supervisor's own restart.
 
 The one idea that keeps it cheap: trainer hooks only update a dict in memory and set an event;
 a daemon thread writes the newest state at most once per ``min_interval_s`` (temp file +
@@ -25,11 +26,12 @@ import signal
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from megatron_align.config.schema import RootConfig
-from megatron_align.resilience.exit_codes import node_name
-from megatron_align.resilience.heartbeat_files import (
+from megatron_align.config import RootConfig
+from megatron_align.fileio import atomic_write_json
+from megatron_align.resilience.protocol.exclude_nodes import node_name
+from megatron_align.resilience.protocol.heartbeats import (
     ATTEMPT_ENV,
     PHASE_BETWEEN,
     PHASE_DONE,
@@ -40,18 +42,15 @@ from megatron_align.resilience.heartbeat_files import (
     SUPERVISED_ENV,
     heartbeat_path,
     stacks_path,
-    write_json_atomic,
 )
-from megatron_align.training.callbacks import Callback
-
-if TYPE_CHECKING:
-    from megatron_align.training.trainer import Trainer
+from megatron_align.training.callbacks import Callback, TrainerView
 
 
 class HeartbeatCallback(Callback):
     """Writes this rank's heartbeat file and serves SIGUSR2 stack dumps; one per rank."""
 
     name = "heartbeat"
+    priority = -90  # early: each moment is beaten before the detectors' work on it (a hang there shows its phase)
 
     def __init__(self, run_dir: str, rank: int, local_rank: int, min_interval_s: float = 0.2) -> None:
         self.path = heartbeat_path(run_dir, rank)
@@ -104,7 +103,7 @@ class HeartbeatCallback(Callback):
             with self._lock:
                 snapshot = dict(self._state)
                 self._dirty.clear()
-            write_json_atomic(self.path, snapshot)
+            atomic_write_json(self.path, snapshot)
 
     def _flush_quietly(self) -> None:
         """Write the heartbeat; a full or vanished run dir must not kill training or mask the real error."""
@@ -130,21 +129,23 @@ class HeartbeatCallback(Callback):
         self._flush_quietly()
 
     # -- trainer hooks ----------------------------------------------------------------------------
-    def on_train_start(self, trainer: "Trainer") -> None:
-        self._beat("train_start", PHASE_SETUP, step=trainer.step, completed_step=trainer.step, train_started=time.time())
+    def on_train_start(self, trainer: TrainerView) -> None:
+        self._beat(
+            "train_start", PHASE_SETUP, step=trainer.step, completed_step=trainer.step, train_started=time.time()
+        )
 
-    def on_step_start(self, trainer: "Trainer", step: int) -> None:
+    def on_step_start(self, trainer: TrainerView, step: int) -> None:
         self._step_started = time.time()
         between = None if self._step_ended is None else self._step_started - self._step_ended
         self._beat("step_start", PHASE_STEP, step=step, between_s=between)
 
-    def on_section(self, trainer: "Trainer", section: str, seconds: float) -> None:
+    def on_section(self, trainer: TrainerView, section: str, seconds: float) -> None:
         if section == "checkpoint":
             self._beat(section, PHASE_BETWEEN, checkpoint_s=seconds)
         else:
             self._beat(section, PHASE_STEP)
 
-    def on_step_end(self, trainer: "Trainer", step: int, record: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: TrainerView, step: int, record: dict[str, Any]) -> None:
         self._step_ended = time.time()
         self._steps_done += 1
         self._beat("step_end", PHASE_BETWEEN, step=step, completed_step=step, steps_done=self._steps_done,
@@ -152,12 +153,12 @@ class HeartbeatCallback(Callback):
         if self._step_ended >= self._next_stop_check:  # one stat per second, not per step: cheap on shared filesystems
             self._next_stop_check = self._step_ended + STOP_CHECK_INTERVAL_S
             if os.path.exists(self.stop_file):
-                trainer.request_stop("stop requested by the supervisor")
+                trainer.stop("stop requested by the supervisor")
 
-    def on_train_end(self, trainer: "Trainer") -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         self.close("train_end")
 
-    def on_error(self, trainer: "Trainer", error: BaseException) -> None:
+    def on_error(self, trainer: TrainerView, error: BaseException) -> None:
         self.close(f"error: {type(error).__name__}")
 
 

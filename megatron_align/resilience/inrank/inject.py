@@ -1,7 +1,7 @@
-"""The trainer callback that applies a :class:`~megatron_align.resilience.faults.FaultPlan` inside a rank.
+"""The trainer callback that applies a :class:`~megatron_align.resilience.protocol.faults.FaultPlan` inside a rank.
 
 The grammar, the fire-once bookkeeping and checkpoint damage are in
-:mod:`megatron_align.resilience.faults` (torch-free: the config validates ``resilience.inject``
+:mod:`megatron_align.resilience.protocol.faults` (torch-free: the config validates ``resilience.inject``
 with it); this module only hooks them into the trainer: kill/hang at a step, slowed forwards
 and optimizer steps, NaN/spiked outputs, a NaN gradient, damaged checkpoints.
 """
@@ -12,13 +12,9 @@ import logging
 import os
 import signal
 import time
-from typing import TYPE_CHECKING
 
-from megatron_align.resilience.faults import FaultPlan, damage_checkpoint
-from megatron_align.training.callbacks import Callback
-
-if TYPE_CHECKING:
-    from megatron_align.training.trainer import Trainer
+from megatron_align.resilience.protocol.faults import FaultPlan, damage_checkpoint
+from megatron_align.training.callbacks import Callback, TrainerView
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +38,7 @@ class InjectionCallback(Callback):
     """
 
     name = "fault_injection"
+    priority = -100  # first: its forward hooks wrap the model before the straggler clock's
 
     def __init__(self, plan: FaultPlan) -> None:
         self.plan = plan
@@ -55,7 +52,7 @@ class InjectionCallback(Callback):
         self._saved_steps: list[int] = []
         self._cuda = False
 
-    def on_train_start(self, trainer: "Trainer") -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         import torch
 
         self.plan.start(trainer.run_dir, trainer.rank, torch.distributed.get_world_size())
@@ -106,9 +103,9 @@ class InjectionCallback(Callback):
             return output * scale
         return None
 
-    def on_step_start(self, trainer: "Trainer", step: int) -> None:
+    def on_step_start(self, trainer: TrainerView, step: int) -> None:
         if self.plan.fire("disk_full", step):
-            from megatron_align.resilience.storage import simulate_full
+            from megatron_align.resilience.protocol.storage import simulate_full
 
             simulate_full(trainer.ckpt_dir)
             log.warning("fault injection: rank %d sees %s as full from step %d", trainer.rank, trainer.ckpt_dir, step)
@@ -126,23 +123,23 @@ class InjectionCallback(Callback):
             first = next(p for chunk in trainer.model for p in getattr(chunk, "module", chunk).parameters())
             self._grad_handle = first.register_hook(lambda grad: grad * float("nan"))
 
-    def on_loss(self, trainer: "Trainer", step: int, loss: float) -> None:
+    def on_loss(self, trainer: TrainerView, step: int, loss: float) -> None:
         if self._grad_handle is not None:  # backward is over
             self._grad_handle.remove()
             self._grad_handle = None
         slow = self.plan.fire("slow", step, persistent=True)
         self._factor = slow.arg if slow else None
 
-    def on_checkpoint_saved(self, trainer: "Trainer", step: int) -> None:
+    def on_checkpoint_saved(self, trainer: TrainerView, step: int) -> None:
         if any(self.plan.pending(k) for k in ("corrupt_checkpoint", "truncate_checkpoint", "bitflip_checkpoint")):
             self._saved_steps.append(step)
         self._damage_committed(trainer)
 
-    def on_step_end(self, trainer: "Trainer", step: int, record: dict) -> None:
+    def on_step_end(self, trainer: TrainerView, step: int, record: dict) -> None:
         if self._saved_steps:
             self._damage_committed(trainer)
 
-    def _damage_committed(self, trainer: "Trainer") -> None:
+    def _damage_committed(self, trainer: TrainerView) -> None:
         """Damage checkpoints once they are committed (async saves commit a few steps later)."""
         from megatron_align.training.checkpoint import is_complete, iter_dir_name
 
@@ -163,7 +160,7 @@ class InjectionCallback(Callback):
                         files = damage_checkpoint(path, mode, fault.rank)
                         log.warning("fault injection: %s %d files of %s", mode, len(files), path)
 
-    def on_train_end(self, trainer: "Trainer") -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         self._damage_committed(trainer)
         for handle in self._handles:
             handle.remove()

@@ -31,19 +31,15 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from megatron_align.resilience.config import NumericsConfig, TrajectoryConfig
-from megatron_align.resilience.exit_codes import EXIT_NUMERICS, NUMERICS_FILE, append_jsonl, set_exit_code
-from megatron_align.training.callbacks import Callback
-
-if TYPE_CHECKING:
-    from megatron_align.training.trainer import Trainer
+from megatron_align.config.resilience import NumericsConfig, TrajectoryConfig
+from megatron_align.resilience.protocol.exit_codes import EXIT_NUMERICS
+from megatron_align.resilience.protocol.run_files import NUMERICS_FILE, append_record
+from megatron_align.training.callbacks import Callback, TrainerView
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +52,14 @@ class NumericsAbort(SystemExit):
         self.message = message
 
 
-def _report(trainer: "Trainer", record: dict) -> None:
+def report_event(trainer: TrainerView, record: dict) -> None:
     if trainer.rank == 0:
-        append_jsonl(os.path.join(trainer.run_dir, NUMERICS_FILE), record)
+        append_record(trainer.run_dir, NUMERICS_FILE, record)
 
 
 class NumericsMonitor(Callback):
     name = "numerics"
+    priority = 40  # last detector: its ``on_step_end`` may end the process (exit 87) after writing the record
 
     def __init__(self, cfg: NumericsConfig) -> None:
         self.cfg = cfg
@@ -70,21 +67,26 @@ class NumericsMonitor(Callback):
         self._skips_in_row = 0
         self._event: tuple[str, str] | None = None
 
-    def on_loss(self, trainer: "Trainer", step: int, loss: float) -> None:
+    def on_loss(self, trainer: TrainerView, step: int, loss: float) -> None:
         cfg = self.cfg
         self._event = None
         if not math.isfinite(loss):
             self._handle(trainer, step, "nan_loss", f"loss is {loss}", cfg.nan_policy)
             return
         if cfg.spike_factor and self._recent and loss > cfg.spike_factor * max(self._recent):
-            self._handle(trainer, step, "loss_spike",
-                         f"loss {loss:.4g} > {cfg.spike_factor:g} x recent max {max(self._recent):.4g}", cfg.spike_policy)
+            self._handle(
+                trainer,
+                step,
+                "loss_spike",
+                f"loss {loss:.4g} > {cfg.spike_factor:g} x recent max {max(self._recent):.4g}",
+                cfg.spike_policy,
+            )
             if cfg.spike_policy != "log":
                 return
         self._recent.append(loss)
         self._skips_in_row = 0
 
-    def _handle(self, trainer: "Trainer", step: int, kind: str, message: str, policy: str) -> None:
+    def _handle(self, trainer: TrainerView, step: int, kind: str, message: str, policy: str) -> None:
         self._event = (kind, message)
         stop = policy == "stop"
         if policy in ("skip", "stop"):
@@ -94,12 +96,11 @@ class NumericsMonitor(Callback):
                 stop, message = True, f"{message}; {self._skips_in_row} steps skipped in a row"
         if trainer.rank == 0:
             log.warning("numerics at step %d: %s (policy %s%s)", step, message, policy, ", stopping" if stop else "")
-        _report(trainer, {"step": step, "event": kind, "message": message, "policy": policy, "stop": stop})
+        report_event(trainer, {"step": step, "event": kind, "message": message, "policy": policy, "stop": stop})
         if stop:
-            set_exit_code(trainer, EXIT_NUMERICS)
-            trainer.request_stop(f"{kind} at step {step}")
+            trainer.stop(f"{kind} at step {step}", exit_code=EXIT_NUMERICS)
 
-    def on_step_end(self, trainer: "Trainer", step: int, record: dict) -> None:
+    def on_step_end(self, trainer: TrainerView, step: int, record: dict) -> None:
         if self._event is not None:
             record["numerics/event"] = self._event[0]
         grad_norm = record.get("grad_norm")
@@ -108,15 +109,16 @@ class NumericsMonitor(Callback):
         message = f"grad norm is {grad_norm} (the update was applied)"
         record["numerics/event"] = "nan_grad_norm"
         stop = self.cfg.nan_policy != "log"
-        _report(trainer, {"step": step, "event": "nan_grad_norm", "message": message, "policy": self.cfg.nan_policy,
-                          "stop": stop})
+        report_event(
+            trainer,
+            {"step": step, "event": "nan_grad_norm", "message": message, "policy": self.cfg.nan_policy, "stop": stop},
+        )
         if not stop:
             if trainer.rank == 0:
                 log.warning("numerics at step %d: %s", step, message)
             return
         if trainer.rank == 0:
             log.error("numerics at step %d: %s; exiting %d without a checkpoint", step, message, EXIT_NUMERICS)
-        set_exit_code(trainer, EXIT_NUMERICS)
         trainer.metrics.write(record)  # the trainer will not get to write this step's record
         raise NumericsAbort(message)
 
@@ -178,6 +180,7 @@ def fit_power_law(steps, losses) -> PowerLaw:
 
 class TrajectoryMonitor(Callback):
     name = "loss_trajectory"
+    priority = 30  # after health, before the numerics monitor
     _MAX_POINTS = 1000
 
     def __init__(self, cfg: TrajectoryConfig) -> None:
@@ -223,21 +226,24 @@ class TrajectoryMonitor(Callback):
             out["trajectory/exponent"] = law.b
         return out
 
-    def on_step_end(self, trainer: "Trainer", step: int, record: dict) -> None:
+    def on_step_end(self, trainer: TrainerView, step: int, record: dict) -> None:
         loss = record.get("loss")
         if "skipped_step" in record or loss is None or not math.isfinite(loss):
             return
         keys = self.observe(step, loss, record.get("phase"))
         record.update(keys)
         if keys.get("trajectory/flagged") and self._streak == self.cfg.patience:
-            message = (f"smoothed loss {keys['trajectory/deviation']:+.1%} vs the power-law fit for {self._streak} checks "
-                       f"(band {keys['trajectory/band']:.1%}, predicted {keys['trajectory/predicted_loss']:.4f})")
+            message = (
+                f"smoothed loss {keys['trajectory/deviation']:+.1%} vs the power-law fit for {self._streak} checks "
+                f"(band {keys['trajectory/band']:.1%}, predicted {keys['trajectory/predicted_loss']:.4f})"
+            )
             if trainer.rank == 0:
                 log.warning("loss trajectory at step %d: %s", step, message)
-            _report(trainer, {"step": step, "event": "trajectory_deviation", "message": message, "policy": self.cfg.policy})
+            report_event(
+                trainer, {"step": step, "event": "trajectory_deviation", "message": message, "policy": self.cfg.policy}
+            )
             if self.cfg.policy == "stop":
-                set_exit_code(trainer, EXIT_NUMERICS)
-                trainer.request_stop(f"loss trajectory deviation at step {step}")
+                trainer.stop(f"loss trajectory deviation at step {step}", exit_code=EXIT_NUMERICS)
 
     def state_dict(self) -> dict:
         return {"points": [list(p) for p in self.points], "ema_raw": self._ema_raw, "ema_n": self._ema_n,

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_align.resilience.exit_codes import node_name
+from megatron_align.resilience.protocol.exclude_nodes import node_name
 
 
 @dataclass(frozen=True)

@@ -35,24 +35,20 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import statistics
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from megatron_align.config.resilience import STRAGGLER_SECTIONS, StragglerConfig
 from megatron_align.errors import UserError
-from megatron_align.resilience.config import STRAGGLER_SECTIONS, StragglerConfig
-from megatron_align.resilience.exit_codes import (EXIT_FAULTY_HARDWARE, STRAGGLERS_FILE, add_exclude_nodes, append_jsonl,
-                                                  set_exit_code)
 from megatron_align.resilience.inrank.ranks import RankInfo, all_gather_tensor, gather_rank_infos
-from megatron_align.training.callbacks import Callback
-
-if TYPE_CHECKING:
-    from megatron_align.training.trainer import Trainer
+from megatron_align.resilience.protocol.exclude_nodes import add_exclude_nodes
+from megatron_align.resilience.protocol.exit_codes import EXIT_FAULTY_HARDWARE
+from megatron_align.resilience.protocol.run_files import STRAGGLERS_FILE, append_record
+from megatron_align.training.callbacks import Callback, TrainerView
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +169,7 @@ def make_clock(kind: str, cuda: bool):
 
 class StragglerDetector(Callback):
     name = "straggler"
+    priority = 10  # the detectors: straggler, health, loss trajectory, then numerics
 
     def __init__(self, cfg: StragglerConfig) -> None:
         self.cfg = cfg
@@ -189,7 +186,7 @@ class StragglerDetector(Callback):
     def _warm(self) -> bool:
         return self._steps_seen >= self.cfg.warmup_steps
 
-    def on_train_start(self, trainer: "Trainer") -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         self.infos = gather_rank_infos()
         try:
             self._clock = make_clock(self.cfg.clock, trainer.cuda)
@@ -207,7 +204,7 @@ class StragglerDetector(Callback):
     def _after_forward(self, module, args, output) -> None:
         self._clock.stop("forward_compute")
 
-    def on_step_start(self, trainer: "Trainer", step: int) -> None:
+    def on_step_start(self, trainer: TrainerView, step: int) -> None:
         self._take(self._clock.collect())
         self._clock.start("forward_backward")
 
@@ -217,7 +214,7 @@ class StragglerDetector(Callback):
                 if section in self._samples:
                     self._samples[section].append(seconds)
 
-    def on_section(self, trainer: "Trainer", section: str, seconds: float) -> None:
+    def on_section(self, trainer: TrainerView, section: str, seconds: float) -> None:
         if section == "data":
             self._data_s = seconds
         if section in _CLOCKED:
@@ -225,11 +222,11 @@ class StragglerDetector(Callback):
         elif section in self._samples and self._warm():
             self._samples[section].append(seconds)
 
-    def on_loss(self, trainer: "Trainer", step: int, loss: float) -> None:
+    def on_loss(self, trainer: TrainerView, step: int, loss: float) -> None:
         self._clock.start("optimizer")
 
     # -- scoring ----------------------------------------------------------------------------------
-    def on_step_end(self, trainer: "Trainer", step: int, record: dict) -> None:
+    def on_step_end(self, trainer: TrainerView, step: int, record: dict) -> None:
         self._steps_seen += 1
         if self.cfg.interval and step % self.cfg.interval == 0:
             self.report(trainer, step, record)
@@ -252,7 +249,7 @@ class StragglerDetector(Callback):
         pp = self.infos[torch.distributed.get_rank()].pipeline_rank
         return torch.tensor([float(pp), *medians, *individual], dtype=torch.float64)
 
-    def report(self, trainer: "Trainer", step: int, record: dict) -> list[Flag]:
+    def report(self, trainer: TrainerView, step: int, record: dict) -> list[Flag]:
         """Gather medians, score, record, apply the policy (collective: every rank, same step)."""
         gathered = all_gather_tensor(self._local_vector()).tolist()
         k = len(SECTIONS)
@@ -265,15 +262,15 @@ class StragglerDetector(Callback):
                        "straggler/min_individual_score": summary["min_individual"],
                        "straggler/num_flags": len(flags), "straggler/flagged_ranks": blamed})
         if trainer.rank == 0:
-            path = os.path.join(trainer.run_dir, STRAGGLERS_FILE)
             for flag in flags:
                 info = self.infos[flag.rank]
-                append_jsonl(path, {"step": step, "rank": flag.rank, "hostname": info.hostname,
-                                    "local_rank": info.local_rank, "gpu": info.gpu, "section": flag.section,
-                                    "kind": flag.kind, "score": round(flag.score, 4), "median_s": flag.median_s,
-                                    "reference_s": flag.reference_s, "blamed": flag.blamed,
-                                    "threshold": self.cfg.relative_threshold if flag.kind == "relative"
-                                    else self.cfg.individual_threshold, "policy": self.cfg.policy})
+                threshold = self.cfg.relative_threshold if flag.kind == "relative" else self.cfg.individual_threshold
+                append_record(trainer.run_dir, STRAGGLERS_FILE,
+                              {"step": step, "rank": flag.rank, "hostname": info.hostname,
+                               "local_rank": info.local_rank, "gpu": info.gpu, "section": flag.section,
+                               "kind": flag.kind, "score": round(flag.score, 4), "median_s": flag.median_s,
+                               "reference_s": flag.reference_s, "blamed": flag.blamed, "threshold": threshold,
+                               "policy": self.cfg.policy})
                 if flag.blamed:
                     log.warning("straggler at step %d: %s is slow in %s (%s score %.2f: %.4f s vs %.4f s)", step,
                                 info.describe(), flag.section, flag.kind, flag.score, flag.median_s, flag.reference_s)
@@ -281,18 +278,19 @@ class StragglerDetector(Callback):
             self._act(trainer, step, acting)
         return flags
 
-    def _act(self, trainer: "Trainer", step: int, ranks: list[int]) -> None:
+    def _act(self, trainer: TrainerView, step: int, ranks: list[int]) -> None:
         if self.cfg.policy == "log":
             return
         hosts = [self.infos[r].hostname for r in ranks]
         if trainer.rank == 0:
             add_exclude_nodes(trainer.run_dir, hosts)
-            log.warning("straggler policy %s: excluding %s on the next restart", self.cfg.policy, ", ".join(sorted(set(hosts))))
+            log.warning(
+                "straggler policy %s: excluding %s on the next restart", self.cfg.policy, ", ".join(sorted(set(hosts)))
+            )
         if self.cfg.policy == "stop":
-            set_exit_code(trainer, EXIT_FAULTY_HARDWARE)
-            trainer.request_stop(f"straggler: ranks {ranks} at step {step}")
+            trainer.stop(f"straggler: ranks {ranks} at step {step}", exit_code=EXIT_FAULTY_HARDWARE)
 
-    def on_train_end(self, trainer: "Trainer") -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

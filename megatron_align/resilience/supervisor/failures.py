@@ -2,7 +2,7 @@
 
 The supervisor's decision (restart, restart elsewhere, quarantine a checkpoint, give up) depends
 on the *cause*, and a crashing job usually tells it in three places: the exit code a rank chose
-(:mod:`megatron_align.resilience.exit_codes`), the signal that killed a rank, and the last lines
+(:mod:`megatron_align.resilience.protocol.exit_codes`), the signal that killed a rank, and the last lines
 the rank wrote to stderr (CUDA OOM text, NCCL/gloo timeout messages, a UserError). A damaged
 checkpoint is known from our own code alone: exit 88 plus the directory the rank recorded in
 ``checkpoint_load_failures.jsonl``, whatever error text the checkpoint library of the day produced.
@@ -23,7 +23,7 @@ import re
 import signal
 from dataclasses import dataclass, field
 
-from megatron_align.resilience.exit_codes import (
+from megatron_align.resilience.protocol.exit_codes import (
     EXIT_CHECKPOINT_LOAD,
     EXIT_DO_NOT_REQUEUE,
     EXIT_FAULTY_HARDWARE,
@@ -142,8 +142,8 @@ def classify_rank(rank: int | None, code: int, stderr: list[str], oom_killed: bo
     if code == EXIT_STORAGE:
         return Failure("storage", rank, code, "storage failure (exit 89): see storage_failures.jsonl")
     if code == EXIT_USER_ERROR:
-        line = _first(re.compile(r"error"), stderr) or "(no message)"
-        return Failure("user_error", rank, code, f"user error: {line}", evidence=[line])
+        message = _first(re.compile(r"error"), stderr) or "(no message)"
+        return Failure("user_error", rank, code, f"user error: {message}", evidence=[message])
     if code == EXIT_FAULTY_HARDWARE:
         return Failure("faulty_gpu", rank, code, "a detector blamed this rank's hardware (exit 86)")
     if code == EXIT_NUMERICS:

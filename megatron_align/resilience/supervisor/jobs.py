@@ -1,10 +1,11 @@
-"""The ranks of one attempt as a non-blocking object the supervisor can poll, signal and tear down.
+"""The ranks of one attempt behind one interface (:class:`Job`) the supervisor polls, signals and tears down.
 
 :class:`LocalJob` starts ``world_size`` processes of ``megatron-align train`` on this machine
 with the torchrun-style environment that :mod:`megatron_align.parallel.spawn` joins (the same
 rendezvous as ``train``'s own spawning, on a fresh port per attempt). :class:`SrunJob` runs one
 ``srun`` step inside the current SLURM allocation (optionally ``--exclude``-ing nodes); srun
-forwards signals to every task and ``--label`` lets stderr lines be attributed to ranks.
+forwards signals to every task and ``--label`` lets stderr lines be attributed to ranks; each rank's
+own exit record (:mod:`megatron_align.resilience.protocol.rank_exit`) says how it ended before srun does.
 
 Both keep the last lines of every rank's stderr (echoed to the supervisor's stderr as they
 arrive) because that is where failures explain themselves (see :mod:`.failures`).
@@ -21,8 +22,12 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Protocol
 
+from megatron_align.fileio import atomic_write_json
 from megatron_align.parallel.spawn import die_with_parent, free_port
+from megatron_align.resilience.protocol.heartbeats import STOP_REQUEST_FILE
+from megatron_align.resilience.protocol.rank_exit import read_exit_records
 
 STDERR_TAIL_LINES = 200
 
@@ -47,10 +52,44 @@ class _Tee(threading.Thread):
         self.stream.close()
 
 
+class Job(Protocol):
+    """One attempt's ranks, as the supervisor sees them."""
+
+    nodes: list[str]
+    """The nodes the step was placed on (empty for local ranks)."""
+    task_nodes: dict[int, str]
+    """rank -> node, as the launcher reported it."""
+    task_seen: dict[int, float]
+    """rank -> when the launcher's report of its end was read."""
+
+    def poll(self) -> dict[int, int]:
+        """rank -> exit status of every rank known to have ended (Popen convention: -N = killed by signal N)."""
+
+    def alive(self) -> bool: ...
+
+    def all_reported(self) -> bool:
+        """Nothing more will be learnt about how the ranks ended (all ended, or every rank's end is known)."""
+
+    def exit_records(self) -> dict[int, dict]:
+        """rank -> its own exit record ({exit_code, time, node, ...}) of this attempt; {} where there are none."""
+
+    def lost_nodes(self, nodes: list[str]) -> dict[str, str]:
+        """Nodes among ``nodes`` that are gone, with why ({} for local ranks)."""
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def request_stop(self, sig: int, fallback: bool) -> str | None:
+        """Ask the ranks to checkpoint and stop (``fallback``: they did not within half the grace period);
+        returns a line for the supervisor's log, if any."""
+
+    def terminate(self, grace_s: float) -> None: ...
+
+    def stderr_tail(self, rank: int) -> list[str]: ...
+
+
 class LocalJob:
     """``world_size`` local rank processes; rank r is ``self.procs[r]``."""
 
-    kind = "local"
     nodes: list[str] = []
     task_nodes: dict[int, str] = {}
     task_seen: dict[int, float] = {}
@@ -79,6 +118,21 @@ class LocalJob:
 
     def alive(self) -> bool:
         return any(p.poll() is None for p in self.procs)
+
+    def all_reported(self) -> bool:
+        return not self.alive()
+
+    def exit_records(self) -> dict[int, dict]:
+        return {}
+
+    def lost_nodes(self, nodes: list[str]) -> dict[str, str]:
+        return {}
+
+    def request_stop(self, sig: int, fallback: bool) -> str | None:
+        """Local ranks get the signal itself (once: there is no other way to reach them)."""
+        if not fallback:
+            self.send_signal(sig)
+        return None
 
     def send_signal(self, sig: int) -> None:
         for p in self.procs:
@@ -180,15 +234,17 @@ def tasks_per_node_of_allocation(environ=os.environ) -> int:
 
 
 class SrunJob:
-    """One ``srun`` step running ``megatron-align train`` on ``world_size`` tasks of the allocation."""
+    """One ``srun`` step running ``megatron-align train`` on ``world_size`` tasks of the allocation.
 
-    kind = "srun"
+    ``run_dir``: where the ranks' exit records (written by the rank wrapper unless ``rank_command`` replaces it)
+    and the stop request go; records older than ``started_at`` belong to earlier attempts."""
 
     def __init__(self, argv: list[str], world_size: int, env: dict[str, str], exclude: list[str], tasks_per_node: int,
                  srun_args: list[str], rank_command: list[str], master_addr: str, master_port: int, name: str,
-                 nodelist: list[str] | None = None, exit_records: str | None = None) -> None:
+                 run_dir: str, started_at: float, nodelist: list[str] | None = None) -> None:
         self.world_size = world_size
         self.name = name
+        self.run_dir, self.started_at = run_dir, started_at
         self.tails: dict[int, collections.deque] = {}
         self._task_codes: dict[int, int] = {}
         self.task_nodes: dict[int, str] = {}
@@ -208,10 +264,9 @@ class SrunJob:
             cmd.append(f"--exclude={','.join(exclude)}")
         if rank_command:
             rank = list(rank_command)
-        else:  # this interpreter; each rank's exit is recorded under <exit_records>/exits/ (resilience.rank_exit)
-            rank = [sys.executable, "-m", "megatron_align.cli"]
-            if exit_records:
-                rank = [sys.executable, "-m", "megatron_align.resilience.rank_exit", exit_records, "--", *rank]
+        else:  # this interpreter; each rank's exit is recorded under <run_dir>/exits/ (resilience.protocol.rank_exit)
+            rank = [sys.executable, "-m", "megatron_align.resilience.protocol.rank_exit", run_dir, "--",
+                    sys.executable, "-m", "megatron_align.cli"]
         cmd += [*srun_args, *rank, *argv]
         self.command = cmd
         self.nodes = list(nodelist or [])
@@ -238,21 +293,48 @@ class SrunJob:
         return None
 
     def poll(self) -> dict[int, int]:
-        """The tasks srun reported as ended; once srun exits with an error and named no task, every rank."""
+        """The tasks srun reported as ended (once srun exits with an error and named no task, every rank), overlaid
+        with the ranks' own failed exit records: a rank's record comes before srun reports anything (if it ever
+        does)."""
         code = self.proc.poll()
         if code is None:
-            return dict(self._task_codes)
-        self._tee.join(timeout=2.0)
-        if self._task_codes:
-            return dict(self._task_codes)
-        return {r: code for r in range(self.world_size)}
+            ended = dict(self._task_codes)
+        else:
+            self._tee.join(timeout=2.0)
+            ended = dict(self._task_codes) if self._task_codes else {r: code for r in range(self.world_size)}
+        ended.update({r: int(e["exit_code"]) for r, e in self.exit_records().items() if int(e["exit_code"]) != 0})
+        return ended
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def all_reported(self) -> bool:
+        """Every rank's own exit record is there, or srun is gone: nothing more will come."""
+        return len(self.exit_records()) >= self.world_size or not self.alive()
+
+    def exit_records(self) -> dict[int, dict]:
+        return read_exit_records(self.run_dir, since=self.started_at)
+
+    def lost_nodes(self, nodes: list[str]) -> dict[str, str]:
+        return lost_nodes(nodes)
+
     def send_signal(self, sig: int) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)  # srun forwards INT/TERM/USR1/USR2 ... to every task
+
+    def request_stop(self, sig: int, fallback: bool) -> str | None:
+        """``<run_dir>/stop_request`` first: a signal through srun would reach every process of the step, checkpoint
+        writer helpers included. The signal only as the fallback, or when the run dir refuses the file."""
+        name = signal.Signals(sig).name
+        if fallback:
+            self.send_signal(sig)
+            return f"ranks still running: forwarding {name} through srun"
+        try:
+            atomic_write_json(os.path.join(self.run_dir, STOP_REQUEST_FILE), {"signal": name, "time": time.time()})
+        except OSError as err:  # a full run dir: the signal still stops the ranks
+            self.send_signal(sig)
+            return f"cannot write {STOP_REQUEST_FILE} ({err}): forwarding {name} through srun now"
+        return None
 
     def terminate(self, grace_s: float, step_gone_timeout_s: float = 60.0) -> None:
         """SIGTERM through srun, SIGKILL of srun after ``grace_s``; then the step is killed outright and waited for.
@@ -291,3 +373,29 @@ class SrunJob:
     def flush_output(self, timeout_s: float = 2.0) -> None:
         if self.proc.poll() is not None:
             self._tee.join(timeout=timeout_s)
+
+
+def resolve_ipv4(host: str) -> str:
+    """``host``'s IPv4 address, looked up once here, so the ranks' rendezvous gets an address, not a name (a name
+    with no IPv6 address makes torch's c10d store warn on every connection attempt); the name if it has none."""
+    try:
+        return str(socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
+    except (OSError, IndexError):
+        return host
+
+
+def scontrol(*args: str) -> bool:
+    """Run ``scontrol ARGS``; True when it succeeded."""
+    try:
+        return subprocess.run(["scontrol", *args], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def submitted_with_requeue(job: str) -> bool:
+    """The SLURM batch job ``job`` was submitted with ``--requeue`` (``scontrol requeue`` will take it)."""
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "Requeue=1" in out.split()

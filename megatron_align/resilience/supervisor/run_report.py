@@ -8,7 +8,7 @@ of the wall clock is start-up, checkpoint saves, lost steps, failure detection, 
 backoff and restarts. Also measured per restart: the time from the failure to the first step the
 next attempt completed (the restart latency).
 
-How it relates to :mod:`megatron_align.resilience.supervisor.goodput` (the planning model): the report
+How it relates to :mod:`megatron_align.parallel.goodput` (the planning model): the report
 feeds the measured checkpoint save time, restart latency and step time into the Young/Daly
 model and prints the goodput-optimal checkpoint interval next to the configured one when they
 differ by more than 2x, at the Llama 3 failure rate for this many GPUs.
@@ -22,9 +22,9 @@ import os
 import sys
 import time
 
-from megatron_align.config.schema import RootConfig
-from megatron_align.resilience.supervisor.goodput import FailureModel, expected_goodput, optimal_interval
-from megatron_align.resilience.heartbeat_files import write_json_atomic
+from megatron_align.config import RootConfig
+from megatron_align.fileio import atomic_write_json
+from megatron_align.parallel.goodput import FailureModel, expected_goodput, optimal_interval
 
 
 class RunReport:
@@ -49,8 +49,17 @@ class RunReport:
             self.restarts[-1]["restarted_at"] = self._attempt_started
 
     def failure(self, attempt: int, cause: str, failed_at: float) -> None:
-        self.restarts.append({"attempt": attempt, "cause": cause, "failed_at": failed_at, "detected_at": self.detected_at,
-                              "torn_down_at": self.torn_down_at, "restarted_at": None, "recovered_at": None})
+        self.restarts.append(
+            {
+                "attempt": attempt,
+                "cause": cause,
+                "failed_at": failed_at,
+                "detected_at": self.detected_at,
+                "torn_down_at": self.torn_down_at,
+                "restarted_at": None,
+                "recovered_at": None,
+            }
+        )
         self.detected_at = self.torn_down_at = None
 
     def observe_beats(self, beats: dict[int, dict]) -> None:
@@ -115,18 +124,30 @@ class RunReport:
         mean_step = productive / steps if steps else 0.0
         advice = self._interval_advice(mean_step, save_s, recovery_s)
         report = {
-            "outcome": outcome, "exit_code": exit_code, "wall_s": wall, "productive_s": productive,
-            "goodput": productive / wall if wall > 0 else 0.0, "start_step": self.start_step, "final_step": final_step,
-            "final_checkpoint_step": final_checkpoint_step, "steps_trained": steps, "steps_lost": self.steps_lost,
-            "num_restarts": len(self.restarts), "startup_s": self.startup_s, "mean_step_s": mean_step,
-            "checkpoint_save_s": save_s, "restart_latency_s": recovery_s,
-            "restarts": [dict(r, failure_to_first_step_s=(r["recovered_at"] - r["failed_at"]) if r["recovered_at"] else None)
-                         for r in self.restarts],
+            "outcome": outcome,
+            "exit_code": exit_code,
+            "wall_s": wall,
+            "productive_s": productive,
+            "goodput": productive / wall if wall > 0 else 0.0,
+            "start_step": self.start_step,
+            "final_step": final_step,
+            "final_checkpoint_step": final_checkpoint_step,
+            "steps_trained": steps,
+            "steps_lost": self.steps_lost,
+            "num_restarts": len(self.restarts),
+            "startup_s": self.startup_s,
+            "mean_step_s": mean_step,
+            "checkpoint_save_s": save_s,
+            "restart_latency_s": recovery_s,
+            "restarts": [
+                dict(r, failure_to_first_step_s=(r["recovered_at"] - r["failed_at"]) if r["recovered_at"] else None)
+                for r in self.restarts
+            ],
             "checkpoint_interval": advice,
         }
         report["excluded_nodes"] = list(self.excluded)
         try:
-            write_json_atomic(os.path.join(self.config.run_dir, "goodput.json"), report)
+            atomic_write_json(os.path.join(self.config.run_dir, "goodput.json"), report)
         except OSError as err:  # a full run dir: the summary below still goes to stdout
             print(f"megatron-align launch: cannot write goodput.json ({err})", file=sys.stderr, flush=True)
         causes = ", ".join(r["cause"] for r in self.restarts) or "none"
@@ -135,16 +156,21 @@ class RunReport:
                  f"{self.steps_lost} step(s) lost",
                  f"  goodput {report['goodput']:.3f}: {productive:.1f} s of kept training steps in {wall:.1f} s wall"]
         if self.excluded:
-            lines.append(f"  excluded nodes: {', '.join(self.excluded)} (kept in {os.path.join(self.config.run_dir, 'exclude_nodes.txt')})")
+            lines.append(
+                f"  excluded nodes: {', '.join(self.excluded)} "
+                f"(kept in {os.path.join(self.config.run_dir, 'exclude_nodes.txt')})"
+            )
         if recovery_s is not None:
             lines.append(f"  restart latency (failure -> next completed step): {recovery_s:.1f} s on average")
         if advice and not 0.5 <= advice["optimal_s"] / advice["configured_s"] <= 2.0:
             lines.append(
-                f"  checkpoint.interval={advice['configured_steps']} steps ~ {advice['configured_s']:.0f} s of training; at the "
-                f"Llama 3 failure rate on {advice['num_gpus']} GPU(s), with saves of {advice['save_s']:.1f} s and restarts "
+                f"  checkpoint.interval={advice['configured_steps']} steps ~ {advice['configured_s']:.0f} s "
+                f"of training; at the Llama 3 failure rate on {advice['num_gpus']} GPU(s), "
+                f"with saves of {advice['save_s']:.1f} s and restarts "
                 f"of {advice['recovery_s']:.0f} s, the goodput-optimal interval is ~{_human(advice['optimal_s'])} "
                 f"(~{advice['optimal_steps']} steps): expected goodput {advice['expected_goodput_optimal']:.4f} vs "
-                f"{advice['expected_goodput_configured']:.4f} (see `megatron-align plan goodput`)")
+                f"{advice['expected_goodput_configured']:.4f} (see `megatron-align plan goodput`)"
+            )
         lines.append(f"  details: {os.path.join(self.config.run_dir, 'goodput.json')}, restarts.jsonl")
         return "\n".join(lines)
 

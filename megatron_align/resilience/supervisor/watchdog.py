@@ -23,8 +23,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from megatron_align.resilience.heartbeat_files import PHASE_BETWEEN, PHASE_DONE, PHASE_SETUP, PHASE_STEP
-from megatron_align.resilience.supervisor.config import SupervisorConfig
+from megatron_align.config.resilience import SupervisorConfig
+from megatron_align.resilience.protocol.heartbeats import PHASE_BETWEEN, PHASE_DONE, PHASE_SETUP, PHASE_STEP
 
 
 @dataclass
@@ -66,7 +66,7 @@ class HangWatchdog:
 
     def start_attempt(self, now: float) -> None:
         self.started = now
-        self._progress: dict[int, tuple[int, int, float]] = {}  # rank -> (pid, seq, supervisor time of change)
+        self._progress: dict[int, tuple[int | None, int | None, float]] = {}  # rank -> (pid, seq, time of change)
         self._beats: dict[int, dict] = {}
 
     def step_timeout(self) -> float | None:
@@ -80,9 +80,11 @@ class HangWatchdog:
         if beat is None or beat.get("phase") == PHASE_SETUP:
             return cfg.initial_timeout_s, PHASE_SETUP
         phase = beat.get("phase")
-        warm = beat.get("steps_done", 0) >= cfg.warmup_steps and self.step_timeout() is not None
+        step_timeout = self.step_timeout()
         if phase == PHASE_STEP:
-            return (self.step_timeout(), phase) if warm else (cfg.initial_timeout_s, f"{phase} (warm-up)")
+            if beat.get("steps_done", 0) >= cfg.warmup_steps and step_timeout is not None:
+                return step_timeout, phase
+            return cfg.initial_timeout_s, f"{phase} (warm-up)"
         if phase == PHASE_BETWEEN:
             return max(cfg.between_steps_timeout_s, cfg.safety_factor * self.max_between_s), phase
         return float("inf"), str(phase)
@@ -104,10 +106,10 @@ class HangWatchdog:
             self._beats[rank] = beat
         worst: tuple[float, int, float, str] | None = None  # (overdue ratio, rank, timeout, phase)
         for rank in range(self.world_size):
-            beat = self._beats.get(rank)
-            if beat is not None and beat.get("phase") == PHASE_DONE:
+            latest = self._beats.get(rank)
+            if latest is not None and latest.get("phase") == PHASE_DONE:
                 continue
-            timeout, phase = self.timeout_for(beat)
+            timeout, phase = self.timeout_for(latest)
             since = self._progress[rank][2] if rank in self._progress else self.started
             ratio = (now - since) / timeout
             if ratio > 1.0 and (worst is None or ratio > worst[0]):

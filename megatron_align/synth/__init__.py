@@ -1,0 +1,1 @@
+"""Synthetic aligned-AI documents: taxonomy -> plan -> generate (quality filters, near-dedup) and decontam."""
