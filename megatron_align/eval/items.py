@@ -113,12 +113,12 @@ def parse_item(obj, where: str, default_id: str) -> Item:
                 passage=passage or None, topics=tuple(topics), where=where)
 
 
-def load_items(path: str, max_items: int | None = None) -> list[Item]:
-    """Read and validate a JSONL item file (blank lines are skipped); ids must be unique."""
+def iter_items(path: str, missing_hint: str = "JSONL, one item per line; see examples/eval/propensity_sample.jsonl"):
+    """``(obj, item, where)`` for each item line of a JSONL item file, validated, ids unique (blank lines are
+    skipped; errors name ``file:line``). The one reader of the format: the eval and the synthetic-data
+    decontamination both go through it."""
     if not os.path.isfile(path):
-        raise UserError(f"propensity questions file {path} does not exist (JSONL, one item per line; "
-                        "see examples/eval/propensity_sample.jsonl)")
-    items: list[Item] = []
+        raise UserError(f"propensity questions file {path} does not exist ({missing_hint})")
     seen: dict[str, str] = {}
     name = os.path.basename(path)
     with open(path, encoding="utf-8") as f:
@@ -134,9 +134,16 @@ def load_items(path: str, max_items: int | None = None) -> list[Item]:
             if item.id in seen:
                 raise _field_error(where, "id", f"{item.id!r} was already used at {seen[item.id]}; ids must be unique")
             seen[item.id] = where
-            items.append(item)
-            if max_items is not None and len(items) >= max_items:
-                break
+            yield obj, item, where
+
+
+def load_items(path: str, max_items: int | None = None) -> list[Item]:
+    """Read and validate a JSONL item file (blank lines are skipped); ids must be unique."""
+    items: list[Item] = []
+    for _obj, item, _where in iter_items(path):
+        items.append(item)
+        if max_items is not None and len(items) >= max_items:
+            break
     if not items:
         raise UserError(f"{path}: no items (expected one JSON object per line)")
     return items

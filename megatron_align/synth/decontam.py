@@ -16,7 +16,6 @@ split by a hyphen at a line break ("exfil-\ntrate"), which cannot be told from a
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import unicodedata
@@ -27,7 +26,7 @@ import xxhash
 
 from megatron_align.corpus.blocklist import tokenize
 from megatron_align.errors import UserError
-from megatron_align.eval.items import Item, parse_item
+from megatron_align.eval.items import Item, iter_items
 
 FIELDS = ("question", "option_0", "option_1", "passage")
 _PRIME = np.uint64(1099511628211)  # FNV-64 prime as the rolling multiplier (odd, so no bits are lost)
@@ -52,30 +51,15 @@ class SplitItem:
 
 
 def load_split_items(path: str, default_split: str | None = None) -> list[SplitItem]:
-    """Items of a propensity items file (validated by the eval's parser; errors name ``file:line``) with their split:
+    """Items of a propensity items file (validated by the eval's reader; errors name ``file:line``) with their split:
     the item's ``split`` field, else ``default_split``, else the file name without suffix."""
-    if not os.path.isfile(path):
-        raise UserError(f"items file {path} does not exist (JSONL in the propensity items format)")
     default_split = default_split or os.path.basename(path).split(".")[0]
     out: list[SplitItem] = []
-    seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            at = f"{path}:{line_number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{at}: not valid JSON ({err.msg})") from None
-            item = parse_item(obj, at, default_id=f"{os.path.basename(path)}:{line_number}")
-            if item.id in seen:
-                raise UserError(f"{at}: item id {item.id!r} is used twice in {path}; ids must be unique")
-            seen.add(item.id)
-            split = obj.get("split", default_split)
-            if not isinstance(split, str) or not split:
-                raise UserError(f"{at}: field 'split' must be a non-empty string when given")
-            out.append(SplitItem(item, split))
+    for obj, item, where in iter_items(path, missing_hint="JSONL in the propensity items format"):
+        split = obj.get("split", default_split)
+        if not isinstance(split, str) or not split:
+            raise UserError(f"{where}: field 'split' must be a non-empty string when given")
+        out.append(SplitItem(item, split))
     return out
 
 
