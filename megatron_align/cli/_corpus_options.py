@@ -17,14 +17,15 @@ def add_inputs(parser: argparse.ArgumentParser, note: str = "") -> None:
                         help=f"JSONL (.jsonl, .json, .gz, .zst) or Parquet files, or directories of them{note}")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, tasks_note: str = "input file i goes to task i mod N",
+                  default_work_dir: str = "next to the output") -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="progress (bytes, documents, rates) on stderr")
     g = parser.add_argument_group("pipeline (datatrove): run across processes, a SLURM job array or Ray")
     g.add_argument("--executor", choices=EXECUTORS, default="none",
                    help="none: this process (default) | local | slurm | ray: a datatrove pipeline of --tasks tasks")
-    g.add_argument("--tasks", type=int, default=1, help="pipeline tasks; input file i goes to task i mod N")
-    g.add_argument("--work-dir", default=None, help="shards and completion records (default: next to the output)")
+    g.add_argument("--tasks", type=int, default=1, help=f"pipeline tasks; {tasks_note}")
+    g.add_argument("--work-dir", default=None, help=f"shards and completion records (default: {default_work_dir})")
     g.add_argument("--keep-work", action="store_true", help="keep the shards after the merge")
     g.add_argument("--executor-config", "--slurm-config", dest="executor_config", default=None,
                    help="YAML file with `slurm:` and/or `ray:` mappings (PipelineSlurmConfig / PipelineRayConfig keys)")
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{key}", type=kind, default=None, help=f"slurm.{key.replace('-', '_')}")
     g.add_argument("--cpus-per-task", type=int, default=None, help="slurm.cpus_per_task / ray.cpus_per_task")
     g.add_argument("--mem-per-cpu-gb", type=int, default=None, help="slurm.mem_per_cpu_gb / ray.mem_per_cpu_gb")
+    g.add_argument("--gpus-per-task", type=int, default=None, help="slurm.gpus_per_task (--gres=gpu:N)")
     g.add_argument("--ray-address", default=None, help="ray.address: a running Ray cluster (default: $RAY_ADDRESS, "
                    "else a local Ray for the run)")
     g.add_argument("--ray-num-cpus", type=int, default=None, help="ray.num_cpus of the local Ray")

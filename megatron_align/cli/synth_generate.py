@@ -2,12 +2,17 @@
 
 Exit status: 0 every planned prompt (of ``--limit``) has its generation; 1 some prompts failed after retries or the
 run stopped on a dead server (run the same command again: it continues); 2 a usage or configuration error.
+With ``--executor``: 0 once every task finished (slurm: once the jobs are submitted; the finalize job runs after the
+array); a task with failed prompts stays unfinished and the command exits 2 naming its log (run it again: finished
+tasks are skipped).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+
+from megatron_align.cli import _corpus_options as options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,43 +34,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
     parser.add_argument("--allow-misaligned", action="store_true",
                         help="allow stance: misaligned (documents labelled stance=misaligned)")
+    options.add_arguments(parser, "prompt i goes to task i mod N; --server: task r serves on --port + r",
+                          default_work_dir="OUT_DIR/pipeline")
 
 
 def run(args: argparse.Namespace) -> int:
     from megatron_align.errors import UserError
-    from megatron_align.synth.finalize import finalize, summary
-    from megatron_align.synth.generate import ClientConfig, run_generation, start_server
-    from megatron_align.synth.plan import expand
-    from megatron_align.synth.taxonomy import load_taxonomy
+    from megatron_align.synth.finalize import summary
+    from megatron_align.synth.generate import ClientConfig, prepare_out_dir
+    from megatron_align.synth.pipeline import GenerateRun, finalize_run, generate, generate_task, load_plan
 
     if (args.endpoint is None) == (args.server is None):
         raise UserError("give exactly one of --endpoint URL (a running server) and --server vllm|sglang")
-    if args.concurrency < 1 or args.retries < 0 or (args.limit is not None and args.limit < 0):
-        raise UserError("--concurrency must be >= 1, --retries >= 0, --limit >= 0")
+    if args.concurrency < 1 or args.retries < 0 or (args.limit is not None and args.limit < 0) or args.tasks < 1:
+        raise UserError("--concurrency and --tasks must be >= 1, --retries >= 0, --limit >= 0")
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
-    taxonomy = load_taxonomy(args.taxonomy, allow_misaligned=args.allow_misaligned)
-    prompts = expand(taxonomy)
-    server = None
-    endpoint = args.endpoint
-    if args.server:
-        os.makedirs(args.out_dir, exist_ok=True)
-        server = start_server(args.server, args.model, args.port, args.tensor_parallel,
-                              os.path.join(args.out_dir, f"{args.server}.log"))
-        endpoint = f"http://127.0.0.1:{args.port}/v1"
-    config = ClientConfig(endpoint=endpoint, model=args.model, api_key=api_key, concurrency=args.concurrency,
-                          request_timeout_s=args.request_timeout, retries=args.retries, backoff_s=args.backoff,
-                          abort_after=args.abort_after, progress_interval_s=args.progress_interval)
-    try:
-        counts = run_generation(config, taxonomy, prompts, args.out_dir, args.limit)
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=60)
-    report = finalize(taxonomy, prompts, args.out_dir, args.model, run_counts=counts)
+    config = ClientConfig(endpoint=args.endpoint or "", model=args.model, api_key=api_key,
+                          concurrency=args.concurrency, request_timeout_s=args.request_timeout, retries=args.retries,
+                          backoff_s=args.backoff, abort_after=args.abort_after,
+                          progress_interval_s=args.progress_interval)
+    job = GenerateRun(os.path.abspath(args.taxonomy), os.path.abspath(args.out_dir), config, args.allow_misaligned,
+                      args.limit, args.server, args.port, args.tensor_parallel)
+    taxonomy, prompts = load_plan(job)  # a bad taxonomy or held-out violation fails here, before anything runs
+    if args.executor != "none":
+        from megatron_align.corpus.pipeline import run_tasks
+        from megatron_align.corpus.pipeline_steps import CallStep, TaskStep
+        from megatron_align.optional import require
+
+        require("datatrove", "--executor local|slurm|ray (pip install datatrove)")
+        os.makedirs(job.out_dir, exist_ok=True)
+        prepare_out_dir(job.out_dir, taxonomy, prompts)  # the plan, written once before the tasks start
+        pc = options.config_from_args(args, -1)
+        logs = os.path.join(os.path.abspath(pc.work_dir or os.path.join(job.out_dir, "pipeline")), "logs",
+                            f"tasks-{pc.tasks}")
+        params = {"run": job}
+        submitted = run_tasks("synth-generate", pc, TaskStep(generate_task, params), CallStep(finalize_run, params),
+                              logs)
+        if submitted is not None:
+            options.report_submitted(submitted)
+            return 0
+        print(summary(finalize_run(params)))
+        return 0  # every task finished: every prompt has its generation
+    counts = generate(job)
+    report = finalize_run({"run": job, "counts": counts})
     print(summary(report))
     if counts["aborted"]:
         print(f"synth generate: stopped after {config.abort_after} prompts in a row failed "

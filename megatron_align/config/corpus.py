@@ -190,6 +190,8 @@ class PipelineSlurmConfig:
     """CPUs per task. A task is one process: more tasks, not more CPUs per task, use more cores."""
     mem_per_cpu_gb: int | None = None
     """Memory per CPU (GB); None = the partition's default."""
+    gpus_per_task: int = 0
+    """GPUs per task (``#SBATCH --gres=gpu:N``): ``synth generate --server vllm`` starts its server on them."""
     account: str | None = None
     """``#SBATCH --account``."""
     qos: str | None = None
@@ -209,6 +211,7 @@ class PipelineSlurmConfig:
         if self.mem_per_cpu_gb is not None:
             at_least("slurm.mem_per_cpu_gb", self.mem_per_cpu_gb, 1)
         at_least("slurm.max_array_size", self.max_array_size, 1)
+        at_least("slurm.gpus_per_task", self.gpus_per_task, 0)
         for token in shlex.split(self.srun_args):
             if not token.startswith("--") or "=" not in token:
                 raise ConfigError(f"slurm.srun_args: {token!r} is not of the form --option=value")

@@ -77,14 +77,18 @@ def _slurm_executors(verb: str, pc: PipelineConfig, shard_step, merge_step, logs
     venv_activate = os.path.join(sys.prefix, "bin", "activate")
     env = s.env_command if s.env_command is not None else (
         f"source {venv_activate}" if sys.prefix != sys.base_prefix and os.path.exists(venv_activate) else "")
+    account = {"account": s.account} if s.account else {}
+    gres = {"gres": f"gpu:{s.gpus_per_task}"} if s.gpus_per_task else {}  # the tasks only, not the merge
     common = dict(time=s.time, partition=s.partition or _default_partition(), mem_per_cpu_gb=s.mem_per_cpu_gb,
-                  qos=s.qos or "", env_command=env or None, sbatch_args={"account": s.account} if s.account else None,
-                  srun_args=s.srun_dict() or None, max_array_size=s.max_array_size, requeue=False)
+                  qos=s.qos or "", env_command=env or None, srun_args=s.srun_dict() or None,
+                  max_array_size=s.max_array_size, requeue=False)
     name = s.job_name or f"megatron-align-{verb}"
     shards = SlurmExecutor([shard_step], tasks=pc.tasks, workers=pc.workers, cpus_per_task=s.cpus_per_task,
-                                   job_name=name, logging_dir=os.path.join(logs, "shards"), **common)
+                           job_name=name, logging_dir=os.path.join(logs, "shards"),
+                           sbatch_args={**account, **gres} or None, **common)
     merged = SlurmExecutor([merge_step], tasks=1, cpus_per_task=1, job_name=f"{name}-merge", depends=shards,
-                                   logging_dir=os.path.join(logs, "merge"), skip_completed=False, **common)
+                           logging_dir=os.path.join(logs, "merge"), skip_completed=False,
+                           sbatch_args=account or None, **common)
     return shards, merged
 
 
@@ -140,21 +144,18 @@ def threads_per_task(pc: PipelineConfig, cpus: int | None = None) -> int:
     return max(1, (cpus or os.cpu_count() or 1) // max(1, at_once))
 
 
-def run_pipeline(job: Job, inputs: list[str], pc: PipelineConfig, default_work_dir: str) -> dict:
-    """Run ``job`` as a datatrove pipeline; returns the merged result (slurm: the submitted job ids)."""
-    files = expand_inputs(inputs)
-    work_dir = os.path.abspath(pc.work_dir or default_work_dir)
-    require("datatrove", "--executor local|slurm|ray (pip install datatrove)")
-    from megatron_align.corpus.pipeline_steps import MergeStep, ShardStep
+def run_tasks(name: str, pc: PipelineConfig, step, merge_step, logs: str,
+              watch: contextlib.AbstractContextManager | None = None) -> dict | None:
+    """Run the datatrove ``step`` as ``pc.tasks`` tasks (completion records under ``logs``).
 
-    _prepare_work_dir(job, files, work_dir)
-    shard_step = ShardStep(job, files, work_dir, threads=threads_per_task(pc))
-    logs = os.path.join(work_dir, "logs", f"tasks-{pc.tasks}")  # completions are per task count
+    slurm: submits the step as a job array and ``merge_step`` as one job after it (``afterok``); returns the
+    submission. local / ray: runs the tasks here, ``watch`` (a progress display) around them, and returns None once
+    every task finished; the caller merges in this process. A failed task is a :class:`UserError` naming its log.
+    """
     if pc.executor == "slurm":
-        shards, merged = _slurm_executors(job.name, pc, shard_step, MergeStep(job, files, work_dir, pc.keep_work), logs)
+        tasks, merged = _slurm_executors(name, pc, step, merge_step, logs)
         merged.run()
-        return {"submitted": True, "job_ids": [shards.job_id, merged.job_id], "work_dir": work_dir,
-                "logs": logs}
+        return {"submitted": True, "job_ids": [tasks.job_id, merged.job_id], "logs": logs}
     if pc.executor == "ray":
         from megatron_align.corpus.pipeline_ray import ray_session
 
@@ -166,26 +167,43 @@ def run_pipeline(job: Job, inputs: list[str], pc: PipelineConfig, default_work_d
             from datatrove.executor.ray import RayPipelineExecutor
 
             executor = RayPipelineExecutor(
-                [shard_step], tasks=pc.tasks, workers=pc.workers, logging_dir=os.path.join(logs, "shards"),
+                [step], tasks=pc.tasks, workers=pc.workers, logging_dir=os.path.join(logs, "shards"),
                 cpus_per_task=pc.ray.cpus_per_task, mem_per_cpu_gb=pc.ray.mem_per_cpu_gb or 0)
         else:
             from datatrove.executor import LocalPipelineExecutor
 
-            executor = LocalPipelineExecutor([shard_step], tasks=pc.tasks, workers=pc.workers,
+            executor = LocalPipelineExecutor([step], tasks=pc.tasks, workers=pc.workers,
                                              logging_dir=os.path.join(logs, "shards"))
-        with _ShardProgress(job, files, work_dir, pc.progress):
+        with watch or contextlib.nullcontext():
             try:
                 executor.run()
             except UserError:
                 raise
             except Exception as err:  # a task failed: its message, and how to go on
-                raise UserError(f"{job.name}: a pipeline task failed: {err} (task logs: {logs}/shards/logs); fix it "
-                                "and run the same command again: finished tasks and files are kept") from err
+                raise UserError(f"{name}: a pipeline task failed: {err} (task logs: {logs}/shards/logs); fix it "
+                                "and run the same command again: finished tasks are kept") from err
     failed = executor.get_incomplete_ranks(range(pc.tasks), skip_completed=True)
     if failed:  # datatrove's Ray executor logs a failed task and returns
-        raise UserError(f"{job.name}: {len(failed)} of {pc.tasks} pipeline tasks did not finish (first: task "
+        raise UserError(f"{name}: {len(failed)} of {pc.tasks} pipeline tasks did not finish (first: task "
                         f"{failed[0]}, log {logs}/shards/logs/task_{failed[0]:05d}.log); fix it and run the same "
-                        "command again: finished tasks and files are kept")
+                        "command again: finished tasks are kept")
+    return None
+
+
+def run_pipeline(job: Job, inputs: list[str], pc: PipelineConfig, default_work_dir: str) -> dict:
+    """Run ``job`` as a datatrove pipeline; returns the merged result (slurm: the submitted job ids)."""
+    files = expand_inputs(inputs)
+    work_dir = os.path.abspath(pc.work_dir or default_work_dir)
+    require("datatrove", "--executor local|slurm|ray (pip install datatrove)")
+    from megatron_align.corpus.pipeline_steps import MergeStep, ShardStep
+
+    _prepare_work_dir(job, files, work_dir)
+    shard_step = ShardStep(job, files, work_dir, threads=threads_per_task(pc))
+    logs = os.path.join(work_dir, "logs", f"tasks-{pc.tasks}")  # completions are per task count
+    submitted = run_tasks(job.name, pc, shard_step, MergeStep(job, files, work_dir, pc.keep_work), logs,
+                          _ShardProgress(job, files, work_dir, pc.progress) if pc.executor != "slurm" else None)
+    if submitted is not None:
+        return {**submitted, "work_dir": work_dir}
     result = merge(job, files, work_dir, pc.keep_work)
     if not pc.keep_work:
         shutil.rmtree(work_dir, ignore_errors=True)

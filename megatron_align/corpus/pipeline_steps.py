@@ -71,3 +71,37 @@ class MergeStep(PipelineStep):
         summary = {k: v for k, v in result.items() if k not in ("inputs", "skipped_lines", "lines", "examples")}
         print(json.dumps(summary, default=str)[:2000], flush=True)
         return None
+
+
+class TaskStep(PipelineStep):
+    """A pipeline whose unit of work is not an input file: task ``rank`` of ``world_size`` calls
+    ``run_task(rank, world_size, params)`` (a module-level function; it raises to leave the task unfinished, so a
+    rerun redoes it). ``synth generate`` shards its plan this way."""
+
+    name = "megatron-align tasks"
+    type = "megatron-align"
+
+    def __init__(self, run_task, params: dict) -> None:
+        super().__init__()
+        self.run_task, self.params = run_task, params
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        self.run_task(rank, world_size, self.params)
+        return None
+
+
+class CallStep(PipelineStep):
+    """The one task after a :class:`TaskStep` (SLURM: a job that runs after the whole array succeeded):
+    ``call(params)``, its result printed to the job's log."""
+
+    name = "megatron-align merge"
+    type = "megatron-align"
+
+    def __init__(self, call, params: dict) -> None:
+        super().__init__()
+        self.call, self.params = call, params
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        result = self.call(self.params)
+        print(json.dumps(result, default=str)[:2000], flush=True)
+        return None

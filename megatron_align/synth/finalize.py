@@ -17,10 +17,10 @@ import os
 from collections import Counter
 from collections.abc import Callable
 
-from megatron_align.fileio import atomic_open, atomic_write_json, atomic_write_text, iter_jsonl
+from megatron_align.fileio import atomic_open, atomic_write_json, atomic_write_text
 from megatron_align.synth.decontam import DecontamIndex, load_split_items
 from megatron_align.synth.dedup import NearDuplicates
-from megatron_align.synth.generate import GENERATIONS
+from megatron_align.synth.generate import iter_generations
 from megatron_align.synth.plan import PlannedPrompt
 from megatron_align.synth.quality import DROP_REASONS, judge
 from megatron_align.synth.taxonomy import Taxonomy
@@ -37,7 +37,7 @@ def finalize(taxonomy: Taxonomy, prompts: list[PlannedPrompt], out_dir: str, mod
              judge_hook: Callable[[dict], str | None] | None = None, run_counts: dict | None = None) -> dict:
     quality = taxonomy.quality
     generations: dict[str, dict] = {}
-    for record in iter_jsonl(os.path.join(out_dir, GENERATIONS)):
+    for record in iter_generations(out_dir):
         generations.setdefault(record.get("prompt_id"), record)  # first one wins; there is only one by design
     index = _decontam_index(taxonomy)
     dedup = NearDuplicates(threshold=quality.dedup_threshold)

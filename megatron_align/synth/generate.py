@@ -18,6 +18,7 @@ its guarantees are small enough to state:
 from __future__ import annotations
 
 import concurrent.futures as futures
+import glob
 import http.client
 import json
 import os
@@ -30,6 +31,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from megatron_align.errors import UserError
@@ -212,8 +214,25 @@ def repair_tail(path: str) -> int:
         return size - keep
 
 
+def generations_path(out_dir: str, rank: int = 0, world_size: int = 1) -> str:
+    """The file task ``rank`` of ``world_size`` appends to (one writer per file): ``generations.jsonl`` for a single
+    process, ``generations.task-RRRRR.jsonl`` for a pipeline task."""
+    name = GENERATIONS if world_size == 1 else f"generations.task-{rank:05d}.jsonl"
+    return os.path.join(out_dir, name)
+
+
+def generation_files(out_dir: str) -> list[str]:
+    """Every generations file of ``out_dir`` (runs with any task count leave theirs), in a fixed order."""
+    return sorted(glob.glob(os.path.join(out_dir, "generations*.jsonl")))
+
+
+def iter_generations(out_dir: str) -> Iterator[dict]:
+    for path in generation_files(out_dir):
+        yield from iter_jsonl(path)
+
+
 def done_ids(out_dir: str) -> set[str]:
-    return {r["prompt_id"] for r in iter_jsonl(os.path.join(out_dir, GENERATIONS)) if "prompt_id" in r}
+    return {r["prompt_id"] for r in iter_generations(out_dir) if "prompt_id" in r}
 
 
 def prepare_out_dir(out_dir: str, taxonomy: Taxonomy, prompts: list[PlannedPrompt]) -> None:
@@ -227,7 +246,6 @@ def prepare_out_dir(out_dir: str, taxonomy: Taxonomy, prompts: list[PlannedPromp
                             "different prompts); use a new --out-dir, or the taxonomy it was made from")
         return
     write_plan(out_dir, taxonomy, prompts)
-    repair_tail(os.path.join(out_dir, GENERATIONS))
 
 
 class _Progress:
@@ -249,14 +267,16 @@ class _Progress:
 
 
 def run_generation(config: ClientConfig, taxonomy: Taxonomy, prompts: list[PlannedPrompt], out_dir: str,
-                   limit: int | None = None) -> dict:
-    """Generate every prompt of ``prompts[:limit]`` not yet in ``out_dir``; returns this run's counts."""
+                   limit: int | None = None, rank: int = 0, world_size: int = 1) -> dict:
+    """Generate every prompt of ``prompts[:limit]`` not yet in ``out_dir``; returns this run's counts. As task
+    ``rank`` of ``world_size``: only the prompts whose plan index is ``rank`` mod ``world_size``, into this task's own
+    file (the documents are the same whatever the task count: each is a function of its prompt)."""
     os.makedirs(out_dir, exist_ok=True)
     prepare_out_dir(out_dir, taxonomy, prompts)
-    path = os.path.join(out_dir, GENERATIONS)
-    repair_tail(path)
+    path = generations_path(out_dir, rank, world_size)
+    repair_tail(path)  # this task's own file only: another task may be appending to its own
     done = done_ids(out_dir)
-    todo = [p for p in prompts[:limit] if p.prompt_id not in done]
+    todo = [p for p in prompts[:limit] if p.index % world_size == rank and p.prompt_id not in done]
     progress = _Progress(len(todo), config.progress_interval_s)
     failures: dict[str, int] = {}
     in_a_row, aborted = 0, False
@@ -303,7 +323,8 @@ def run_generation(config: ClientConfig, taxonomy: Taxonomy, prompts: list[Plann
     counts = {"requested": len(todo), "generated": progress.documents, "failed": progress.failed,
               "failures": failures, "retries": progress.retries, "aborted": aborted,
               "seconds": round(time.monotonic() - progress.start, 3), "completion_tokens": progress.tokens}
-    atomic_write_json(os.path.join(out_dir, "last_run.json"), counts, indent=2)
+    last_run = "last_run.json" if world_size == 1 else f"last_run.task-{rank:05d}.json"
+    atomic_write_json(os.path.join(out_dir, last_run), counts, indent=2)
     return counts
 
 
