@@ -237,6 +237,69 @@ def model_config(ckpt: MegatronLMCheckpoint, embedding_rows: int | None = None) 
     return model
 
 
+def optimizer_sharding(ckpt: MegatronLMCheckpoint) -> str | None:
+    """The checkpoint's DistributedOptimizer format (None: Megatron-Core's plain optimizer). Checkpoints of
+    megatron-core < 0.13 record none; Megatron-LM then infers it from the args, and so do we."""
+    sharding = (ckpt.common.get("content_metadata") or {}).get("distrib_optim_sharding_type")
+    if sharding is None and ckpt.arg("use_distributed_optimizer"):
+        sharding = "fully_sharded_model_space" if ckpt.arg("ckpt_fully_parallel_save") else "dp_zero_gather_scatter"
+    return sharding
+
+
+def optimizer_refusal(sharding: str | None, saved_tp_pp: tuple[int, int], run_tp_pp: tuple[int, int],
+                      distributed: bool, fused_adam: bool) -> str | None:
+    """Why this run cannot load the checkpoint's optimizer state (None: it can).
+
+    - plain optimizer state (no DistributedOptimizer) is keyed by parameter: it loads at any TP/PP, into a run
+      without the DistributedOptimizer;
+    - ``dp_reshardable`` (Megatron-LM's default since megatron-core 0.13, and ours) is the DistributedOptimizer's
+      flat buckets: it reshards across data-parallel sizes only, so TP and PP must match (and the DDP bucket
+      layout: checked key by key against the checkpoint before loading);
+    - ``fully_reshardable`` loads at any layout, but only into TE's or apex's fused Adam (torch Adam's fallback
+      fails on it in Megatron-Core);
+    - ``fully_sharded_model_space`` and ``dp_zero_gather_scatter`` (older megatron-core) are refused.
+    """
+    if sharding is None:
+        return None if not distributed else (
+            "its optimizer state is Megatron-Core's plain (non-distributed) optimizer's; set "
+            "optimizer.distributed=false to load it")
+    if not distributed:
+        return (f"its optimizer state is the DistributedOptimizer's ({sharding!r}); set optimizer.distributed=true "
+                "to load it")
+    if sharding == "dp_reshardable":
+        if tuple(saved_tp_pp) != tuple(run_tp_pp):
+            return ("its DistributedOptimizer state ('dp_reshardable') reshards across data-parallel sizes only: "
+                    f"saved at TP{saved_tp_pp[0]}xPP{saved_tp_pp[1]}, this run is TP{run_tp_pp[0]}xPP{run_tp_pp[1]}; "
+                    f"run at parallel.tensor={saved_tp_pp[0]} parallel.pipeline={saved_tp_pp[1]}")
+        return None
+    if sharding == "fully_reshardable":
+        return None if fused_adam else (
+            "its DistributedOptimizer state ('fully_reshardable') loads only into TE's or apex's fused Adam, and "
+            "this environment has neither (Megatron-Core fell back to torch Adam)")
+    return (f"its DistributedOptimizer state is in the {sharding!r} layout, which Megatron-Core's dist_checkpointing "
+            "cannot load here (re-save it in Megatron-LM with the default 'dp_reshardable' format)")
+
+
+def layout_mismatch(path: str, template) -> str | None:
+    """The first tensor of a sharded-state-dict ``template`` that checkpoint ``path`` lacks or holds in another
+    shape (e.g. the DistributedOptimizer's buckets of another DDP bucket size), named; None when all fit."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = {k: tuple(v.size) for k, v in FileSystemReader(path).read_metadata().state_dict_metadata.items()
+             if isinstance(v, TensorStorageMetadata)}
+    for value in nested_values(template):
+        if not isinstance(value, ShardedTensor):
+            continue
+        if value.key not in saved:
+            return f"{value.key} is not in the checkpoint"
+        if tuple(value.global_shape) != saved[value.key]:
+            return f"{value.key} is {list(saved[value.key])} in the checkpoint, {list(value.global_shape)} in this run"
+    return None
+
+
 def scheduler_to_steps(saved: dict, global_batch_size: int) -> dict:
     """Megatron-LM's opt_param_scheduler state counts samples; ours counts optimizer steps."""
     sample_keys = ("lr_warmup_steps", "lr_decay_steps", "num_steps", "wd_incr_steps", "wsd_decay_steps")

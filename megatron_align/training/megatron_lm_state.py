@@ -26,7 +26,11 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron_align.convert import megatron_lm as mlm
 from megatron_align.errors import ConfigError, UserError
 from megatron_align.model.builder import resolve_spec
-from megatron_align.training.optim import load_optimizer_state, prepare_load_template, use_distributed_optimizer
+from megatron_align.training.optim import (
+    load_optimizer_state,
+    optimizer_checkpoint_metadata,
+    prepare_load_template,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +57,9 @@ def adopt_model_config(config):
 
 def sharded_metadata(trainer) -> dict:
     """Metadata for model/optimizer ``sharded_state_dict`` as Megatron-LM builds it (with this run's dp x cp group)."""
-    metadata = dict(mlm.CONTENT_METADATA)
-    if use_distributed_optimizer(trainer.config, torch.cuda.is_available()):
-        metadata["distrib_optim_sharding_type"] = "fully_sharded_model_space"
+    # The DistributedOptimizer's format is ours (dp_reshardable), which is also Megatron-LM's default since
+    # megatron-core 0.13: its load_checkpoint builds the same template from content_metadata.
+    metadata = {**mlm.CONTENT_METADATA, **(optimizer_checkpoint_metadata(trainer.use_dist_opt) or {})}
     metadata["dp_cp_group"] = parallel_state.get_data_parallel_group(with_context_parallel=True)
     return metadata
 
@@ -80,7 +84,6 @@ def build_args(trainer) -> argparse.Namespace:
     m, o, t = config.model, config.optimizer, config.train
     schedule = trainer._schedule
     dtype = trainer.transformer_config.params_dtype
-    distributed_optimizer = use_distributed_optimizer(config, torch.cuda.is_available())
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
     values = dict(
         num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_size, num_attention_heads=heads,
@@ -106,7 +109,7 @@ def build_args(trainer) -> argparse.Namespace:
         weight_decay=o.weight_decay, start_weight_decay=o.weight_decay, end_weight_decay=o.weight_decay,
         weight_decay_incr_style="constant", adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
         clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16, fp16=False, params_dtype=dtype,
-        use_distributed_optimizer=distributed_optimizer, ckpt_format="torch_dist",
+        use_distributed_optimizer=trainer.use_dist_opt, ckpt_format="torch_dist",
         iteration=trainer.step, consumed_train_samples=trainer.consumed_samples, skipped_train_samples=0,
         consumed_valid_samples=0, no_save_optim=False, no_save_rng=False,
         transformer_impl="transformer_engine" if resolve_spec(config) == "te" else "local",
@@ -144,21 +147,33 @@ def load(trainer, path: str) -> None:
     cfg = trainer.config.checkpoint
     _check_shards(ckpt.path)
     content = dict(ckpt.common.get("content_metadata") or {})
-    sharding = content.get("distrib_optim_sharding_type")
+    sharding = mlm.optimizer_sharding(ckpt)
+    if sharding is not None:
+        content["distrib_optim_sharding_type"] = sharding
     metadata = dict(content, dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     saved_tp_pp = (ckpt.arg("tensor_model_parallel_size", 1), ckpt.arg("pipeline_model_parallel_size", 1))
+    run_tp_pp = (trainer.layout.tensor, trainer.layout.pipeline)
     with_optimizer = cfg.load_optimizer and not ckpt.release and "opt_param_scheduler" in ckpt.common
-    if with_optimizer and sharding not in (None, "fully_sharded_model_space", "fully_reshardable"):
-        raise UserError(f"{ckpt.path}: its optimizer state is in Megatron-LM's {sharding!r} layout, which only "
-                        "Megatron-LM's own DistributedOptimizer at the same layout reads; set "
-                        "checkpoint.load_optimizer=false to start the optimizer fresh from these weights")
-    with_rng = with_optimizer and saved_tp_pp == (trainer.layout.tensor, trainer.layout.pipeline)
+    fresh = "or set checkpoint.load_optimizer=false to start the optimizer fresh from these weights"
+    if with_optimizer:
+        from megatron.core.optimizer import distrib_optimizer
+
+        refusal = mlm.optimizer_refusal(sharding, saved_tp_pp, run_tp_pp, trainer.use_dist_opt,
+                                        distrib_optimizer.HAVE_APEX_OR_TE)
+        if refusal:
+            raise UserError(f"{ckpt.path}: {refusal}; {fresh}")
+    with_rng = with_optimizer and saved_tp_pp == run_tp_pp
     state: dict = {}
     for i, m in enumerate(trainer.model):
         state["model" if len(trainer.model) == 1 else f"model{i}"] = m.module.sharded_state_dict(metadata=metadata)
     if with_optimizer:
         prepare_load_template(trainer.optimizer)
         state["optimizer"] = trainer.optimizer.sharded_state_dict(state, is_loading=True, metadata=metadata)
+        mismatch = mlm.layout_mismatch(ckpt.path, state["optimizer"])
+        if mismatch:
+            raise UserError(f"{ckpt.path}: its optimizer state does not fit this run's optimizer ({mismatch}: the "
+                            "DistributedOptimizer's buckets follow the DDP bucket size and the model's layout); "
+                            f"{fresh}")
     if with_rng:
         state["rng_state"] = rng_object(trainer, mlm.rng_to_megatron_lm(trainer._rng_state()))
     loaded = load_sharded(ckpt.path, state)

@@ -50,6 +50,23 @@ def test_args_map_to_model_config_and_unsupported_args_are_refused_by_name():
             mlm.model_config(_ckpt(**{arg: value}))
 
 
+def test_which_optimizer_states_load_and_why_not():
+    """Megatron-LM's optimizer formats against this run's optimizer and layout (the rules of optimizer_refusal);
+    the dp_reshardable load itself runs in tests/training/test_dist_opt.py."""
+    ok = mlm.optimizer_refusal
+    assert ok(None, (2, 2), (1, 4), distributed=False, fused_adam=False) is None  # plain state reshards TP/PP
+    assert ok("dp_reshardable", (2, 1), (2, 1), distributed=True, fused_adam=False) is None  # any DP size
+    assert ok("fully_reshardable", (2, 1), (1, 2), distributed=True, fused_adam=True) is None
+    assert "optimizer.distributed=false" in ok(None, (1, 1), (1, 1), distributed=True, fused_adam=False)
+    assert "optimizer.distributed=true" in ok("dp_reshardable", (1, 1), (1, 1), distributed=False, fused_adam=False)
+    assert "parallel.tensor=2 parallel.pipeline=1" in ok("dp_reshardable", (2, 1), (1, 2), True, False)
+    assert "fused Adam" in ok("fully_reshardable", (1, 1), (1, 1), distributed=True, fused_adam=False)
+    assert "'dp_zero_gather_scatter'" in ok("dp_zero_gather_scatter", (1, 1), (1, 1), True, True)
+    legacy = _ckpt(use_distributed_optimizer=True)  # megatron-core < 0.13: no content metadata, inferred from args
+    assert mlm.optimizer_sharding(legacy) == "dp_zero_gather_scatter"
+    assert mlm.optimizer_sharding(_ckpt()) is None
+
+
 def test_scheduler_units_and_rng_layout_round_trip():
     ours = {"max_lr": 1e-3, "num_steps": 3, "lr_warmup_steps": 1, "lr_decay_steps": 8, "wd_incr_steps": 8,
             "lr_decay_style": "cosine"}

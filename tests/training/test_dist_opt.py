@@ -23,13 +23,19 @@ def _train(tmp_path, name, corpus, world_size, *overrides):
 
 
 def test_distributed_optimizer_resumes_exactly_on_2_and_4_ranks_and_across_dp(tmp_path, tiny_corpus):
-    """DP2 4 steps (checkpoint at 2) == DP2 resumed at 2, bit for bit; DP2's step-2 checkpoint continued on DP4
-    gives the same losses (to reduction order); DP4 resumed from its own step-3 checkpoint == DP4 straight."""
-    straight = _train(tmp_path, "dp2", tiny_corpus, 2)
+    """DP2 4 steps (checkpoint at 2, in Megatron-LM's envelope) == DP2 resumed at 2 through the Megatron-LM reader
+    (the 'dp_reshardable' DistributedOptimizer state Megatron-LM writes by default), bit for bit; DP2's step-2
+    checkpoint continued on DP4 through our own reader gives the same losses (to reduction order); DP4 resumed
+    from its own step-3 checkpoint == DP4 straight."""
+    straight = _train(tmp_path, "dp2", tiny_corpus, 2, "checkpoint.format=megatron_lm")
     assert sorted(straight) == [1, 2, 3, 4] and straight[4][0] < straight[1][0]
     dp2_ckpt = tmp_path / "dp2" / "checkpoints" / "iter_0000002"
 
-    resumed = _train(tmp_path, "dp2_resumed", tiny_corpus, 2, f"checkpoint.load={dp2_ckpt}")
+    (tmp_path / "dp2" / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("2")
+    resumed = _train(tmp_path, "dp2_resumed", tiny_corpus, 2, f"checkpoint.load={tmp_path / 'dp2' / 'checkpoints'}",
+                     "checkpoint.data_position=continue")
+    log = (tmp_path / "dp2_resumed" / "train.log").read_text()
+    assert "resumed from Megatron checkpoint" in log and "at iteration 2" in log
     assert resumed == {s: straight[s] for s in (3, 4)}  # step 4 needs Adam's moments and step count restored
 
     dp4 = _train(tmp_path, "dp4", tiny_corpus, 4, f"checkpoint.load={dp2_ckpt}", "checkpoint.interval=1")
