@@ -55,3 +55,21 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def batch_on_this_cp_rank(batch: dict) -> dict:
+    """This context-parallel rank's part of a ``[b, s]`` batch: Megatron-Core's zigzag split (chunks ``r`` and
+    ``2 * cp - 1 - r`` of ``2 * cp``), through whichever signature the installed megatron-core has.
+
+    0.16 takes ``(batch, cp_group=None)`` and falls back to parallel_state's group; 0.19 takes
+    ``(batch, is_hybrid_cp, cp_group=None)`` and, given no group, splits over the *world* size. So the group is
+    always passed.
+    """
+    import inspect
+
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    group = parallel_state.get_context_parallel_group()
+    if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
+        return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=group)
+    return get_batch_on_this_cp_rank(batch, cp_group=group)

@@ -34,6 +34,7 @@ from megatron_align.data.loader import TrainData
 from megatron_align.errors import UserError
 from megatron_align.model.builder import build_model_chunks, padded_vocab_size, resolve_precision, resolve_spec
 from megatron_align.model.documents import ModelInputs, attention_path
+from megatron_align.parallel.init import batch_on_this_cp_rank
 from megatron_align.parallel.layout import Layout
 from megatron_align.training import megatron_lm_state as mlm_state
 from megatron_align.training.callbacks import Callback, CallbackList
@@ -271,9 +272,7 @@ class Trainer:
         position_ids = batch["position_ids"].to(device, non_blocking=True)
         loss_mask = batch["loss_mask"].to(device, non_blocking=True)
         if self.layout.context > 1:
-            from megatron.core.utils import get_batch_on_this_cp_rank
-
-            cp = get_batch_on_this_cp_rank(
+            cp = batch_on_this_cp_rank(
                 {"tokens": tokens, "labels": labels, "position_ids": position_ids, "loss_mask": loss_mask}
             )
             tokens, labels, position_ids, loss_mask = cp["tokens"], cp["labels"], cp["position_ids"], cp["loss_mask"]
