@@ -22,7 +22,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+from megatron_align.errors import UserError
 
 
 def distributed_env(environ=os.environ) -> tuple[int, int, int] | None:
@@ -89,8 +91,12 @@ def die_with_parent() -> None:
         pass
 
 
-def spawn_local(argv: list[str], world_size: int, env_extra: dict | None = None) -> int:
-    """Start ``world_size`` ranks of ``megatron-align <argv>`` on this machine; return the job's exit code."""
+def spawn_local(argv: list[str], world_size: int, env_extra: dict | None = None,
+                abort: Callable[[], str | None] | None = None) -> int:
+    """Start ``world_size`` ranks of ``megatron-align <argv>`` on this machine; return the job's exit code.
+
+    ``abort``: polled while the ranks run; when it returns a reason, every rank is killed at once (no grace, so
+    nothing more is written) and :class:`~megatron_align.errors.UserError` is raised with that reason."""
     port = free_port()
     procs: list[subprocess.Popen] = []
     for rank in range(world_size):
@@ -126,6 +132,10 @@ def spawn_local(argv: list[str], world_size: int, env_extra: dict | None = None)
                 return code if code > 0 else 128 - code  # negative = killed by signal
             if all(c == 0 for c in codes):
                 return 0
+            reason = abort() if abort is not None else None
+            if reason:
+                _terminate(procs, grace_s=0.0, first=signal.SIGKILL)
+                raise UserError(reason)
             time.sleep(0.2)
     finally:
         _terminate(procs)
@@ -140,10 +150,10 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def _terminate(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
-    """SIGTERM every rank's process group, wait up to ``grace_s``, then SIGKILL what is left of each group."""
+def _terminate(procs: list[subprocess.Popen], grace_s: float = 10.0, first: int = signal.SIGTERM) -> None:
+    """``first`` (SIGTERM) to every rank's process group, wait up to ``grace_s``, then SIGKILL what is left."""
     for p in procs:
-        _signal_group(p, signal.SIGTERM)
+        _signal_group(p, first)
     deadline = time.time() + grace_s
     for p in procs:
         try:

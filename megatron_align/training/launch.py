@@ -156,7 +156,7 @@ def train(config_path: str, overrides: list[str]) -> int:
     lock = run_lock.hold(config.run_dir, config.run_lock, "megatron-align train")  # held across the local ranks
     try:
         return spawn_local(["train", config_path, *overrides], config.parallel.world_size,
-                           lock.env() if lock else None)
+                           lock.env() if lock else None, abort=lock.lost_reason if lock else None)
     finally:
         if lock:
             lock.release()

@@ -19,7 +19,8 @@ The one idea: a *lease file* with heartbeats, plus ``flock`` where the filesyste
   older than ``run_lock.stale_after_s`` (a host cannot see another host's processes). Takeover renames the
   stale lease aside (only one of two racing takers wins the rename) and creates a fresh one with ``O_EXCL``.
 - A holder that finds its lease rewritten by someone else (it was presumed dead) stops heartbeating and says so;
-  :attr:`RunLock.lost` lets the owner react.
+  ``train`` and ``launch`` then kill their ranks at once, without a checkpoint, and exit 2
+  (:meth:`RunLock.lost_reason`): the new holder owns the run_dir.
 
 Standard library only: the supervisor and the spawning parent take the lock without importing torch.
 """
@@ -127,6 +128,7 @@ class RunLock:
         self.path = os.path.join(run_dir, LOCK_FILE)
         self.token = uuid.uuid4().hex
         self.lost = False
+        self.lost_message: str | None = None
         self._flock_fd: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -252,6 +254,8 @@ class RunLock:
                 self.lost = True
                 message = (f"run_dir {self.run_dir}: the run lock was taken over by "
                            f"{describe_holder(current)}; this run no longer holds it")
+                self.lost_message = (f"{message}: its ranks were stopped without a checkpoint, so that only one "
+                                     "run writes there (it was presumed dead: no heartbeat for run_lock.stale_after_s)")
                 log.error("%s", message)
                 print(f"megatron-align: error: {message}", file=sys.stderr, flush=True)
                 return
@@ -260,6 +264,10 @@ class RunLock:
                 atomic_write_json(self.path, self._lease)
             except OSError as err:  # a full disk: keep trying; the lease goes stale only after stale_after_s
                 log.warning("cannot refresh %s: %s", self.path, err)
+
+    def lost_reason(self) -> str | None:
+        """Why this holder must stop writing (its lease was taken over), or None while it holds the lock."""
+        return self.lost_message
 
     def env(self) -> dict[str, str]:
         """Environment for processes this holder starts (its ranks): they run under this lock."""

@@ -268,7 +268,8 @@ def test_each_task_sizes_the_tokenizers_pool_to_its_own_cpus(tmp_path, monkeypat
     assert pipeline.threads_per_task(PipelineConfig(
         executor="ray", tasks=8, ray=PipelineRayConfig(cpus_per_task=3)), cpus=64) == 3
 
-    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    monkeypatch.setenv("RAYON_NUM_THREADS", "unset")  # records the original state, so teardown restores it
+    monkeypatch.delenv("RAYON_NUM_THREADS")
     ShardStep(job, [], str(tmp_path), threads=5).run()
     assert os.environ["RAYON_NUM_THREADS"] == "5"
     ShardStep(job, [], str(tmp_path), threads=7).run()

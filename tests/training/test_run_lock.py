@@ -144,3 +144,29 @@ def test_second_run_on_a_live_run_dir_is_refused_and_the_first_is_intact(tmp_pat
     assert verified.returncode == 0, verified.stderr
     assert verified.stdout.count(": ok") == steps // 3
     assert not os.path.exists(run_dir / run_lock.LOCK_FILE)  # released at the end
+
+
+@pytest.mark.slow
+@pytest.mark.single_stack
+@pytest.mark.parametrize("verb", ["train", "launch"])
+def test_a_holder_whose_lock_is_taken_over_kills_its_ranks_without_a_checkpoint(tmp_path, tiny_corpus, verb):
+    """Another host took the run_dir over (this holder was presumed dead): the ranks stop at once, nothing more is
+    written, exit 2 naming the new holder, and its lease is left alone."""
+    run_dir = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_config(run_dir, tiny_corpus, train={"steps": 400},
+                                                       checkpoint={"interval": 1000},
+                                                       run_lock={"heartbeat_s": 0.5, "stale_after_s": 5}))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    holder = subprocess.Popen([sys.executable, "-m", "megatron_align.cli", verb, cfg], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_metrics(holder, run_dir)
+        _write_lease(run_dir, token="e" * 32, host="node-b")
+        out, err = holder.communicate(timeout=60)
+    finally:
+        holder.kill()
+    assert holder.returncode == run_lock.EXIT_LOCKED, err[-3000:]
+    assert "the run lock was taken over by" in err and "node-b" in err and "without a checkpoint" in err
+    assert run_lock.read_lease(str(run_dir))["token"] == "e" * 32  # the new holder's lease stays
+    assert not list((run_dir / "checkpoints").glob("*iter_*"))  # no save on the way out
+    assert len(_steps(run_dir)) < 400

@@ -52,6 +52,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from megatron_align.config import RootConfig
@@ -116,8 +117,11 @@ class Outcome:
 
 
 class Supervisor:
-    def __init__(self, config: RootConfig, config_path: str, overrides: list[str], environ=os.environ) -> None:
+    def __init__(self, config: RootConfig, config_path: str, overrides: list[str], environ=os.environ,
+                 lock_lost: Callable[[], str | None] | None = None) -> None:
         self.config = config
+        self.lock_lost = lock_lost
+        """Polled while ranks run: the reason this launch lost its run lock (its ranks are then killed)."""
         self.cfg = config.resilience.supervisor
         self.world_size = config.parallel.world_size
         self.run_dir = config.run_dir
@@ -381,6 +385,12 @@ class Supervisor:
             if not job.alive():
                 self._read_beats()
                 return Outcome(None, now)
+            lost = self.lock_lost() if self.lock_lost is not None else None
+            if lost:  # another run took the run_dir over: stop writing at once, no checkpoint, no restart
+                self.say("the run lock was taken over: killing the ranks without a checkpoint")
+                job.send_signal(signal.SIGKILL)  # not SIGTERM: that asks the ranks to save first
+                job.terminate(0.0)
+                raise UserError(lost)
             if self.stop_signal is not None and stop_deadline is None:
                 stop_deadline, fallback_at = now + self.cfg.stop_grace_s, now + self.cfg.stop_grace_s / 2
                 self._request_stop(job, fallback=False)
@@ -549,7 +559,7 @@ def supervise(config: RootConfig, config_path: str, overrides: list[str]) -> int
     lock = run_lock.hold(config.run_dir, config.run_lock, "megatron-align launch")
     try:
         environ = dict(os.environ, **lock.env()) if lock else os.environ
-        return Supervisor(config, config_path, overrides, environ).run()
+        return Supervisor(config, config_path, overrides, environ, lock_lost=lock.lost_reason if lock else None).run()
     finally:
         if lock:
             lock.release()
