@@ -27,11 +27,16 @@ def test_the_areas_callbacks_keep_their_documented_order():
     from megatron_align.resilience.inrank.health import HealthMonitor
     from megatron_align.resilience.inrank.heartbeat import HeartbeatCallback
     from megatron_align.resilience.inrank.inject import InjectionCallback
+    from megatron_align.resilience.inrank.layer_norms import LayerNorms
     from megatron_align.resilience.inrank.numerics import NumericsMonitor, TrajectoryMonitor
+    from megatron_align.resilience.inrank.skip_step import SkipStep
+    from megatron_align.resilience.inrank.stall import StallAlert
     from megatron_align.resilience.inrank.straggler import StragglerDetector
     from megatron_align.tracking.callback import TrackingCallback
     from megatron_align.training.heldout import HeldoutLossCallback
+    from megatron_align.training.profiling import ProfilerCallback
 
-    order = [InjectionCallback, HeartbeatCallback, StragglerDetector, HealthMonitor, TrajectoryMonitor,
-             NumericsMonitor, HeldoutLossCallback, PropensityCallback, TrackingCallback]
+    order = [ProfilerCallback, InjectionCallback, HeartbeatCallback, StallAlert, StragglerDetector, HealthMonitor,
+             TrajectoryMonitor, LayerNorms, SkipStep, NumericsMonitor, HeldoutLossCallback, PropensityCallback,
+             TrackingCallback]
     assert sorted(order, key=lambda cls: (cls.priority, cls.name)) == order
