@@ -7,8 +7,8 @@ Prints the strongly connected components of the package's import graph three way
 - module-level imports only: what runs at import time, where a cycle is a bug waiting for an
   import order.
 
-``tests/test_import_graph.py`` fails on a cycle of the last two kinds. What is left of the first
-kind is type-only by design: the ``Callback`` protocol names the ``Trainer`` it is handed.
+``tests/test_import_graph.py`` fails on a cycle of the last two kinds; the package has none of the first kind
+either (callbacks see the trainer through the ``TrainerView`` protocol).
 
     python tools/import_cycles.py [--package-dir megatron_align]
 """

@@ -93,3 +93,17 @@ def test_two_rank_run_writes_a_trace_per_rank_that_summarize_reads(tmp_path, tin
     text = run_cli("profile", "summarize", str(run))
     assert text.returncode == 0 and "slowest rank" in text.stdout
     assert [line.split()[0] for line in text.stdout.splitlines()[2:4]] == ["0", "1"]
+
+
+@pytest.mark.slow
+@pytest.mark.single_stack
+def test_profiling_one_rank_of_two_does_not_hold_up_the_other(tmp_path, tiny_corpus):
+    """Megatron-LM #3273: profiling a subset of ranks must not make the others wait in a collective."""
+    run = tmp_path / "run"
+    config = tiny_config(run, tiny_corpus, parallel={"world_size": 2}, train={"steps": 4},
+                         checkpoint={"interval": 0},
+                         profile={"mode": "torch", "start_step": 2, "end_step": 3, "ranks": [1]})
+    result = run_cli("train", write_yaml(tmp_path / "train.yaml", config), timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in (run / "profile").iterdir()] == ["rank1_steps2-3.trace.json"]
+    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]

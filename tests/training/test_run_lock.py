@@ -129,7 +129,7 @@ def test_second_run_on_a_live_run_dir_is_refused_and_the_first_is_intact(tmp_pat
     try:
         _wait_for_metrics(first, run_dir)
         started = time.time()
-        second = run_cli("train", cfg, timeout=120)
+        second = run_cli(verb, cfg, timeout=120)  # a double sbatch: the same command again
         took = time.time() - started
         assert second.returncode == run_lock.EXIT_LOCKED, second.stderr[-2000:]
         assert f"in use by megatron-align {verb}" in second.stderr and socket.gethostname() in second.stderr
