@@ -52,6 +52,9 @@ LAYER_KEYS = (INPUT_NORM, QKV, PROJ, MLP_NORM, FC1, FC2)
 QKV_BIAS = "self_attention.linear_qkv.bias"
 Q_NORM = "self_attention.q_layernorm.weight"
 K_NORM = "self_attention.k_layernorm.weight"
+ONE_TO_ONE = {PROJ: "o", FC2: "down", INPUT_NORM: "input_norm", MLP_NORM: "post_norm", Q_NORM: "q_norm",
+              K_NORM: "k_norm"}
+"""Layer tensors that are one HF tensor each, unchanged (keys of :func:`hf_layer_names`); QKV and FC1 are split."""
 
 # Top-level module names a GPTModel writes; anything else in a checkpoint is optimizer / RNG / callback state.
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
@@ -181,18 +184,10 @@ def layer_to_hf(key: str, tensor: torch.Tensor, layer: int, dims: LlamaDims) -> 
     if name == FC1:
         gate, up = torch.chunk(tensor, 2, dim=0)
         return [(n["gate"], gate), (n["up"], up)]
-    single = {
-        PROJ: "o",
-        FC2: "down",
-        INPUT_NORM: "input_norm",
-        MLP_NORM: "post_norm",
-        Q_NORM: "q_norm",
-        K_NORM: "k_norm",
-    }
-    if name not in single:
+    if name not in ONE_TO_ONE:
         raise UserError(f"checkpoint tensor {key!r} has no equivalent in the supported families "
                         "(MoE experts, output/MLP biases and other features are not supported by the converter)")
-    return [(n[single[name]], tensor)]
+    return [(n[ONE_TO_ONE[name]], tensor)]
 
 
 def global_to_hf(key: str, tensor: torch.Tensor, dims: LlamaDims) -> list[tuple[str, torch.Tensor]]:
@@ -227,17 +222,9 @@ def megatron_tensor_from_hf(
             return merge_qkv(get(n["q_bias"]), get(n["k_bias"]), get(n["v_bias"]), dims)
         if name == FC1:
             return torch.cat([get(n["gate"]), get(n["up"])], dim=0)
-        single = {
-            PROJ: "o",
-            FC2: "down",
-            INPUT_NORM: "input_norm",
-            MLP_NORM: "post_norm",
-            Q_NORM: "q_norm",
-            K_NORM: "k_norm",
-        }
-        if name not in single:
+        if name not in ONE_TO_ONE:
             raise UserError(f"the Megatron model has a tensor {key!r} that HF Llama has no equivalent for")
-        return get(n[single[name]])
+        return get(n[ONE_TO_ONE[name]])
     if key in (EMBEDDING, OUTPUT):
         source = "model.embed_tokens.weight" if key == EMBEDDING or dims.tie_embeddings else "lm_head.weight"
         rows = get(source)
