@@ -92,4 +92,6 @@ def test_synth_generate_and_decontam_job_arrays_equal_local(cluster, tmp_path):
     for name in ("kept.jsonl", "contaminated.jsonl"):
         assert (tmp_path / "dc-slurm" / name).read_bytes() == (tmp_path / "dc-local" / name).read_bytes()
     reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("dc-slurm", "dc-local")]
+    for report in reports:
+        assert report.pop("outputs")["kept"].startswith(report["inputs"][0].rsplit("/", 1)[0])  # its own out dir
     assert reports[0] == reports[1] and reports[0]["contaminated"] == 14
