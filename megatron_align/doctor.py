@@ -336,13 +336,15 @@ def _check_attention(report: Report, keys: dict, spec: str, precision: str, need
         if on["reset_position_ids"]:
             need("data.reset_position_ids=true needs data.reset_attention_mask=true", False,
                  "RoPE ignores position_ids; set data.reset_attention_mask=true too (or neither)")
-    elif int(keys["parallel.context"] or 1) > 1:
-        masking = "refused (parallel.context > 1)"
-        need("data.reset_attention_mask=true needs parallel.context=1", False,
-             "document masking under context parallelism is not supported yet; set parallel.context=1")
+    elif int(keys["parallel.context"] or 1) > 1 and resolved != "te":
+        masking = "refused (parallel.context > 1 needs model.spec=te)"
+        need("data.reset_attention_mask=true with parallel.context > 1 needs model.spec=te", False,
+             f"model.spec resolves to {resolved} here, whose attention has no context parallelism")
     elif resolved == "te":
         te_version = report.libraries.get("transformer-engine")
         masking = f"effective: packed THD sequences, cu_seqlens from EOD (TE >= {TE_MIN_VERSION})"
+        if int(keys["parallel.context"] or 1) > 1:
+            masking += ", each document split over the context-parallel ranks (padded to 2 x cp)"
         if te_version:
             need(f"data.reset_attention_mask=true on model.spec=te needs Transformer Engine >= {TE_MIN_VERSION}",
                  not te_too_old_for_thd(te_version),

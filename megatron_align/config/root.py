@@ -59,13 +59,13 @@ class RootConfig:
         choice("precision", self.precision, ("auto", "fp32", "bf16", "fp8"))
         if not self.run_dir:
             raise ConfigError("run_dir: must be a non-empty path")
-        if self.data.reset_attention_mask and self.parallel.context > 1:
-            # Megatron-Core's THD context-parallel split (each document padded to 2 x cp chunks) differs between
-            # 0.16 and 0.19 and cannot be tested without GPUs here; a plain sequence split would leak across documents.
+        if self.data.reset_attention_mask and self.parallel.context > 1 and self.parallel.pipeline > 1:
+            # THD under context parallelism pads every document to 2 x cp: the packed length varies per micro-batch,
+            # and the pipeline sends fixed shapes between stages.
             raise ConfigError(
-                f"data.reset_attention_mask=true with parallel.context={self.parallel.context}: document masking under "
-                "context parallelism is not supported by megatron_align yet; set parallel.context=1 (or "
-                "data.reset_attention_mask=false)")
+                f"data.reset_attention_mask=true with parallel.context={self.parallel.context} and "
+                f"parallel.pipeline={self.parallel.pipeline}: document masking under context parallelism pads each "
+                "document (a varying packed length) and runs with parallel.pipeline=1 only")
         if self.train.stop_at_step and self.train.stop_at_step > self.train.steps:
             raise ConfigError(f"train.stop_at_step={self.train.stop_at_step} is beyond train.steps={self.train.steps}")
         resolve_schedule(self.optimizer, self.train.steps)  # Megatron-Core's scheduler asserts; we name the keys

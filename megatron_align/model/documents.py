@@ -16,6 +16,12 @@ The one idea: a token's document is the number of EODs strictly before it in its
   dense mask (Megatron-LM #2357), so this is the only form in which TE honours the boundaries; its
   fused RoPE restarts at each cut.
 
+Context parallelism (te only, pipeline 1): the THD stream of the whole micro-batch is built first, each document
+padded to a multiple of ``2 * cp`` (``* tp`` with sequence parallelism) as TE requires, and then split with TE's
+``thd_get_partitioned_indices``: every rank holds chunks ``r`` and ``2 * cp - 1 - r`` of every document
+(Megatron-LM's split for packed sequences). The padding carries no loss; ``cu_seqlens`` (real lengths) and
+``cu_seqlens_padded`` both go to TE, so the padding is never attended to.
+
 Positions: RoPE makes a query-key score depend on their offset only, and Megatron-Core's GPTModel
 applies RoPE by offset in the sequence (``position_ids`` feed learned absolute embeddings only). With
 per-document attention every offset lies inside one document, so each document is computed exactly as
@@ -28,7 +34,7 @@ import torch
 
 from megatron_align.config import RootConfig
 from megatron_align.errors import ConfigError
-from megatron_align.optional import optional_import
+from megatron_align.optional import optional_import, require
 
 TE_MIN_VERSION = "1.10.0"  # THD with cu_seqlens(_padded) fully supported in Megatron-Core's TE attention
 
@@ -78,6 +84,10 @@ def attention_path(config: RootConfig, spec: str) -> str:
     """
     if not config.data.reset_attention_mask:
         return "window"
+    if config.parallel.context > 1 and spec != "te":
+        raise ConfigError(f"data.reset_attention_mask=true with parallel.context={config.parallel.context} needs "
+                          f"model.spec=te (packed THD sequences split per document); model.spec resolves to {spec} "
+                          "here, whose attention has no context parallelism")
     if spec == "te":
         te = optional_import("transformer_engine")
         version = getattr(te, "__version__", None)
@@ -121,6 +131,36 @@ class ModelInputs:
                 qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                 max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
         return kwargs
+
+    def thd_context_parallel(self, tokens, labels, position_ids, loss_mask, cp_size: int, cp_rank: int,
+                             pad_multiple: int, partition=None) -> tuple[dict, torch.Tensor]:
+        """GPTModel's keyword arguments and the loss mask of this context-parallel rank's part of a ``[b, s]``
+        micro-batch as packed THD sequences (see the module docstring). ``partition(cu_seqlens_padded, total,
+        cp_size, cp_rank)`` -> token indices; default TE's ``thd_get_partitioned_indices``."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        cu_seqlens, cu_padded, _ = thd_cu_seqlens(tokens, self.eod, pad_multiple)
+        n, total = tokens.numel(), int(cu_padded[-1])
+        starts, padded_starts = cu_seqlens.long(), cu_padded.long()
+        flat = torch.arange(n, device=tokens.device)
+        doc = torch.searchsorted(starts[1:], flat, right=True)
+        dest = flat - starts[doc] + padded_starts[doc]  # every real token's place in the padded stream
+        streams = []
+        for x, fill in ((tokens, self.eod), (labels, 0), (position_ids, 0), (loss_mask, 0)):
+            out = torch.full((total,), fill, dtype=x.dtype, device=x.device)
+            out[dest] = x.reshape(-1)
+            streams.append(out)
+        if partition is None:
+            partition = require("transformer_engine_torch", "document masking under context parallelism "
+                                "(Transformer Engine's thd_get_partitioned_indices)").thd_get_partitioned_indices
+        index = partition(cu_padded, total, cp_size, cp_rank)
+        ids, lab, pos, mask = (x.index_select(0, index).unsqueeze(0) for x in streams)
+        max_len = int((cu_padded[1:] - cu_padded[:-1]).max())
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                                 cu_seqlens_q_padded=cu_padded, cu_seqlens_kv_padded=cu_padded,
+                                 max_seqlen_q=max_len, max_seqlen_kv=max_len)
+        return {"input_ids": ids, "position_ids": pos, "attention_mask": None, "labels": lab,
+                "packed_seq_params": params}, mask
 
     def pipeline_shape(self, seq_length: int, micro_batch_size: int) -> tuple[int, int]:
         if self.path == "thd":

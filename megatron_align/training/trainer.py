@@ -95,6 +95,9 @@ class Trainer:
         chunks = build_model_chunks(config, self.vocab_size)
         self.model_inputs = ModelInputs(attention_path(config, resolve_spec(config)), self.data.tokenizer.eod)
         self.pipeline_shape = self.model_inputs.pipeline_shape(config.model.seq_length, t.micro_batch_size)
+        # TE's THD attention under CP: every document a multiple of 2 x cp tokens (x tp: sequence parallelism
+        # splits each rank's part again)
+        self._thd_pad_multiple = 2 * layout.context * (layout.tensor if config.parallel.sequence_parallel else 1)
         self.transformer_config = tconfig = chunks[0].config
         self.use_dist_opt = use_dist_opt = use_distributed_optimizer(config, self.cuda)
         ddp = ddp_config(config, self.cuda, use_dist_opt)
@@ -271,6 +274,11 @@ class Trainer:
         labels = batch["labels"].to(device, non_blocking=True)
         position_ids = batch["position_ids"].to(device, non_blocking=True)
         loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+        if self.layout.context > 1 and self.model_inputs.path == "thd":  # split per document, after packing
+            inputs, loss_mask = self.model_inputs.thd_context_parallel(
+                tokens, labels, position_ids, loss_mask, self.layout.context,
+                parallel_state.get_context_parallel_rank(), self._thd_pad_multiple)
+            return model(**inputs), partial(_loss_func, loss_mask)
         if self.layout.context > 1:
             cp = batch_on_this_cp_rank(
                 {"tokens": tokens, "labels": labels, "position_ids": position_ids, "loss_mask": loss_mask}

@@ -82,8 +82,47 @@ def test_attention_path_per_spec_and_refusals(monkeypatch):
         attention_path(load_config(None, on), "te")
     with pytest.raises(ConfigError, match=r"data.reset_position_ids=true needs data.reset_attention_mask=true"):
         load_config(None, ["data.reset_position_ids=true"])
-    with pytest.raises(ConfigError, match=r"data.reset_attention_mask=true with parallel.context=2"):
-        load_config(None, on + ["parallel.context=2", "model.spec=te"])
+    with pytest.raises(ConfigError, match=r"parallel.context=2 and parallel.pipeline=2: .* parallel.pipeline=1 only"):
+        load_config(None, on + ["parallel.context=2", "parallel.pipeline=2", "model.spec=te"])
+    monkeypatch.undo()
+    cp = load_config(None, on + ["parallel.context=2"])
+    assert attention_path(cp, "te") == "thd"
+    with pytest.raises(ConfigError, match=r"parallel.context=2 needs model.spec=te .* resolves to portable"):
+        attention_path(cp, "portable")
+
+
+def _te_partition(cu_padded, total, cp_size, cp_rank):
+    """What TE's thd_get_partitioned_indices returns (TE cannot be installed here): per document, in order, its
+    chunks ``cp_rank`` and ``2 * cp_size - 1 - cp_rank`` of ``2 * cp_size``."""
+    index = []
+    for start, end in zip(cu_padded[:-1].tolist(), cu_padded[1:].tolist()):
+        chunk = (end - start) // (2 * cp_size)
+        for c in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            index += range(start + c * chunk, start + (c + 1) * chunk)
+    assert total == cu_padded[-1]
+    return torch.tensor(index, dtype=torch.long)
+
+
+def test_thd_under_context_parallelism_pads_each_document_and_every_token_lands_on_one_rank():
+    # documents of 2, 4 and 3 tokens in window 0 (the last cut by the window's end), 5 and 3 in window 1
+    tokens = torch.tensor([[1, EOD, 3, 4, 5, EOD, 7, 8, 9], [10, 11, 12, 13, EOD, 15, 16, 17, 18]])
+    labels, mask = tokens + 100, (tokens != EOD).long()
+    positions = torch.arange(9).expand(2, -1)
+    parts = [ModelInputs("thd", EOD).thd_context_parallel(tokens, labels, positions, mask, 2, rank, 4, _te_partition)
+             for rank in (0, 1)]
+    params = parts[0][0]["packed_seq_params"]
+    assert params.cu_seqlens_q.tolist() == [0, 2, 6, 9, 14, 18]  # real lengths: what TE attends over
+    assert params.cu_seqlens_q_padded.tolist() == [0, 4, 8, 12, 20, 24]  # each a multiple of 2 x cp
+    assert params.max_seqlen_q == 8 and params.qkv_format == "thd"
+    for inputs, _ in parts:
+        assert inputs["input_ids"].shape == (1, 12) and inputs["attention_mask"] is None
+    # every real token is on exactly one rank, with its label and loss mask; the padding carries no loss
+    seen = torch.cat([p[0]["labels"][0][p[1][0] > 0] - 100 for p in parts])
+    assert sorted(seen.tolist()) == sorted(tokens[mask > 0].tolist())
+    assert sum(int(p[1].sum()) for p in parts) == int(mask.sum())
+    # the first document, padded to 4 (1, EOD, pad, pad): rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2
+    assert parts[0][0]["labels"][0, :2].tolist() == [101, 0] and parts[0][1][0, :2].tolist() == [1, 0]
+    assert parts[1][0]["labels"][0, :2].tolist() == [EOD + 100, 0] and parts[1][1][0, :2].tolist() == [0, 0]
 
 
 _PACKED_VS_ALONE = textwrap.dedent("""
