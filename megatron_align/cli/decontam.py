@@ -38,9 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from megatron_align.errors import UserError
     from megatron_align.synth.decontam_corpus import (
         DecontamConfig,
-        build_index,
         decontam_job,
         exit_status,
+        job_index,
         run_decontam,
         summary,
     )
@@ -54,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
     if args.executor != "none":
         from megatron_align.corpus.pipeline import run_pipeline
 
-        build_index(args.items, config)  # bad items or a misspelt --held-out fail here, before any task starts
+        job = decontam_job(args.items, args.out_dir, config)
+        job_index(job.params)  # bad items or a misspelt --held-out fail here, before any task starts
         pc = options.config_from_args(args, -1 if args.workers is None else args.workers)
-        report = run_pipeline(decontam_job(args.items, args.out_dir, config), args.inputs, pc,
-                              args.out_dir.rstrip("/") + ".work")
+        report = run_pipeline(job, args.inputs, pc, args.out_dir.rstrip("/") + ".work")
         if report.get("submitted"):
             options.report_submitted(report)
             return 0

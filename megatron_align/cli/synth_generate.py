@@ -59,28 +59,27 @@ def run(args: argparse.Namespace) -> int:
                           progress_interval_s=args.progress_interval)
     job = GenerateRun(os.path.abspath(args.taxonomy), os.path.abspath(args.out_dir), config, args.allow_misaligned,
                       args.limit, args.server, args.port, args.tensor_parallel)
-    taxonomy, prompts = load_plan(job)  # a bad taxonomy or held-out violation fails here, before anything runs
+    plan = load_plan(job)  # a bad taxonomy or held-out violation fails here, before anything runs
     if args.executor != "none":
-        from megatron_align.corpus.pipeline import run_tasks
+        from megatron_align.corpus.pipeline import run_tasks, task_logs
         from megatron_align.corpus.pipeline_steps import CallStep, TaskStep
         from megatron_align.optional import require
 
         require("datatrove", "--executor local|slurm|ray (pip install datatrove)")
         os.makedirs(job.out_dir, exist_ok=True)
-        prepare_out_dir(job.out_dir, taxonomy, prompts)  # the plan, written once before the tasks start
+        prepare_out_dir(job.out_dir, *plan)  # the plan, written once before the tasks start
         pc = options.config_from_args(args, -1)
-        logs = os.path.join(os.path.abspath(pc.work_dir or os.path.join(job.out_dir, "pipeline")), "logs",
-                            f"tasks-{pc.tasks}")
+        logs = task_logs(pc.work_dir or os.path.join(job.out_dir, "pipeline"), pc.tasks)
         params = {"run": job}
         submitted = run_tasks("synth-generate", pc, TaskStep(generate_task, params), CallStep(finalize_run, params),
                               logs)
         if submitted is not None:
             options.report_submitted(submitted)
             return 0
-        print(summary(finalize_run(params)))
+        print(summary(finalize_run(params, plan)))
         return 0  # every task finished: every prompt has its generation
-    counts = generate(job)
-    report = finalize_run({"run": job, "counts": counts})
+    counts = generate(job, plan=plan)
+    report = finalize_run({"run": job, "counts": counts}, plan)
     print(summary(report))
     if counts["aborted"]:
         print(f"synth generate: stopped after {config.abort_after} prompts in a row failed "

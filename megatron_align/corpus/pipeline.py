@@ -144,6 +144,12 @@ def threads_per_task(pc: PipelineConfig, cpus: int | None = None) -> int:
     return max(1, (cpus or os.cpu_count() or 1) // max(1, at_once))
 
 
+def task_logs(work_dir: str, tasks: int) -> str:
+    """Where datatrove keeps a pipeline's completion records and task logs: per task count (a rerun with another
+    --tasks starts its own records)."""
+    return os.path.join(os.path.abspath(work_dir), "logs", f"tasks-{tasks}")
+
+
 def run_tasks(name: str, pc: PipelineConfig, step, merge_step, logs: str,
               watch: contextlib.AbstractContextManager | None = None) -> dict | None:
     """Run the datatrove ``step`` as ``pc.tasks`` tasks (completion records under ``logs``).
@@ -199,7 +205,7 @@ def run_pipeline(job: Job, inputs: list[str], pc: PipelineConfig, default_work_d
 
     _prepare_work_dir(job, files, work_dir)
     shard_step = ShardStep(job, files, work_dir, threads=threads_per_task(pc))
-    logs = os.path.join(work_dir, "logs", f"tasks-{pc.tasks}")  # completions are per task count
+    logs = task_logs(work_dir, pc.tasks)
     submitted = run_tasks(job.name, pc, shard_step, MergeStep(job, files, work_dir, pc.keep_work), logs,
                           _ShardProgress(job, files, work_dir, pc.progress) if pc.executor != "slurm" else None)
     if submitted is not None:

@@ -56,23 +56,6 @@ class ShardStep(PipelineStep):
         return None
 
 
-class MergeStep(PipelineStep):
-    """The one merge task (SLURM: a job that runs after the whole array succeeded)."""
-
-    name = "megatron-align merge"
-    type = "megatron-align"
-
-    def __init__(self, job: Job, files: list[str], work_dir: str, keep_work: bool) -> None:
-        super().__init__()
-        self.job, self.files, self.work_dir, self.keep_work = job, files, work_dir, keep_work
-
-    def run(self, data=None, rank: int = 0, world_size: int = 1):
-        result = merge(self.job, self.files, self.work_dir, self.keep_work)
-        summary = {k: v for k, v in result.items() if k not in ("inputs", "skipped_lines", "lines", "examples")}
-        print(json.dumps(summary, default=str)[:2000], flush=True)
-        return None
-
-
 class TaskStep(PipelineStep):
     """A pipeline whose unit of work is not an input file: task ``rank`` of ``world_size`` calls
     ``run_task(rank, world_size, params)`` (a module-level function; it raises to leave the task unfinished, so a
@@ -105,3 +88,13 @@ class CallStep(PipelineStep):
         result = self.call(self.params)
         print(json.dumps(result, default=str)[:2000], flush=True)
         return None
+
+
+def _merge(params: dict) -> dict:
+    result = merge(params["job"], params["files"], params["work_dir"], params["keep_work"])
+    return {k: v for k, v in result.items() if k not in ("inputs", "skipped_lines", "lines", "examples")}
+
+
+def MergeStep(job: Job, files: list[str], work_dir: str, keep_work: bool) -> CallStep:  # noqa: N802 - a step
+    """The one merge task of a :class:`Job` (SLURM: a job that runs after the whole array succeeded)."""
+    return CallStep(_merge, {"job": job, "files": files, "work_dir": work_dir, "keep_work": keep_work})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import random
 
 import numpy as np
@@ -65,11 +66,19 @@ def batch_on_this_cp_rank(batch: dict) -> dict:
     ``(batch, is_hybrid_cp, cp_group=None)`` and, given no group, splits over the *world* size. So the group is
     always passed.
     """
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    group = parallel_state.get_context_parallel_group()
+    if _cp_split_takes_hybrid():
+        return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=group)
+    return get_batch_on_this_cp_rank(batch, cp_group=group)
+
+
+@functools.cache
+def _cp_split_takes_hybrid() -> bool:
+    """Read once (the split runs every micro-batch): megatron-core >= 0.19's signature."""
     import inspect
 
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    group = parallel_state.get_context_parallel_group()
-    if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
-        return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=group)
-    return get_batch_on_this_cp_rank(batch, cp_group=group)
+    return "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters

@@ -227,8 +227,9 @@ def run_decontam(inputs: list[str], item_specs: list[str], out_dir: str, config:
 _INDEX_CACHE: dict[tuple, DecontamIndex] = {}
 
 
-def _task_index(params: dict) -> DecontamIndex:
-    """The index, built once per task process (a task checks many files against it)."""
+def job_index(params: dict) -> DecontamIndex:
+    """The index of a :func:`decontam_job`, built once per process (a task checks many files against it; the
+    command's own check before the tasks start serves the in-process merge too)."""
     config: DecontamConfig = params["config"]
     key = (tuple(params["items"]), config.ngram, config.min_words)
     if key not in _INDEX_CACHE:
@@ -249,7 +250,7 @@ def decontam_job(item_specs: list[str], out_dir: str, config: DecontamConfig) ->
 
 def shard_decontam(path: str, prefix: str, params: dict) -> None:
     config: DecontamConfig = params["config"]
-    index = _task_index(params)
+    index = job_index(params)
     stats = _new_stats(index, config)
     with contextlib.ExitStack() as stack:
         kept = bad = None
@@ -262,7 +263,7 @@ def shard_decontam(path: str, prefix: str, params: dict) -> None:
 
 def merge_decontam(files: list[str], shards: list[str], params: dict) -> dict:
     config: DecontamConfig = params["config"]
-    index, out_dir = _task_index(params), params["out_dir"]
+    index, out_dir = job_index(params), params["out_dir"]
     stats = _new_stats(index, config)
     os.makedirs(out_dir, exist_ok=True)
     with contextlib.ExitStack() as stack:

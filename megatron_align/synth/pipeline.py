@@ -11,6 +11,7 @@ every generations file in plan order, so ``documents.jsonl`` is byte-identical w
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -39,16 +40,17 @@ def load_plan(run: GenerateRun):
     return taxonomy, expand(taxonomy)
 
 
-def generate(run: GenerateRun, rank: int = 0, world_size: int = 1) -> dict:
-    """This task's share of the plan (all of it for rank 0 of 1); returns its counts."""
-    taxonomy, prompts = load_plan(run)
+def generate(run: GenerateRun, rank: int = 0, world_size: int = 1, plan=None) -> dict:
+    """This task's share of the plan (all of it for rank 0 of 1); returns its counts. ``plan``: the caller's
+    :func:`load_plan` result (a task process loads its own)."""
+    taxonomy, prompts = plan or load_plan(run)
     client, server = run.client, None
     if run.server:
         os.makedirs(run.out_dir, exist_ok=True)
         port = run.port + (rank if world_size > 1 else 0)
         log = os.path.join(run.out_dir, f"{run.server}.log" if world_size == 1 else f"{run.server}.task-{rank:05d}.log")
         server = start_server(run.server, client.model, port, run.tensor_parallel, log)
-        client = ClientConfig(**{**client.__dict__, "endpoint": f"http://127.0.0.1:{port}/v1"})
+        client = dataclasses.replace(client, endpoint=f"http://127.0.0.1:{port}/v1")
     try:
         return run_generation(client, taxonomy, prompts, run.out_dir, run.limit, rank, world_size)
     finally:
@@ -65,10 +67,10 @@ def generate_task(rank: int, world_size: int, params: dict) -> None:
                            f"({counts['failures']}{', server looks down' if counts['aborted'] else ''})")
 
 
-def finalize_run(params: dict) -> dict:
+def finalize_run(params: dict, plan=None) -> dict:
     """Quality rules, decontamination, dedup and the report over every task's generations."""
     from megatron_align.synth.finalize import finalize
 
     run: GenerateRun = params["run"]
-    taxonomy, prompts = load_plan(run)
+    taxonomy, prompts = plan or load_plan(run)
     return finalize(taxonomy, prompts, run.out_dir, run.client.model, run_counts=params.get("counts"))

@@ -127,8 +127,7 @@ class RunLock:
         self.command = command
         self.path = os.path.join(run_dir, LOCK_FILE)
         self.token = uuid.uuid4().hex
-        self.lost = False
-        self.lost_message: str | None = None
+        self._lost_reason: str | None = None
         self._flock_fd: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -251,10 +250,9 @@ class RunLock:
         while not self._stop.wait(self.config.heartbeat_s):
             current = read_lease(self.run_dir)
             if current is not None and current.get("token") != self.token:
-                self.lost = True
                 message = (f"run_dir {self.run_dir}: the run lock was taken over by "
                            f"{describe_holder(current)}; this run no longer holds it")
-                self.lost_message = (f"{message}: its ranks were stopped without a checkpoint, so that only one "
+                self._lost_reason = (f"{message}: its ranks were stopped without a checkpoint, so that only one "
                                      "run writes there (it was presumed dead: no heartbeat for run_lock.stale_after_s)")
                 log.error("%s", message)
                 print(f"megatron-align: error: {message}", file=sys.stderr, flush=True)
@@ -267,7 +265,11 @@ class RunLock:
 
     def lost_reason(self) -> str | None:
         """Why this holder must stop writing (its lease was taken over), or None while it holds the lock."""
-        return self.lost_message
+        return self._lost_reason
+
+    @property
+    def lost(self) -> bool:
+        return self._lost_reason is not None
 
     def env(self) -> dict[str, str]:
         """Environment for processes this holder starts (its ranks): they run under this lock."""
